@@ -1,0 +1,309 @@
+"""The run file: one TOML file per run, parsed into typed, validated models.
+
+Each section is a small pydantic model that forbids unknown keys; the defaults are documentation
+(every field says when to change it: `tunelab config show --fields`). `load_config` validates the
+whole file *before* anything heavy is loaded and reports every problem at once, each as the field's
+dotted path, what is wrong and what is allowed, with a nearest-name hint for misspelt keys.
+Cross-field checks (impossible combinations) live in `RunConfig._check_combinations`.
+
+Relative paths in the run file are relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.data.buckets import BucketConfig
+from tunelab.data.captions import CaptionConfig
+from tunelab.errors import TunelabError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("run", description="A short name; shown in logs, metadata and reports.")
+    output_dir: str = Field("runs/run", description="The run directory; running again on it resumes the run.")
+    seed: int = Field(0, ge=0, description="Seeds noise, timesteps, caption choices and sample order.")
+
+
+class ModelSection(_Section):
+    base: str = Field("toy", description="Base checkpoint (.safetensors SGM file or diffusers folder), or 'toy' for a fresh toy model.")
+    arch: Literal["auto", "sdxl", "toy"] = Field("auto", description="Architecture; 'auto' reads it from the checkpoint.")
+    tokenizers: str = Field("toy", description="Folder with tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), 'toy', or 'hub' (explicit download).")
+    max_chunks: int = Field(1, ge=1, le=8, description="75-token windows per prompt (1 = classic 77 tokens, 3 = 225). Longer prompts are truncated and counted.")
+    clip_skip: int = Field(2, ge=1, le=12, description="Which text-encoder layer conditions the UNet, counted from the end; 2 = SDXL's penultimate (keep it).")
+
+
+class DataSection(_Section):
+    index: str = Field("", description="Dataset index (Parquet) built by `tunelab data index`.")
+    latents: str = Field("", description="Latent shard folder built by `tunelab data cache`; empty = encode images on the fly.")
+    captions: CaptionConfig = Field(default_factory=CaptionConfig)
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+
+
+class PartsSection(_Section):
+    text_encoder: Literal["off", "on", "only"] = Field("off", description="off: UNet only; on: UNet and both text encoders; only: text encoders, UNet frozen.")
+    unet: Literal["full", "unet63", "unet68", "unet71"] = Field("full", description="Which UNet parts train: full, or the field's partial presets (63/68/71 % of the parameters).")
+    unet_include: list[str] = Field(default_factory=list, description="Extra SGM name patterns (fnmatch, e.g. 'output_blocks.*.1.*') to train.")
+    unet_exclude: list[str] = Field(default_factory=list, description="SGM name patterns to freeze, applied after the preset and includes.")
+    block_lrs: list[float] = Field(default_factory=list, description="kohya-style 23 UNet block LR multipliers (BASE, IN00-08, MID, OUT00-08, OUT); 0 freezes a block. Empty = off.")
+
+
+class TrainSection(_Section):
+    batch_size: int = Field(1, ge=1, description="Images per device per micro-step.")
+    grad_accumulation: int | None = Field(None, ge=1, description="Micro-steps per optimizer step. Leave unset to derive it from target_effective_batch.")
+    target_effective_batch: int | None = Field(None, ge=1, description="Images per optimizer step across all devices; accumulation = target / (world size x batch). Keeps results comparable when the GPU count changes.")
+    expect_world_size: int | None = Field(None, ge=1, description="Refuse to start unless launched on exactly this many processes (guards against a silently smaller effective batch).")
+    epochs: int = Field(1, ge=0, description="Passes over the dataset (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 = use epochs.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="Autocast precision; 'no' on CPU-only machines.")
+    full_bf16: bool = Field(False, description="Keep the weights themselves in bf16 (saves memory; the field's 24 GB recipe).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~20 % slower.")
+    compile: bool = Field(False, description="torch.compile the UNet (faster steps after a slow first one).")
+    max_grad_norm: float = Field(0.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
+    parts: PartsSection = Field(default_factory=PartsSection)
+
+
+class OptimSection(_Section):
+    name: Literal["adamw", "adamw8bit", "adafactor", "lion"] = Field("adamw", description="Optimizer; adamw8bit needs bitsandbytes and a CUDA GPU.")
+    lr_unet: float = Field(1e-5, ge=0.0, description="UNet learning rate (the field's production value: 1.5e-6).")
+    lr_text_encoder_1: float = Field(0.0, ge=0.0, description="TE1 (CLIP ViT-L) learning rate (production: 1.2e-5).")
+    lr_text_encoder_2: float = Field(0.0, ge=0.0, description="TE2 (OpenCLIP bigG) learning rate (production: 1.2e-5).")
+    weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/Lion betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field("constant", description="LR schedule over the optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (constant_with_warmup, cosine, linear).")
+
+
+class ObjectiveSection(_Section):
+    prediction: Literal["epsilon", "v", "flow"] = Field("epsilon", description="What the UNet predicts: epsilon (SDXL base), v (v-prediction), flow (rectified flow).")
+    zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule to zero SNR at the last step (needs v-prediction).")
+    flow_logit_mean: float = Field(0.0, description="Rectified flow: mean of the logit-normal timestep distribution.")
+    flow_logit_std: float = Field(1.0, gt=0.0, description="Rectified flow: std of the logit-normal timestep distribution.")
+    flow_shift: float = Field(3.0, gt=0.0, description="Rectified flow: timestep shift (higher = noisier timesteps).")
+
+
+class LossSection(_Section):
+    type: Literal["l2", "huber", "smooth_l1"] = Field("l2", description="Per-element loss.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field("snr", description="How huber_c varies with the timestep (huber / smooth_l1 only).")
+    huber_c: float = Field(0.1, gt=0.0, description="Huber threshold parameter.")
+    min_snr_gamma: float = Field(0.0, ge=0.0, description="Min-SNR weighting gamma (5 is common); 0 = off.")
+    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset (0.0357 is a common value); helps very dark/bright images.")
+
+
+class SaveSection(_Section):
+    every_n_steps: int = Field(0, ge=0, description="Save a checkpoint every N optimizer steps; 0 = off.")
+    every_n_epochs: int = Field(1, ge=0, description="Save a checkpoint every N epochs; 0 = off.")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of saved checkpoints (fp16 is what UIs expect).")
+    keep_last: int = Field(0, ge=0, description="Keep only the newest N step/epoch checkpoints; 0 = keep all.")
+
+
+class LogSection(_Section):
+    every_n_steps: int = Field(1, ge=1, description="Write scalars every N optimizer steps.")
+
+
+class SampleSection(_Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts to render during training (empty = no sampling).")
+    seeds: list[int] = Field(default_factory=lambda: [460372993], description="Fixed seeds, one image per prompt and seed.")
+    every_n_steps: int = Field(0, ge=0, description="Render every N optimizer steps; 0 = only at the end.")
+    steps: int = Field(28, ge=1, description="Sampler steps.")
+    cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale.")
+    sampler: str = Field("Euler", description="A1111 sampler name (Euler, Euler a, DDIM, DPM++ 2M, ...).")
+
+
+class RunConfig(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    save: SaveSection = Field(default_factory=SaveSection)
+    log: LogSection = Field(default_factory=LogSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RunConfig":
+        problems = [p for check in _COMBINATION_CHECKS if (p := check(self))]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def accumulation_for(self, world_size: int) -> int:
+        """Gradient accumulation for a launch on `world_size` processes (refuses non-divisors)."""
+        t = self.train
+        if t.target_effective_batch is None:
+            return t.grad_accumulation or 1
+        per_step = world_size * t.batch_size
+        if t.target_effective_batch % per_step:
+            raise TunelabError(
+                f"train.target_effective_batch = {t.target_effective_batch} is not divisible by world size {world_size} "
+                f"x train.batch_size {t.batch_size} = {per_step}; change one of them"
+            )
+        return t.target_effective_batch // per_step
+
+    def fingerprint(self, fields: tuple[str, ...] = ("train", "optim", "objective", "loss", "data")) -> str:
+        """A hash of the settings that must not change across a resume."""
+        dumped = {k: v for k, v in self.model_dump(mode="json").items() if k in fields}
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- cross-field checks: each returns a message naming the fields to change, or None ----------------------
+
+
+def _te_only_without_lr(c: RunConfig) -> str | None:
+    o = c.optim
+    if c.train.parts.text_encoder == "only" and o.lr_text_encoder_1 == 0 and o.lr_text_encoder_2 == 0:
+        return ("train.parts.text_encoder = 'only' freezes the UNet, but optim.lr_text_encoder_1 and "
+                "optim.lr_text_encoder_2 are both 0, so nothing would train; give at least one encoder a learning rate")
+    return None
+
+
+def _te_on_without_lr(c: RunConfig) -> str | None:
+    o = c.optim
+    if c.train.parts.text_encoder == "on" and o.lr_text_encoder_1 == 0 and o.lr_text_encoder_2 == 0:
+        return ("train.parts.text_encoder = 'on' but both text-encoder learning rates are 0; set "
+                "optim.lr_text_encoder_1 / optim.lr_text_encoder_2, or use text_encoder = 'off'")
+    return None
+
+
+def _unet_without_lr(c: RunConfig) -> str | None:
+    if c.train.parts.text_encoder != "only" and c.optim.lr_unet == 0:
+        return "optim.lr_unet is 0 while the UNet trains; give it a learning rate or set train.parts.text_encoder = 'only'"
+    return None
+
+
+def _accumulation(c: RunConfig) -> str | None:
+    t = c.train
+    if t.grad_accumulation is not None and t.target_effective_batch is not None:
+        return "set either train.grad_accumulation or train.target_effective_batch, not both"
+    if t.target_effective_batch is not None and t.expect_world_size is not None:
+        per = t.expect_world_size * t.batch_size
+        if t.target_effective_batch % per:
+            return (f"train.target_effective_batch = {t.target_effective_batch} is not divisible by "
+                    f"expect_world_size x batch_size = {per}")
+    return None
+
+
+def _length(c: RunConfig) -> str | None:
+    if c.train.epochs == 0 and c.train.max_steps == 0:
+        return "train.epochs and train.max_steps are both 0; set one of them"
+    return None
+
+
+def _precision(c: RunConfig) -> str | None:
+    if c.train.full_bf16 and c.train.mixed_precision == "fp16":
+        return "train.full_bf16 = true needs train.mixed_precision = 'bf16' (or 'no'), not 'fp16'"
+    return None
+
+
+def _objective(c: RunConfig) -> str | None:
+    ob = c.objective
+    if ob.zero_terminal_snr and ob.prediction != "v":
+        return "objective.zero_terminal_snr needs objective.prediction = 'v' (epsilon is undefined at zero SNR)"
+    if c.loss.min_snr_gamma > 0 and ob.prediction == "flow":
+        return "loss.min_snr_gamma applies to epsilon / v objectives; set it to 0 for prediction = 'flow'"
+    return None
+
+
+def _block_lrs(c: RunConfig) -> str | None:
+    n = len(c.train.parts.block_lrs)
+    if n not in (0, 23):
+        return f"train.parts.block_lrs needs 23 values (BASE, IN00-08, MID, OUT00-08, OUT) or none, got {n}"
+    return None
+
+
+_COMBINATION_CHECKS = (_te_only_without_lr, _te_on_without_lr, _unet_without_lr, _accumulation, _length,
+                       _precision, _objective, _block_lrs)
+
+
+# --- loading and error reporting -------------------------------------------------------------------------------
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(RunConfig, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown key" + (f"; did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?" if hint else "")
+            msg += f" (allowed here: {', '.join(allowed)})"
+        elif e["type"] == "value_error" and not loc:  # cross-field checks name their own fields
+            lines += [f"  {m}" for m in e["msg"].removeprefix("Value error, ").split("\n")]
+            continue
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("value_error", "missing"):
+                msg += f" (got {e.get('input')!r})"
+        lines.append(f"  {path}: {msg}")
+    return f"{source}: {len(lines)} problem(s) in the run file:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "run file") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise TunelabError(format_errors(err, source)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run file; raises TunelabError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"{path}: no such run file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise TunelabError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data, str(path))
+
+
+def save_resolved(cfg: RunConfig, path: str | Path) -> Path:
+    """The config with every default filled in, as JSON (written atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def field_docs(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every setting: the run file's reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += field_docs(ann, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, json.dumps(default), field.description or ""))
+    return rows

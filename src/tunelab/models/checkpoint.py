@@ -1,0 +1,385 @@
+"""Load and save single-file SGM `.safetensors` checkpoints; import and export diffusers folders.
+
+Loading builds the modules with empty (meta) parameters and assigns the file's tensors to them,
+so a full SDXL model costs one copy in memory, in the file's dtype. Saving streams: tensors are
+converted and written one at a time into a temporary file that is renamed into place when
+complete. Load -> save reproduces every tensor of the file exactly, including tensors no module
+owns (`v_pred`, scheduler buffers, `logit_scale`) and leaving out optional keys the file lacked.
+
+Pickle files (.ckpt/.pt/.pth/.bin) can run arbitrary code when unpickled; they are refused unless
+the caller passes allow_pickle=True, and even then are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+from tunelab.models import keys as K
+from tunelab.models.arch import ARCHES, MODELSPEC_ARCH, Components, build_components, load_arch
+from tunelab.models.safetensors_io import DTYPES, Header, TensorSpec, read_header, write_streaming
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+# Keys some SGM files carry that no module owns but that must not be mistaken for a wrong layout.
+_KNOWN_EXTRAS = ("v_pred", "ztsnr", "logit_scale", "position_ids", "alphas_cumprod", "betas", "edm_vpred")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in SAVE_DTYPES:
+        raise TunelabError(f"unknown dtype {name!r}; choose one of: {', '.join(SAVE_DTYPES)}")
+    return SAVE_DTYPES[name]
+
+
+# --- reading tensors from a file ---------------------------------------------------------------------
+
+
+class _Source:
+    """Names, shapes and tensors of a checkpoint file (safetensors memory-mapped, or a pickle dict)."""
+
+    def __init__(self, path: Path, allow_pickle: bool):
+        self.path, self.metadata, self._dict, self._st = path, {}, None, None
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            self._open_pickle(allow_pickle)
+        else:
+            from safetensors import safe_open
+
+            header = read_header(path)  # one-line errors for malformed files
+            self.metadata = header.metadata
+            self.shapes = {k: v.shape for k, v in header.tensors.items()}
+            self._st = safe_open(str(path), framework="pt", device="cpu")
+
+    def _open_pickle(self, allow_pickle: bool) -> None:
+        if not allow_pickle:
+            raise TunelabError(
+                f"{self.path}: refusing a pickle file ({self.path.suffix}): unpickling can execute arbitrary code. "
+                "Convert it to .safetensors, or pass --allow-pickle if you trust its source"
+            )
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for bad pickles
+            raise TunelabError(f"{self.path}: cannot read as a weights-only pickle: {err}") from None
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict):
+            raise TunelabError(f"{self.path}: the pickle holds no state dict")
+        self._dict = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self.shapes = {k: tuple(v.shape) for k, v in self._dict.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._dict[name] if self._dict is not None else self._st.get_tensor(name)
+
+
+def detect_arch(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], where: str = "file") -> str:
+    """Which preset a checkpoint belongs to: tunelab's own metadata, else the UNet's width."""
+    if metadata.get("tunelab.arch") in ARCHES:
+        return metadata["tunelab.arch"]
+    conv_in = shapes.get(K.UNET + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise TunelabError(
+            f"{where}: no UNet keys (model.diffusion_model.*): not a full SGM checkpoint "
+            "(a LoRA, a lone VAE or text encoder, or a diffusers file?)"
+        )
+    if K.UNET + "label_emb.0.0.weight" not in shapes:
+        raise TunelabError(f"{where}: no SDXL size/crop embedding (label_emb): an SD 1.x/2.x model? tunelab trains SDXL-class models")
+    for arch in ARCHES:
+        if load_arch(arch).unet["block_out_channels"][0] == conv_in[0]:
+            return arch
+    raise TunelabError(f"{where}: UNet width {conv_in[0]} matches no preset ({', '.join(ARCHES)})")
+
+
+# --- load --------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    path: str | Path,
+    arch: str | None = None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Components:
+    """Read an SGM single-file checkpoint into diffusers / transformers modules (on the CPU).
+
+    dtype=None keeps the file's dtype; otherwise the modules are cast after loading.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return import_diffusers(path, dtype=dtype)
+    if not path.exists():
+        raise TunelabError(f"{path}: no such file")
+    src = _Source(path, allow_pickle)
+    arch = arch or detect_arch(src.shapes, src.metadata, str(path))
+    comps = build_components(arch, device="empty")
+    rules = K.rules_for_arch(arch)
+    state, absent = _read_rules(src, path, rules, comps, K.optional_keys(arch))
+    for name, module in comps.modules().items():
+        module.load_state_dict(state[name], strict=False, assign=True)
+        _materialize_absent(module)
+        if dtype is not None:
+            module.to(dtype=dtype)
+    mapped = {r.sgm for r in rules}
+    comps.extras = {k: src.get(k) for k in src.shapes if k not in mapped}
+    _warn_unexpected(path, comps.extras)
+    comps.absent, comps.metadata = absent, dict(src.metadata)
+    if absent:
+        log.info("%s lacks %d optional keys (e.g. %s); they keep default values and are not saved back",
+                 path.name, len(absent), sorted(absent)[0])
+    return comps
+
+
+def _read_rules(src: _Source, path: Path, rules, comps: Components, optional: frozenset[str]):
+    expected = {n: {k: tuple(v.shape) for k, v in m.state_dict().items()} for n, m in comps.modules().items()}
+    state: dict[str, dict[str, torch.Tensor]] = {n: {} for n in expected}
+    absent, missing = set(), []
+    for rule in rules:
+        if rule.sgm not in src.shapes:
+            (absent.add if rule.sgm in optional else missing.append)(rule.sgm)
+            continue
+        want = K.sgm_shape(rule, [expected[rule.component][n] for n in rule.names])
+        if tuple(src.shapes[rule.sgm]) != want:
+            raise TunelabError(
+                f"{path}: {rule.sgm} has shape {tuple(src.shapes[rule.sgm])}, the {comps.arch} preset expects {want}"
+            )
+        for name, t in zip(rule.names, K.from_sgm_tensor(rule, src.get(rule.sgm))):
+            # q, k, v are views of one fused tensor: give each its own storage.
+            state[rule.component][name] = t.clone() if rule.op == "qkv" else t
+    if missing:
+        raise TunelabError(
+            f"{path}: {len(missing)} required {comps.arch} keys are missing (first: {missing[0]}); "
+            "the file is incomplete or of another architecture"
+        )
+    return state, absent
+
+
+def _materialize_absent(module: torch.nn.Module) -> None:
+    """Parameters the file lacked (optional keys) are still on the meta device: give them real
+    storage and the layer's own initialisation (LayerNorm -> ones/zeros)."""
+    for sub in module.modules():
+        if any(p.is_meta for p in sub.parameters(recurse=False)):
+            sub.to_empty(device="cpu", recurse=False)
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            else:
+                for p in sub.parameters(recurse=False):
+                    torch.nn.init.zeros_(p.data)
+
+
+def _warn_unexpected(path: Path, extras: Mapping[str, torch.Tensor]) -> None:
+    odd = [k for k in extras if k.startswith(tuple(K.PREFIXES.values())) and not any(e in k for e in _KNOWN_EXTRAS)]
+    if odd:
+        log.warning("%s: %d keys under model prefixes are not part of the architecture and are kept as-is (first: %s)",
+                    path.name, len(odd), odd[0])
+
+
+# --- save --------------------------------------------------------------------------------------------------
+
+
+def build_metadata(
+    arch: str,
+    dtype: str,
+    title: str,
+    prediction: str = "epsilon",
+    training: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """modelspec keys (what A1111 / ComfyUI / CivitAI display) plus tunelab's and training info."""
+    res = load_arch(arch).resolution
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": prediction,
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "tunelab.version": __version__,
+        "tunelab.arch": arch,
+        "tunelab.dtype": dtype,
+    }
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = str(value)  # kohya's `ss_*` training keys, which model browsers show
+    return meta
+
+
+def _prediction(comps: Components) -> str:
+    if "v_pred" in comps.extras:
+        return "v"
+    return comps.metadata.get("modelspec.prediction_type", "epsilon")
+
+
+def save_checkpoint(
+    comps: Components,
+    path: str | Path,
+    dtype: str = "fp16",
+    title: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    progress: Callable[[TensorSpec], None] | None = None,
+) -> Path:
+    """Write `comps` as an SGM single-file checkpoint (atomically; floating tensors cast to dtype)."""
+    path = Path(path)
+    target = parse_dtype(dtype)
+    modules = comps.modules()
+    rules = [r for r in K.build_rules(modules, comps.unet.config, comps.vae.config) if r.sgm not in comps.absent]
+    state = {n: m.state_dict() for n, m in modules.items()}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(target) if t.is_floating_point() else t
+
+    tensors: dict[str, Callable[[], torch.Tensor]] = {
+        r.sgm: (lambda r=r: cast(K.to_sgm_tensor(r, [state[r.component][n] for n in r.names]))) for r in rules
+    }
+    shapes = {r.sgm: K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names]) for r in rules}
+    specs = [TensorSpec(r.sgm, shapes[r.sgm], target if state[r.component][r.names[0]].is_floating_point()
+                        else state[r.component][r.names[0]].dtype) for r in rules]
+    for name, t in comps.extras.items():  # kept exactly as the source file had them
+        tensors[name] = lambda t=t: t
+        specs.append(TensorSpec(name, tuple(t.shape), t.dtype))
+    meta = build_metadata(comps.arch, dtype, title or path.stem, _prediction(comps), training)
+    write_streaming(path, specs, lambda s: tensors[s.name](), meta, progress)
+    return path
+
+
+# --- random checkpoints --------------------------------------------------------------------------------------
+
+
+def new_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str = "fp16",
+                   progress: Callable[[TensorSpec], None] | None = None) -> Path:
+    """A randomly initialised checkpoint of a preset.
+
+    toy: the real modules' own initialisation (seeded). sdxl: tensors are generated one at a time
+    while writing (a full fp32 model would need 14 GB of RAM): norms ones/zeros, biases zeros,
+    embeddings N(0, 0.02), other weights N(0, 1/fan_in); each tensor seeded by (seed, key), so the
+    file is reproducible.
+    """
+    if arch == "toy":
+        return save_checkpoint(build_components("toy", seed=seed), out, dtype=dtype, progress=progress)
+    target = parse_dtype(dtype)
+    comps = build_components(arch, device="meta")
+    state = {n: m.state_dict() for n, m in comps.modules().items()}
+    rules = {r.sgm: r for r in K.rules_for_arch(arch)}
+    specs = [TensorSpec(k, K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names]), target)
+             for k, r in rules.items()]
+    meta = build_metadata(arch, dtype, Path(out).stem)
+    write_streaming(out, specs, lambda s: _random_tensor(s, seed).to(target), meta, progress)
+    return Path(out)
+
+
+def _random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**63)
+    if len(spec.shape) == 1 or spec.name.endswith("bias"):
+        is_norm_weight = spec.name.endswith("weight") and len(spec.shape) == 1
+        return torch.ones(spec.shape) if is_norm_weight else torch.zeros(spec.shape)
+    if "embedding" in spec.name:
+        return torch.randn(spec.shape, generator=gen) * 0.02
+    fan_in = max(1, int(torch.tensor(spec.shape[1:]).prod())) if len(spec.shape) > 1 else 1
+    return torch.randn(spec.shape, generator=gen) / fan_in**0.5
+
+
+# --- diffusers folders ----------------------------------------------------------------------------------------
+
+DIFFUSERS_PARTS = {"unet": "unet", "vae": "vae", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+
+
+def import_diffusers(folder: str | Path, dtype: torch.dtype | None = None) -> Components:
+    """Load a diffusers-format SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    missing = [sub for sub in DIFFUSERS_PARTS.values() if not (folder / sub).is_dir()]
+    if missing:
+        raise TunelabError(f"{folder}: not a diffusers SDXL folder; missing sub-folders: {', '.join(missing)}")
+    kw = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+    te1 = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
+    te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw)
+    shapes = {K.UNET + "input_blocks.0.0.weight": tuple(unet.conv_in.weight.shape), K.UNET + "label_emb.0.0.weight": (0,)}
+    comps = Components(detect_arch(shapes, {}, str(folder)), unet, vae, te1, te2)
+    for m in comps.modules().values():
+        m.eval()
+        if dtype is not None:
+            m.to(dtype=dtype)
+    return comps
+
+
+def export_diffusers(comps: Components, folder: str | Path, dtype: str = "fp16") -> Path:
+    """Write `comps` as a diffusers folder (weights as safetensors), e.g. for other tools."""
+    folder = Path(folder)
+    target = parse_dtype(dtype)
+    for name, sub in DIFFUSERS_PARTS.items():
+        module = comps.modules()[name]
+        module.to(dtype=target).save_pretrained(folder / sub, safe_serialization=True)
+    return folder
+
+
+# --- inspect ---------------------------------------------------------------------------------------------------
+
+
+def _file_dtype(header: Header) -> str:
+    counts = Counter(info.dtype for info in header.tensors.values() if info.dtype.startswith(("F", "BF")))
+    names = {v: k for k, v in {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}.items()}
+    return names.get(counts.most_common(1)[0][0], counts.most_common(1)[0][0]) if counts else "none"
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    """Everything tunelab can tell about a checkpoint from its header alone (no tensor is read)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise TunelabError(f"{path}: inspect reads .safetensors only; pickle files are not opened (they can run code)")
+    header = read_header(path)
+    shapes = {k: v.shape for k, v in header.tensors.items()}
+    try:
+        arch = detect_arch(shapes, header.metadata, str(path))
+    except TunelabError as err:
+        arch, why = None, str(err)
+    report = _report(arch, shapes, {k: v.dtype for k, v in header.tensors.items()})
+    report.update(file=str(path), bytes=path.stat().st_size, dtype=_file_dtype(header), metadata=header.metadata)
+    if arch is None:
+        report["problem"] = why
+    return report
+
+
+def inspect_preset(arch: str) -> dict[str, Any]:
+    """The key table of a preset, built on the meta device (no memory is allocated)."""
+    comps = build_components(arch, device="meta")
+    state = {n: m.state_dict() for n, m in comps.modules().items()}
+    shapes = {r.sgm: K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names])
+              for r in K.rules_for_arch(arch)}
+    report = _report(arch, shapes, {k: "F32" for k in shapes})
+    report.update(preset=arch, dtype="fp32")
+    return report
+
+
+def _report(arch: str | None, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> dict[str, Any]:
+    from tunelab.models.blocks import block_order, component_of, unet_block_of
+
+    numel = {k: int(torch.Size(s).numel()) for k, s in shapes.items()}
+    per_component: Counter[str] = Counter()
+    per_block: Counter[str] = Counter()
+    for k, n in numel.items():
+        per_component[component_of(k)] += n
+        if k.startswith(K.UNET):
+            per_block[unet_block_of(k)] += n
+    report: dict[str, Any] = {"arch": arch, "tensors": len(shapes), "parameters": sum(numel.values()),
+                              "per_component": dict(per_component),
+                              "per_unet_block": {b: per_block[b] for b in sorted(per_block, key=block_order)}}
+    if arch is not None:
+        expected = {r.sgm for r in K.rules_for_arch(arch)}
+        optional = K.optional_keys(arch)
+        report["missing_required"] = sorted(expected - set(shapes) - optional)
+        report["absent_optional"] = sorted((expected & optional) - set(shapes))
+        report["extra_keys"] = sorted(set(shapes) - expected)
+    report["keys"] = [{"key": k, "shape": list(s), "dtype": dtypes[k]} for k, s in shapes.items()]
+    return report
+
+
+__all__ = ["load_checkpoint", "save_checkpoint", "new_checkpoint", "import_diffusers", "export_diffusers",
+           "inspect_file", "inspect_preset", "detect_arch", "DTYPES"]
