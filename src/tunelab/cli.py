@@ -80,29 +80,398 @@ def _print_json(obj: object) -> None:
 
 # --- model ---------------------------------------------------------------------------------------
 
+ArchOpt = typer.Option(help="Architecture preset: 'toy' (tiny, for tests and demos) or 'sdxl' (full size).")
+DtypeOpt = typer.Option(help="Floating-point dtype of the written tensors: fp32, fp16 or bf16.")
+
+
+@model_app.command("new")
+def model_new(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the .safetensors file.")],
+    arch: Annotated[str, ArchOpt] = "toy",
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same file.")] = 0,
+    dtype: Annotated[str, DtypeOpt] = "fp16",
+) -> None:
+    """Write a randomly initialised checkpoint (SGM single file), e.g. for tests and benchmarks.
+
+    A full-size sdxl file is ~6.9 GB in fp16 and is generated tensor by tensor (little RAM).
+    """
+    from tunelab.models.checkpoint import new_checkpoint
+
+    with _progress(f"writing {out.name}", total=_n_keys(arch)) as bar:
+        path = new_checkpoint(arch, out, seed=seed, dtype=dtype, progress=lambda s: bar.update(1))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {arch}, {dtype}, seed {seed})")
+
+
+@model_app.command("inspect")
+def model_inspect(
+    file: Annotated[Optional[Path], typer.Argument(help="A .safetensors checkpoint (only its header is read).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Describe a preset instead of a file (nothing is allocated): toy or sdxl.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON, including every key with its shape.")] = False,
+) -> None:
+    """Show a checkpoint's architecture, dtype, parameter counts per component and UNet block,
+    metadata, and any missing or unexpected keys."""
+    from tunelab.models.checkpoint import inspect_file, inspect_preset
+
+    if (file is None) == (preset is None):
+        raise TunelabError("give either a FILE or --preset toy|sdxl")
+    report = inspect_file(file) if file is not None else inspect_preset(preset)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(_format_inspect(report))
+
+
+def _format_inspect(r: dict) -> str:
+    lines = [f"{r.get('file') or 'preset ' + r['preset']}",
+             f"  architecture  {r['arch'] or 'unknown'}" + (f"  ({r['problem']})" if r.get("problem") else ""),
+             f"  dtype         {r['dtype']}",
+             f"  tensors       {r['tensors']:,}",
+             f"  parameters    {r['parameters']:,}"]
+    lines += [f"    {name:<13} {n:>15,}" for name, n in r["per_component"].items()]
+    if r["per_unet_block"]:
+        lines.append("  UNet blocks   " + "  ".join(f"{b} {n / 1e6:.1f}M" for b, n in r["per_unet_block"].items()))
+    for label, key in (("missing (required)", "missing_required"), ("absent (optional)", "absent_optional"),
+                       ("extra keys", "extra_keys")):
+        if r.get(key):
+            lines.append(f"  {label:<13} {len(r[key])}: {', '.join(r[key][:4])}{' ...' if len(r[key]) > 4 else ''}")
+    for k, v in sorted(r.get("metadata", {}).items()):
+        lines.append(f"  meta {k} = {v if len(v) < 100 else v[:97] + '...'}")
+    return "\n".join(lines)
+
+
+@model_app.command("convert")
+def model_convert(
+    src: Annotated[Path, typer.Argument(help="A .safetensors SGM file, a diffusers folder, or (with --allow-pickle) a .ckpt.")],
+    out: Annotated[Path, typer.Option("--out", help="Output: a .safetensors file, or a folder with --to diffusers.")],
+    to: Annotated[str, typer.Option(help="Output format: 'sgm' (single file) or 'diffusers' (folder).")] = "sgm",
+    dtype: Annotated[str, DtypeOpt] = "fp16",
+    allow_pickle: Annotated[bool, typer.Option(help="Read pickle checkpoints (.ckpt/.pt/.bin). Only for files you trust: unpickling can run code.")] = False,
+) -> None:
+    """Convert between a single-file SGM checkpoint and a diffusers folder (either direction)."""
+    from tunelab.models.checkpoint import export_diffusers, load_checkpoint, save_checkpoint
+
+    if to not in ("sgm", "diffusers"):
+        raise TunelabError(f"--to must be 'sgm' or 'diffusers', got {to!r}")
+    comps = load_checkpoint(src, allow_pickle=allow_pickle)
+    path = save_checkpoint(comps, out, dtype=dtype) if to == "sgm" else export_diffusers(comps, out, dtype=dtype)
+    typer.echo(f"wrote {path} ({comps.arch}, {dtype})")
+
+
+def _n_keys(arch: str) -> int:
+    from tunelab.models.keys import rules_for_arch
+
+    return len(rules_for_arch(arch))
+
+
+def _progress(desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=None, file=sys.stderr, leave=False)
+
+
 
 # --- config --------------------------------------------------------------------------------------
 
 
+@config_app.command("check")
+def config_check(
+    run_file: Annotated[Path, typer.Argument(help="The run file (TOML) to validate.")],
+    world_size: Annotated[Optional[int], typer.Option(help="Number of training processes (GPUs) you will launch with; shows the effective batch.")] = None,
+) -> None:
+    """Validate a run file without loading any model: types, ranges, unknown keys (with a
+    'did you mean'), impossible combinations; then print the derived numbers."""
+    from tunelab.config import load_config
+
+    cfg = load_config(run_file)
+    world = world_size or cfg.train.expect_world_size or 1
+    if cfg.train.expect_world_size and world_size and world_size != cfg.train.expect_world_size:
+        raise TunelabError(f"train.expect_world_size is {cfg.train.expect_world_size} but --world-size is {world_size}")
+    accum = cfg.accumulation_for(world)
+    t = cfg.train
+    typer.echo(f"{run_file}: OK")
+    typer.echo(f"  run            {cfg.run.name} -> {cfg.run.output_dir}")
+    typer.echo(f"  base model     {cfg.model.base}   tokenizers: {cfg.model.tokenizers}   max {cfg.model.max_chunks} chunk(s) = {75 * cfg.model.max_chunks} tokens")
+    typer.echo(f"  effective batch {world * t.batch_size * accum} = {world} process(es) x batch {t.batch_size} x accumulation {accum}")
+    typer.echo(f"  trains         text encoders: {t.parts.text_encoder}   UNet: {t.parts.unet}   "
+               f"LRs unet {cfg.optim.lr_unet:g} / te1 {cfg.optim.lr_text_encoder_1:g} / te2 {cfg.optim.lr_text_encoder_2:g}")
+    typer.echo(f"  objective      {cfg.objective.prediction}{' + zero-terminal SNR' if cfg.objective.zero_terminal_snr else ''}, loss {cfg.loss.type}")
+    for label, value in (("model.base", cfg.model.base), ("data.index", cfg.data.index)):
+        if value and value != "toy" and not Path(value).exists():
+            typer.echo(f"  note: {label} = {value!r} does not exist yet")
+
+
+@config_app.command("show")
+def config_show(
+    run_file: Annotated[Optional[Path], typer.Argument(help="A run file; prints it with every default filled in, as JSON.")] = None,
+    fields: Annotated[bool, typer.Option("--fields", help="List every setting with its default and when to change it.")] = False,
+) -> None:
+    """Print a run file resolved with all defaults, or the reference of all settings (--fields)."""
+    from tunelab.config import RunConfig, field_docs, load_config
+
+    if fields:
+        for name, default, doc in field_docs():
+            typer.echo(f"{name:<36} {default:<24} {doc}")
+        return
+    cfg = load_config(run_file) if run_file else RunConfig()
+    _print_json(cfg.model_dump(mode="json"))
+
+
+
 # --- data ----------------------------------------------------------------------------------------
+
+_SOURCE_HELP = (
+    "A source, repeatable: KIND:PATH[,option=value...]. Kinds: "
+    "folder:DIR (images + NAME.txt tags + NAME.caption, recursive); "
+    "kohya:META.json[,images=DIR] (kohya metadata JSON, streamed); "
+    "table:FILE.parquet|.csv,template={id}.webp[,root=DIR] or ,tar={id % 1000:04d}.tar[,member={id}] "
+    "(columns id, tags, optional caption/width/height; rename with id=COL, tags=COL, ...); "
+    "tar:DIR_OR_TAR (shards read in place). Every kind takes prefix=NAME/ to keep keys unique."
+)
+
+
+@data_app.command("index")
+def data_index(
+    out: Annotated[Path, typer.Argument(help="The index file to write (Parquet), e.g. data/index.parquet.")],
+    source: Annotated[list[str], typer.Option("--source", "-s", help=_SOURCE_HELP)],
+    where_tag: Annotated[
+        Optional[list[str]], typer.Option("--where-tag", help="Keep only images having this tag (repeat for AND).")
+    ] = None,
+    holdout: Annotated[float, typer.Option(help="Fraction of images set aside as the 'holdout' split (by key hash).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the holdout choice.")] = 0,
+    resolution: Annotated[int, typer.Option(help="Bucket max area is resolution^2 (1024 for SDXL).")] = 1024,
+    min_side: Annotated[int, typer.Option(help="Shortest bucket side.")] = 256,
+    max_side: Annotated[int, typer.Option(help="Longest bucket side (2048 gives extreme ratios their own buckets).")] = 1024,
+    step: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
+    workers: Annotated[int, typer.Option(help="Threads reading image headers.")] = 8,
+) -> None:
+    """Build the dataset index: one Parquet row per image with its size, tags, caption and bucket.
+
+    Example: tunelab data index data/index.parquet -s folder:./images,prefix=mine/ -s
+    'table:posts.parquet,tar={id % 1000:04d}.tar,root=./shards,prefix=danbooru/'
+    Unreadable or missing images go to INDEX.rejects.jsonl; the bucket histogram to INDEX.buckets.txt.
+    """
+    from pydantic import ValidationError
+
+    from tunelab.data.buckets import BucketConfig
+    from tunelab.data.index import IndexOptions, build_index
+
+    try:
+        buckets = BucketConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step)
+    except ValidationError as err:
+        raise TunelabError(f"bucket options: {err.errors()[0]['msg']}") from None
+    opts = IndexOptions(buckets=buckets, where_tags=where_tag or [], holdout=holdout, seed=seed, workers=workers)
+    summary = build_index(source, out, opts)
+    typer.echo(f"wrote {out}: {summary.rows:,} images, {summary.rejected:,} rejected, {summary.holdout_rows:,} in holdout")
+    typer.echo(summary.histogram())
+
+
+@data_app.command("stats")
+def data_stats(
+    index: Annotated[Path, typer.Argument(help="An index built by `tunelab data index`.")],
+    top: Annotated[int, typer.Option(help="How many of the most frequent tags to list.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
+) -> None:
+    """Counts per source and split, tag frequencies, caption coverage and the bucket histogram."""
+    from tunelab.data.index import index_stats, stats_text
+
+    stats = index_stats(index, top_tags=top)
+    if as_json:
+        _print_json(stats)
+    else:
+        typer.echo(stats_text(stats))
 
 
 # --- train ---------------------------------------------------------------------------------------
 
 
+@app.command("train")
+def train(
+    run_file: Annotated[Path, typer.Argument(help="The run file (TOML); see examples/ and `tunelab config show --fields`.")],
+    dry_run: Annotated[bool, typer.Option(help="Print the start-up banner (effective batch, trainable parameters, ...) without training.")] = False,
+) -> None:
+    """Train (full finetune) from a run file. Running it again on the same run directory resumes.
+
+    Launch on several GPUs with `accelerate launch --num_processes N -m tunelab train RUN.toml`.
+    """
+    from tunelab.config import load_config
+
+    load_config(run_file)  # bad run files are reported even before the trainer exists
+    _not_yet("train", "the trainer")
+
+
 # --- grid / probe --------------------------------------------------------------------------------
 
 
+@app.command("grid")
+def grid(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to compare (the X axis).")],
+) -> None:
+    """Render X/Y/Z image grids (checkpoints x prompts x seeds) with A1111 samplers, CFG++, PAG, SEG."""
+    _not_yet("grid", "sampling and X/Y/Z grids")
+
+
+@app.command("probe")
+def probe(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to measure against their base.")],
+) -> None:
+    """Measure what a finetune learned and what it forgot: deterministic validation loss on learn /
+    preserve prompt sets and prediction drift against the base model, one number per checkpoint."""
+    _not_yet("probe", "learn / preserve measurements")
+
+
 # --- loss ----------------------------------------------------------------------------------------
+
+_LOSS_HELP = (
+    "Loss curves from training logs, with a verdict on where the loss is heading.\n\n"
+    "PATH is a tensorboard event file (events.out.tfevents.*, from tunelab, kohya sd-scripts or any other "
+    "trainer), a tunelab metrics.parquet, or a directory holding them (every folder with event files under it "
+    "is one run). Several PATHs are overlaid in one plot.\n\n"
+    "Values logged several times per optimizer step (micro-steps) are averaged per step. The curve is smoothed "
+    "(rolling mean, or tensorboard's EMA with --smooth ema). After the first --warmup fraction of the run a "
+    "straight line is fitted (Theil-Sen, with a 95% confidence interval of its slope). The verdict:\n\n"
+    "converging: the loss is going down - the whole interval of the slope is below 0 and the line falls by at "
+    "least --tolerance (default 2%) of the loss level.\n\n"
+    "diverging: the same upwards - training is getting worse (check the learning rate).\n\n"
+    "oscillating: no steady trend, but the loss swings up and down by at least --tolerance.\n\n"
+    "flat: none of these - the loss has settled (normal late in a finetune).\n\n"
+    "too short: too few steps after the warm-up to tell.\n\n"
+    "Writes loss.png, loss.csv (per step: loss, ema, rolling, images seen) and summary.txt to --out, and "
+    "prints the summary table. Example: tunelab loss runs/a runs/b --align images --batch 16 --log-y"
+)
+
+
+from enum import Enum  # noqa: E402 - kept inside this section; the file's header belongs to everyone
+
+
+class _Smooth(str, Enum):
+    rolling = "rolling"
+    ema = "ema"
+
+
+class _Align(str, Enum):
+    step = "step"
+    images = "images"
+
+
+@app.command("loss", help=_LOSS_HELP)
+def loss_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Event files, metrics.parquet files or run directories.", show_default=False)],
+    tag: Annotated[Optional[str], typer.Option(help="Tag to analyse; default: `loss`, `loss/current`, `train/loss`, ... whichever exists.")] = None,
+    smooth: Annotated[_Smooth, typer.Option(help="rolling: trailing mean over --window steps; ema: tensorboard's smoothing with --weight.")] = _Smooth.rolling,
+    weight: Annotated[float, typer.Option(help="EMA weight in [0, 1), as tensorboard's slider; 0.6 barely smooths a noisy diffusion loss, try 0.99.")] = 0.6,
+    window: Annotated[int, typer.Option(help="Rolling-mean window in steps (capped at a tenth of the run).")] = 2048,
+    warmup: Annotated[float, typer.Option(help="Fraction of the run ignored by the trend (the early fast drop).")] = 0.1,
+    tolerance: Annotated[float, typer.Option(help="Smallest relative change of the loss that counts as a trend (0.02 = 2%).")] = 0.02,
+    align: Annotated[_Align, typer.Option(help="x axis: optimizer step, or images seen (= step x effective batch).")] = _Align.step,
+    batch: Annotated[Optional[list[int]], typer.Option(help="Effective batch (per-GPU batch x GPUs x grad accumulation) for --align images; once, or once per run. Default: the run's `effective_batch` tag.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Legend name per run, in PATH order (default: the run's folder).")] = None,
+    log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic loss axis.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for loss.png, loss.csv and summary.txt.")] = Path("loss-report"),
+    list_tags: Annotated[bool, typer.Option("--list-tags", help="Only list each run's tags (value counts) and exit.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also verify every record's payload checksum (slower).")] = False,
+) -> None:
+    from tunelab.analyze import loss
+
+    if list_tags:
+        for name, scalars, chosen in loss.list_tags(paths, verify=verify, progress=True):
+            typer.echo(f"{name}  ({len(scalars)} scalars)")
+            for tag_name, series in scalars.series.items():
+                mark = "  <- loss tag" if tag_name == chosen else ""
+                typer.echo(f"  {tag_name:<32} {len(series):>10}{mark}")
+        return
+    report = loss.analyze_loss(
+        paths, tag=tag, smooth=smooth.value, weight=weight, window=window, warmup=warmup, tolerance=tolerance,
+        align=align.value, batch=batch, labels=label, log_y=log_y, out_dir=out, verify=verify, progress=True,
+    )
+    typer.echo(loss.format_summary(report))
+    typer.echo("\nwrote " + ", ".join(str(p) for p in report.files.values()))
 
 
 # --- drift ---------------------------------------------------------------------------------------
 
 
+def _parse_pair(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise TunelabError(f"--pair wants two model indices like 0,3 (0 is the first file); got {text!r}") from None
+    return a, b
+
+
+@app.command("drift")
+def drift(
+    files: Annotated[list[Path], typer.Argument(
+        help="Two or more .safetensors checkpoints (SGM single files), in the order to compare: "
+             "the first is the reference, the rest are e.g. training checkpoints in step order.",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for drift.json, the CSVs and the plots (created if needed).")] = Path("drift"),
+    pair: Annotated[Optional[str], typer.Option(
+        help="Two model indices 'I,J' for the per-block bar chart and the 'moved most' lists; "
+             "0 is the first file, -1 the last. Default: first,last.")] = None,
+    plots: Annotated[bool, typer.Option(help="Draw the PNG plots (--no-plots skips matplotlib).")] = True,
+) -> None:
+    """How far did the weights move? L2 distance between every pair of checkpoints, per component (te0, te1, unet, vae, other), UNet block (EMB, IN00-IN08, M00, OUT00-OUT08, FINAL) and layer kind (self-/cross-attention, other).
+
+    Reads each file once, one tensor at a time, so several full-size models fit in a few GB of RAM. Keys missing from some files, shape mismatches and NaN/Inf values are listed, not fatal.
+
+    Writes to --out: drift.json (the field's {"ml": models, "dm": {component: NxN matrix}} plus blocks, kinds, relative change, cosines and problems), drift.csv (one row per pair, one column per group), tensors.csv (every tensor and pair), trajectory.png (distance from the first file), heatmap_<component>.png, blocks_I_vs_J.png.
+
+    Example: tunelab drift base.safetensors step-1000.safetensors step-2000.safetensors --out drift/
+    """
+    from tunelab.analyze.weights import run_drift, summary
+
+    rep = run_drift(files, out, pair=_parse_pair(pair), plots=plots, progress=sys.stderr.isatty())
+    typer.echo("\n".join(summary(rep)))
+
+
 # --- merge ---------------------------------------------------------------------------------------
 
 
+@merge_app.command("run")
+def merge_run(
+    recipe: Annotated[Path, typer.Argument(help="An sd-mecha recipe (.mecha) or a tunelab merge preset (TOML).")],
+) -> None:
+    """Execute a merge recipe with sd-mecha, streaming key by key."""
+    _not_yet("merge run", "sd-mecha merging")
+
+
 # --- toy / demo / report -------------------------------------------------------------------------
+
+
+@toy_app.command("world")
+def toy_world(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write images with .txt tags and .caption captions (kohya layout).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
+    concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star).")] = 0.25,
+) -> None:
+    """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags and captions."""
+    from tunelab.toy.world import make_world
+
+    samples = make_world(out, n=n, seed=seed, concept_share=concept_share)
+    typer.echo(f"wrote {len(samples)} images with tags and captions to {out}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo-out"),
+    n_images: Annotated[int, typer.Option("--n-images", min=4, help="Size of the toy dataset.")] = 48,
+) -> None:
+    """Run the whole flow that exists today on the built-in toy world (tiny model, synthetic data),
+    on a CPU in a few minutes, and print what each stage produced."""
+    from tunelab.demo import run_demo
+
+    run_demo(out, n_images=n_images)
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or several runs to compare).")],
+) -> None:
+    """Write one self-contained HTML report for a run: config, curves, grids, probes, drift."""
+    _not_yet("report", "HTML reports")
 
 
 def main() -> None:

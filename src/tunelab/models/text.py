@@ -63,20 +63,30 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in keep] + [chars[b] for b in range(256) if b not in keep]
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+    return pieces
+
+
 @lru_cache(maxsize=None)
 def _toy_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
     for word in TOY_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = (left, right)
-            left = left + right
-            if merge not in merges:
-                merges.append(merge)
-                tokens.append(left)
+        # Run BPE with the merges so far, then add merges (ranked after every existing one) that
+        # join what is left. Earlier words are unaffected: they always have a lower-ranked merge.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)})
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab: dict[str, int] = {}
     for tok in tokens:
@@ -253,7 +263,7 @@ def encode_prompts(
     truncated = [max(a, b) for a, b in zip(tok1.truncated, tok2.truncated)]
     if any(truncated):
         log.warning(
-            "%d of %d prompts were longer than %d chunks (%d tokens) and were truncated; raise max_chunks to keep them",
+            "%d of %d prompts were longer than max_chunks=%d (%d tokens) and were truncated; raise max_chunks to keep them",
             sum(1 for t in truncated if t), len(prompts), max_chunks, max_chunks * CHUNK_TOKENS,
         )
     return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled, tok1.n_chunks, truncated)
