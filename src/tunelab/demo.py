@@ -37,7 +37,7 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0) -> dict[str, Pa
 
 
 def _world(out: Path, n: int, seed: int) -> Path:
-    from tunelab.toy.world import CONCEPT, make_world
+    from tunelab.toy.world import CONCEPT, contact_sheet, make_world
 
     _stage("1. toy world: synthetic images with tags and captions (kohya folder layout)")
     world = out / "toy-world"
@@ -45,6 +45,7 @@ def _world(out: Path, n: int, seed: int) -> Path:
     log.info("%d images in %s, %d show the concept %r; e.g. %s.png", len(samples), world,
              sum(CONCEPT in s.tags for s in samples), CONCEPT, samples[0].name)
     log.info("  tags:    %s\n  caption: %s", samples[0].tags, samples[0].caption)
+    log.info("overview picture: %s", contact_sheet(world, out / "toy-world.png"))
     return world
 
 

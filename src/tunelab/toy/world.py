@@ -101,3 +101,27 @@ def make_world(out: str | Path, n: int = 64, seed: int = 0, concept_share: float
         samples.append(sample)
     log.info("toy world: %d images (%d with the concept %r) in %s", n, sum(CONCEPT in s.tags for s in samples), CONCEPT, out)
     return samples
+
+
+def contact_sheet(folder: str | Path, out: str | Path, n: int = 16, cols: int = 8) -> Path:
+    """A labelled overview image of the first n toy images (tags under each), to look at the data."""
+    from PIL import ImageFont
+
+    folder, out = Path(folder), Path(out)
+    files = sorted(folder.glob("*.png"))[:n]
+    cell_w, cell_h, label_h = 112, 112, 30
+    rows = max(1, -(-len(files) // cols))
+    sheet = Image.new("RGB", (cols * cell_w, rows * (cell_h + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, f in enumerate(files):
+        x, y = (i % cols) * cell_w, (i // cols) * (cell_h + label_h)
+        img = Image.open(f)
+        img.thumbnail((cell_w - 8, cell_h - 8))
+        sheet.paste(img, (x + (cell_w - img.width) // 2, y + (cell_h - img.height) // 2))
+        tags = f.with_suffix(".txt").read_text().strip().split(", ")
+        for line, text in enumerate((", ".join(tags[:2]), ", ".join(tags[2:4]))):
+            draw.text((x + 4, y + cell_h + line * 13), text[:20], fill=(0, 0, 0), font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
