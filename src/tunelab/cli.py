@@ -281,22 +281,117 @@ def data_stats(
         typer.echo(stats_text(stats))
 
 
+def _vae_for(model: str, device: str):
+    """The VAE of a checkpoint, or of a fresh toy model for trying things out."""
+    if model == "toy":
+        from tunelab.models.arch import build_components
+
+        vae = build_components("toy", seed=0).vae
+    else:
+        from tunelab.models.checkpoint import load_checkpoint
+
+        vae = load_checkpoint(model).vae
+    return vae.to(device).eval()
+
+
+@data_app.command("cache")
+def data_cache(
+    index: Annotated[Path, typer.Argument(help="The index built by `tunelab data index`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of latent shards (created; rerun to resume).")],
+    model: Annotated[str, typer.Option(help="Checkpoint whose VAE encodes (.safetensors or diffusers folder), or 'toy'.")],
+    batch_size: Annotated[int, typer.Option(help="Images per VAE call (same bucket).")] = 4,
+    shard_size: Annotated[int, typer.Option(help="Entries per shard file (about 1024: few, large files).")] = 1024,
+    workers: Annotated[int, typer.Option(help="Threads decoding images.")] = 4,
+) -> None:
+    """VAE-encode every image into checksummed fp16 latent shards; resumes after a kill.
+
+    Run under `accelerate launch` to split the work: each process takes its own share.
+    Unreadable images go to OUT/rejects-rNNN.jsonl and the job goes on.
+    """
+    from accelerate import PartialState
+
+    from tunelab.data.latents import cache_latents
+
+    state = PartialState()
+    vae = _vae_for(model, str(state.device))
+    s = cache_latents(index, out, vae, rank=state.process_index, world_size=state.num_processes,
+                      batch_size=batch_size, shard_size=shard_size, workers=workers, device=str(state.device))
+    typer.echo(f"rank {state.process_index}: encoded {s.encoded:,}, already cached {s.skipped_done:,}, "
+               f"rejected {s.rejected:,}, {len(s.shards_written)} new shard(s) in {out}")
+
+
+@data_app.command("verify")
+def data_verify(
+    index: Annotated[Path, typer.Argument(help="The index the cache was built from.")],
+    cache: Annotated[Path, typer.Option("--cache", "-c", help="Folder of latent shards.")],
+    repair: Annotated[bool, typer.Option(help="Re-encode corrupt and missing entries (needs --model).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint (or 'toy') whose VAE re-encodes, for --repair.")] = None,
+) -> None:
+    """Check every cached entry's checksum and find missing ones; --repair fixes them.
+
+    Exit status 1 when problems remain.
+    """
+    from tunelab.data.latents import repair_cache, verify_cache
+
+    report = verify_cache(index, cache)
+    typer.echo(report.text())
+    if repair and not report.ok:
+        if model is None:
+            raise TunelabError("--repair re-encodes images: give the same --model the cache was built with")
+        report = repair_cache(index, cache, _vae_for(model, "cpu"), report)
+        typer.echo("after repair: " + report.text())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("preview")
+def data_preview(
+    index: Annotated[Path, typer.Argument(help="The index built by `tunelab data index`.")],
+    n: Annotated[int, typer.Option("--n", help="How many prompts to show.")] = 8,
+    config: Annotated[Optional[Path], typer.Option(help="A run file: its [data.captions], tokenizers, max_chunks and seed are used.")] = None,
+    epoch: Annotated[int, typer.Option(help="Which epoch's random choices to show.")] = 0,
+    mode: Annotated[Optional[str], typer.Option(help="Override the caption mode: tags, caption, pick, concat.")] = None,
+    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/, or 'toy'.")] = None,
+    max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks the run allows (1 = 77 tokens).")] = None,
+) -> None:
+    """Show prompts exactly as the model will see them, with token counts and truncation."""
+    from tunelab.data.captions import CaptionConfig
+    from tunelab.data.preview import preview_prompts, preview_text
+
+    captions, seed, tok, chunks = CaptionConfig(), 0, "toy", 1
+    if config is not None:
+        from tunelab.config import load_config
+
+        cfg = load_config(config)
+        captions, seed, tok, chunks = cfg.data.captions, cfg.run.seed, cfg.model.tokenizers, cfg.model.max_chunks
+    if mode is not None:
+        captions = CaptionConfig(**{**captions.model_dump(), "mode": mode})
+    chunks = max_chunks or chunks
+    items = preview_prompts(index, captions, n=n, seed=seed, epoch=epoch, tokenizers=tokenizers or tok, max_chunks=chunks)
+    typer.echo(preview_text(items, chunks))
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 
 @app.command("train")
 def train(
     run_file: Annotated[Path, typer.Argument(help="The run file (TOML); see examples/ and `tunelab config show --fields`.")],
-    dry_run: Annotated[bool, typer.Option(help="Print the start-up banner (effective batch, trainable parameters, ...) without training.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the start-up banner (effective batch, trainable parameters, ...) and stop; loads no weights.")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start a NEW run from this checkpoint instead of model.base (for continuing from weights without their optimizer state).")] = None,
+    allow_config_change: Annotated[bool, typer.Option(help="Resume even though train/optim/objective/loss/data settings changed since the run's last state.")] = False,
 ) -> None:
-    """Train (full finetune) from a run file. Running it again on the same run directory resumes.
+    """Train (full finetune) from a run file.
 
-    Launch on several GPUs with `accelerate launch --num_processes N -m tunelab train RUN.toml`.
+    Running it again on the same run directory resumes exactly where the last saved state left off
+    (weights, optimizer, LR schedule, data position). Several GPUs:
+    `accelerate launch --num_processes 4 -m tunelab train RUN.toml`.
     """
-    from tunelab.config import load_config
+    from tunelab.train.trainer import train as run_training
 
-    load_config(run_file)  # bad run files are reported even before the trainer exists
-    _not_yet("train", "the trainer")
+    result = run_training(run_file, allow_config_change=allow_config_change, init_from=init_from, dry_run=dry_run)
+    if result is not None:
+        typer.echo(f"trained {result.steps} steps ({result.samples_seen:,} samples); last checkpoint: {result.last_checkpoint}")
 
 
 # --- grid / probe --------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~20 % slower.")
     compile: bool = Field(False, description="torch.compile the UNet (faster steps after a slow first one).")
     max_grad_norm: float = Field(0.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss (each is skipped); the last good state stays intact.")
+    dataloader_workers: int = Field(0, ge=0, description="Background processes decoding images / reading latents; raise when the GPU waits for data.")
     parts: PartsSection = Field(default_factory=PartsSection)
 
 

@@ -1,0 +1,369 @@
+"""Latent shards: VAE-encode an index into checksummed fp16 shards; verify, repair, resume; read
+kohya `.npz` caches as they are.
+
+A shard is one `.safetensors` file (the field's tensor format, read lazily with `safe_open`) holding
+up to `shard_size` entries: tensor name = image key, latents (4, H/8, W/8) fp16, unscaled (the
+VAE's scaling factor is applied at training time, as kohya does). Its header metadata
+`tunelab.latents` maps each key to original_size [w, h], crop_ltrb [l, t, r, b] in resized pixels,
+and a blake2b-64 checksum of the fp16 bytes. Shards are written to a temporary name and renamed
+when complete, so a killed run leaves only whole shards; a rerun skips every key already in one
+(resume). Under `accelerate launch` process r of n takes rows r, r + n, ...; shard names carry the
+rank so processes never collide.
+
+Hand-written because neither diffusers nor accelerate caches latents; the file format is
+safetensors, the encoder is diffusers' AutoencoderKL (latent_dist.mean: deterministic, so a
+repaired entry equals the original).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket, read_rejects
+from tunelab.data.index import read_footer
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+META_KEY = "tunelab.latents"
+SHARD_GLOB = "shard-*.safetensors"
+_COLUMNS = ["key", "path", "offset", "size", "bucket_width", "bucket_height"]
+
+
+@dataclass
+class LatentEntry:
+    latents: np.ndarray  # (4, H/8, W/8) float16
+    original_size: tuple[int, int]  # (w, h) of the image as displayed
+    crop_ltrb: tuple[int, int, int, int]  # crop box in resized pixels
+
+
+class LatentSource(Protocol):
+    def get(self, key: str) -> LatentEntry | None: ...
+
+
+def checksum(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8).hexdigest()
+
+
+def shard_entries(path: Path) -> dict[str, dict]:
+    """The entry table of a shard's header (raises if the file is unreadable)."""
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+    if META_KEY not in meta:
+        raise TunelabError(f"{path} is not a tunelab latent shard")
+    return json.loads(meta[META_KEY])
+
+
+def _write_shard(out_dir: Path, rank: int, entries: dict[str, tuple[np.ndarray, dict]]) -> Path:
+    """Write entries {key: (latents, info)} as one shard, atomically."""
+    name = f"shard-r{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
+    tmp = out_dir / f".{name}.tmp"
+    table = {k: {**info, "checksum": checksum(arr)} for k, (arr, info) in entries.items()}
+    save_file({k: arr for k, (arr, _) in entries.items()}, str(tmp), metadata={META_KEY: json.dumps(table)})
+    os.replace(tmp, out_dir / name)
+    return out_dir / name
+
+
+class LatentStore:
+    """Read access to a shard directory: key -> entry, checksum checked on every read."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir)
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
+        for shard in sorted(self.dir.glob(SHARD_GLOB)):
+            try:
+                table = shard_entries(shard)
+            except Exception as exc:  # noqa: BLE001 - a broken shard is reported by verify
+                log.warning("skipping unreadable shard %s (%s); run `tunelab data verify --repair`", shard.name, exc)
+                continue
+            for key, info in table.items():
+                self._where[key], self._info[key] = shard, info
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, key: str) -> LatentEntry | None:
+        shard = self._where.get(key)
+        if shard is None:
+            return None
+        with safe_open(str(shard), framework="np") as f:
+            arr = f.get_tensor(key)
+        info = self._info[key]
+        if checksum(arr) != info["checksum"]:
+            raise TunelabError(f"latents of {key!r} in {shard.name} are corrupt; run `tunelab data verify --repair`")
+        return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]))
+
+
+class KohyaNpzLatents:
+    """kohya's one-`.npz`-per-image cache, read as it is: `ROOT/KEY.npz` (or `KEY_WxH_sdxl.npz`)
+    with `latents` (4, H/8, W/8), `original_size` [w, h], `crop_ltrb` [l, t, r, b]."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _file(self, key: str) -> Path | None:
+        plain = self.root / f"{key}.npz"
+        if plain.exists():
+            return plain
+        sized = sorted(plain.parent.glob(f"{Path(key).name}_*x*_sdxl.npz"))
+        return sized[0] if sized else None
+
+    def get(self, key: str) -> LatentEntry | None:
+        path = self._file(key)
+        if path is None:
+            return None
+        try:
+            with np.load(path) as npz:
+                latents = npz["latents"]
+                size = tuple(int(v) for v in npz["original_size"]) if "original_size" in npz else None
+                crop = tuple(int(v) for v in npz["crop_ltrb"]) if "crop_ltrb" in npz else (0, 0, 0, 0)
+        except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
+            raise TunelabError(f"{path} is not a readable kohya latent cache ({exc}); delete it and re-cache") from exc
+        if size is None:  # old kohya caches: no size stored; the latents' own size is all we know
+            size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
+        return LatentEntry(latents, size, crop)
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheSummary:
+    encoded: int = 0
+    skipped_done: int = 0
+    rejected: int = 0
+    shards_written: list[str] = field(default_factory=list)
+
+
+def _todo_batches(
+    index_path: Path, done: pa.Array, skip: pa.Array, rank: int, world_size: int, batch_size: int
+) -> Iterator[list[dict]]:
+    """This rank's rows not yet cached, streamed per row group, in same-bucket batches."""
+    pf = pq.ParquetFile(index_path, memory_map=True)
+    start = 0
+    for g in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(g, columns=_COLUMNS)
+        rows = np.arange(start, start + len(table))
+        start += len(table)
+        mine = pa.array(rows % world_size == rank)
+        keep = pc.and_(mine, pc.invert(pc.or_(pc.is_in(table["key"], done), pc.is_in(table["key"], skip))))
+        table = table.filter(keep).sort_by([("bucket_width", "ascending"), ("bucket_height", "ascending")])
+        recs = table.to_pylist()
+        batch: list[dict] = []
+        for rec in recs:
+            if batch and (rec["bucket_width"], rec["bucket_height"]) != (batch[0]["bucket_width"], batch[0]["bucket_height"]):
+                yield batch
+                batch = []
+            batch.append(rec)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _decode_batch(pool: ThreadPoolExecutor, batch: list[dict]) -> list:
+    def one(rec: dict) -> tuple[dict, object]:
+        ref = ImageRef(rec["path"], rec["offset"], rec["size"])
+        try:
+            return rec, load_into_bucket(ref, (rec["bucket_width"], rec["bucket_height"]))
+        except ImageRejected as rej:
+            return rec, rej
+
+    return [pool.submit(one, rec) for rec in batch]
+
+
+def encode_pixels(vae: "torch.nn.Module", pixels: list[np.ndarray], device: str = "cpu") -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 4, H/8, W/8) fp16 latents, the distribution's mean (deterministic)."""
+    import torch
+
+    dtype = next(vae.parameters()).dtype
+    x = torch.from_numpy(np.stack(pixels)).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0  # (B, 3, H, W)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mean
+    return latents.float().cpu().numpy().astype(np.float16)
+
+
+def _done_keys(cache_dir: Path) -> pa.Array:
+    return pa.array(LatentStore(cache_dir).keys(), pa.string())
+
+
+def cache_latents(
+    index_path: str | Path,
+    cache_dir: str | Path,
+    vae: "torch.nn.Module",
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 4,
+    shard_size: int = 1024,
+    workers: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> CacheSummary:
+    """Encode every index row this rank owns and no complete shard holds yet."""
+    index_path, cache_dir = Path(index_path), Path(cache_dir)
+    footer = read_footer(index_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rejects_path = cache_dir / f"rejects-r{rank:03d}.jsonl"
+    skip = pa.array([r["key"] for p in cache_dir.glob("rejects-r*.jsonl") for r in read_rejects(p)], pa.string())
+    done = _done_keys(cache_dir)
+    summary = CacheSummary(skipped_done=len(done))
+    total = -(-footer["rows"] // world_size)
+    bar = tqdm(total=total, initial=min(total, len(done) // world_size), desc=f"caching (rank {rank})",
+               unit=" img", disable=not progress)
+    pending: dict[str, tuple[np.ndarray, dict]] = {}
+    with RejectsLog(rejects_path) as rejects, ThreadPoolExecutor(workers) as pool:
+        try:
+            batches = _todo_batches(index_path, done, skip, rank, world_size, batch_size)
+            ahead = _decode_batch(pool, next(batches, []))
+            while ahead:
+                current = [f.result() for f in ahead]
+                ahead = _decode_batch(pool, next(batches, []))  # decode the next batch while encoding this one
+                _encode_into(vae, current, pending, rejects, device, summary)
+                bar.update(len(current))
+                if len(pending) >= shard_size:
+                    summary.shards_written.append(_write_shard(cache_dir, rank, pending).name)
+                    pending = {}
+        finally:
+            if pending:  # a normal end or an exception: keep what was encoded
+                summary.shards_written.append(_write_shard(cache_dir, rank, pending).name)
+            bar.close()
+    summary.rejected = rejects.count
+    log.info("rank %d: encoded %d, already cached %d, rejected %d, %d new shards",
+             rank, summary.encoded, summary.skipped_done, summary.rejected, len(summary.shards_written))
+    return summary
+
+
+def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device: str, summary: CacheSummary) -> None:
+    good = []
+    for rec, result in current:
+        if isinstance(result, ImageRejected):
+            rejects.add(rec["key"], rec["path"], result.reason)
+        else:
+            good.append((rec, result))
+    if not good:
+        return
+    latents = encode_pixels(vae, [pixels for _, (pixels, _, _) in good], device)  # (B, 4, h, w)
+    for (rec, (_, size, crop)), lat in zip(good, latents):
+        pending[rec["key"]] = (np.ascontiguousarray(lat), {"original_size": list(size), "crop_ltrb": list(crop)})
+    summary.encoded += len(good)
+
+
+# --- verify / repair --------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    entries_ok: int = 0
+    bad_shards: list[str] = field(default_factory=list)  # unreadable: truncated header/data, not safetensors
+    corrupt: dict[str, list[str]] = field(default_factory=dict)  # shard -> keys whose checksum fails
+    missing: list[str] = field(default_factory=list)  # index keys in no shard (rejected images excluded)
+    duplicates: list[str] = field(default_factory=list)  # keys held by more than one shard
+
+    @property
+    def ok(self) -> bool:
+        return not (self.bad_shards or self.corrupt or self.missing)
+
+    def text(self) -> str:
+        n_corrupt = sum(len(v) for v in self.corrupt.values())
+        lines = [f"{self.shards} shards, {self.entries_ok:,} good entries, {n_corrupt} corrupt, "
+                 f"{len(self.missing):,} missing, {len(self.bad_shards)} unreadable shards"]
+        lines += [f"  unreadable: {s}" for s in self.bad_shards]
+        lines += [f"  corrupt in {s}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for s, keys in self.corrupt.items()]
+        if self.missing:
+            lines.append(f"  missing e.g.: {', '.join(self.missing[:5])}")
+        return "\n".join(lines)
+
+
+def _check_shard(path: Path) -> tuple[list[str], list[str]]:
+    """(good keys, corrupt keys) of a shard; raises if the file itself is unreadable."""
+    table = shard_entries(path)
+    good, bad = [], []
+    with safe_open(str(path), framework="np") as f:
+        for key, info in table.items():
+            try:
+                ok = checksum(f.get_tensor(key)) == info["checksum"]
+            except Exception:  # noqa: BLE001 - a tensor that cannot be read is corrupt
+                ok = False
+            (good if ok else bad).append(key)
+    return good, bad
+
+
+def verify_cache(index_path: str | Path, cache_dir: str | Path, progress: bool = True) -> VerifyReport:
+    """Check every entry's checksum and that every index key (not rejected) has latents."""
+    cache_dir = Path(cache_dir)
+    report = VerifyReport()
+    seen: set[str] = set()
+    shards = sorted(cache_dir.glob(SHARD_GLOB))
+    for shard in tqdm(shards, desc="verifying", unit=" shard", disable=not progress):
+        report.shards += 1
+        try:
+            good, bad = _check_shard(shard)
+        except Exception as exc:  # noqa: BLE001 - any failure to parse is an unreadable shard
+            log.debug("unreadable shard %s: %s", shard, exc)
+            report.bad_shards.append(shard.name)
+            continue
+        report.entries_ok += len(good)
+        report.duplicates += [k for k in good if k in seen]
+        seen.update(good)
+        if bad:
+            report.corrupt[shard.name] = bad
+    rejected = {r["key"] for p in cache_dir.glob("rejects-r*.jsonl") for r in read_rejects(p)}
+    keys = pq.read_table(index_path, columns=["key"], memory_map=True)["key"]
+    have = pa.array(sorted(seen | rejected), pa.string())
+    report.missing = keys.filter(pc.invert(pc.is_in(keys, have))).to_pylist()
+    return report
+
+
+def repair_cache(
+    index_path: str | Path, cache_dir: str | Path, vae: "torch.nn.Module", report: VerifyReport | None = None, **cache_kw
+) -> VerifyReport:
+    """Drop corrupt entries and unreadable shards, re-encode what they held and anything missing."""
+    cache_dir = Path(cache_dir)
+    report = report or verify_cache(index_path, cache_dir, progress=False)
+    for name in report.bad_shards:
+        os.replace(cache_dir / name, cache_dir / f"{name}.bad")  # kept aside for inspection, never read
+        log.warning("moved unreadable shard %s aside (%s.bad)", name, name)
+    for name, bad in report.corrupt.items():
+        _rewrite_without(cache_dir / name, set(bad))
+    cache_latents(index_path, cache_dir, vae, **cache_kw)  # resume = encode everything not in a good shard
+    return verify_cache(index_path, cache_dir, progress=False)
+
+
+def _rewrite_without(path: Path, drop: set[str]) -> None:
+    table = shard_entries(path)
+    keep = {k: v for k, v in table.items() if k not in drop}
+    with safe_open(str(path), framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in keep}
+    if tensors:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(keep)})
+        os.replace(tmp, path)
+    else:
+        path.unlink()
+    log.warning("removed %d corrupt entries from %s", len(drop), path.name)
