@@ -351,8 +351,9 @@ def data_preview(
     config: Annotated[Optional[Path], typer.Option(help="A run file: its [data.captions], tokenizers, max_chunks and seed are used.")] = None,
     epoch: Annotated[int, typer.Option(help="Which epoch's random choices to show.")] = 0,
     mode: Annotated[Optional[str], typer.Option(help="Override the caption mode: tags, caption, pick, concat.")] = None,
-    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/, or 'toy'.")] = None,
+    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/, 'toy', or 'hub'.")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks the run allows (1 = 77 tokens).")] = None,
+    allow_download: Annotated[bool, typer.Option(help="With --tokenizers hub: fetch SDXL's tokenizers from the Hugging Face hub once (cached).")] = False,
 ) -> None:
     """Show prompts exactly as the model will see them, with token counts and truncation."""
     from tunelab.data.captions import CaptionConfig
@@ -367,7 +368,8 @@ def data_preview(
     if mode is not None:
         captions = CaptionConfig(**{**captions.model_dump(), "mode": mode})
     chunks = max_chunks or chunks
-    items = preview_prompts(index, captions, n=n, seed=seed, epoch=epoch, tokenizers=tokenizers or tok, max_chunks=chunks)
+    items = preview_prompts(index, captions, n=n, seed=seed, epoch=epoch, tokenizers=tokenizers or tok,
+                            max_chunks=chunks, allow_download=allow_download)
     typer.echo(preview_text(items, chunks))
 
 
@@ -397,12 +399,92 @@ def train(
 # --- grid / probe --------------------------------------------------------------------------------
 
 
-@app.command("grid")
+_GRID_HELP = (
+    "Render X/Y/Z image grids: checkpoints x prompts x seeds x any sampling setting, the way A1111's "
+    "X/Y/Z plot does, without a web UI.\n\n"
+    "Give checkpoints (several go on the X axis) and prompts (several go on the next free axis). Place any "
+    "setting on an axis with --x/--y/--z 'NAME: VALUES'. Values: lists '3, 4.5, 6'; ranges '1-5' (1..5), "
+    "'1-5 (+2)' (1,3,5), '1-10 [5]' (five evenly spaced values); text in \"double quotes\" if it holds a comma. "
+    "Axis names: checkpoint, prompt, negative, seed, cfg, steps, sampler, clip_skip, pag_scale, seg_scale, "
+    "seg_sigma, freeu, hires_scale, hires_denoise, hires_steps, width, height, guidance_rescale, uncond.\n\n"
+    "Prompts use A1111 syntax: (word:1.2), (word), \\[word], BREAK; longer than 75 tokens is fine (--max-chunks). "
+    "Samplers: DDIM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, UniPC, and 'DDIM CFG++' / 'Euler CFG++' "
+    "(CFG++: the CFG scale is divided by 12.5, as in A1111).\n\n"
+    "Writes to --out: one sheet per Z value plus the combined sheet (grid-*.png), every image alone in cells/ "
+    "(with A1111 'parameters' infotext; file names carry seed, size, CFG and steps), and grid.json, from which "
+    "`tunelab grid --from grid.json` renders the same grid again.\n\n"
+    "Example (the field's evaluation): tunelab grid base.safetensors step-10000.safetensors last.safetensors "
+    "--tokenizers ./sdxl -p 'man with car' -p '(1boy:0), \\[astolfo]' --y 'seed: 460372993, 744089893' "
+    "--sampler 'DDIM CFG++' --cfg 6 --steps 48 --width 1024 --height 1024 --pag-scale 1 --seg-scale 3 "
+    "--hires-scale 1.5 --hires-denoise 0.7 --vae sdxl-vae-fp16-fix.safetensors --out grids/run1"
+)
+
+
+@app.command("grid", help=_GRID_HELP)
 def grid(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to compare (the X axis).")],
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints: .safetensors files or diffusers folders.", show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line (# comments).")] = None,
+    empty_prompt: Annotated[bool, typer.Option("--empty-prompt", help="Add the empty prompt (unconditional generation).")] = False,
+    from_index: Annotated[Optional[Path], typer.Option(help="Draw prompts at random (seeded by --seed) from this dataset index.")] = None,
+    n_prompts: Annotated[int, typer.Option(help="How many prompts to draw from --from-index.")] = 4,
+    prompt_field: Annotated[str, typer.Option(help="What to draw from the index: tags, caption, or training (the trainer's default caption mode).")] = "tags",
+    index_split: Annotated[Optional[str], typer.Option(help="Draw only from this split of the index, e.g. holdout.")] = None,
+    negative: Annotated[str, typer.Option(help="Negative prompt (A1111 syntax).")] = "",
+    uncond: Annotated[str, typer.Option(help="Unconditional branch when the negative prompt is empty: 'empty' (encode the empty string, as A1111) or 'zeros' (all-zero embeddings).")] = "empty",
+    x: Annotated[Optional[str], typer.Option("--x", help="X axis, e.g. 'seed: 1-4' (default: the checkpoints).")] = None,
+    y: Annotated[Optional[str], typer.Option("--y", help="Y axis, e.g. 'cfg: 3, 4.5, 6'.")] = None,
+    z: Annotated[Optional[str], typer.Option("--z", help="Z axis: one sheet per value, e.g. 'sampler: Euler, DDIM CFG++'.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every cell (unless seed is on an axis).")] = 460372993,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
+    cfg: Annotated[float, typer.Option(help="CFG scale (for CFG++ samplers, A1111's scale: 6 means lambda 0.48).")] = 5.0,
+    sampler: Annotated[str, typer.Option(help="A1111 sampler name.")] = "Euler",
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's resolution).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's resolution).")] = None,
+    clip_skip: Annotated[int, typer.Option(help="Text-encoder layer from the end (2 = SDXL's native penultimate layer).")] = 2,
+    pag_scale: Annotated[float, typer.Option(help="Perturbed-attention guidance scale (0 = off; the field uses 1).")] = 0.0,
+    pag_layers: Annotated[str, typer.Option(help="Self-attention layers PAG perturbs: mid, down.N, up.N, up.N.M (comma-separated).")] = "mid",
+    seg_scale: Annotated[float, typer.Option(help="Smoothed-energy guidance scale (0 = off; the paper uses 3).")] = 0.0,
+    seg_sigma: Annotated[float, typer.Option(help="SEG blur sigma in latent pixels (the field uses 11; inf = uniform attention).")] = 11.0,
+    freeu: Annotated[bool, typer.Option(help="FreeU with SDXL's values (b1 1.3, b2 1.4, s1 0.9, s2 0.2).")] = False,
+    hires_scale: Annotated[float, typer.Option(help="Hires fix upscale (1 = off; the field uses 1.5).")] = 1.0,
+    hires_denoise: Annotated[float, typer.Option(help="Hires fix denoising strength.")] = 0.7,
+    hires_steps: Annotated[int, typer.Option(help="Hires schedule length (0 = --steps); about steps x denoise of them run.")] = 0,
+    hires_upscaler: Annotated[str, typer.Option(help="latent (A1111's 'Latent', bilinear) or lanczos (decode, resize, re-encode).")] = "latent",
+    guidance_rescale: Annotated[Optional[float], typer.Option(help="CFG rescale phi (default: 0.7 for zero-terminal-SNR models, else 0).")] = None,
+    max_chunks: Annotated[int, typer.Option(help="75-token chunks a prompt may use (3 = 225 tokens).")] = 3,
+    vae: Annotated[Optional[Path], typer.Option(help="VAE override: a VAE .safetensors (e.g. sdxl-vae-fp16-fix), a checkpoint, or a diffusers VAE folder.")] = None,
+    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/ (needed for sdxl; toy models use 'toy').")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    image_format: Annotated[str, typer.Option("--format", help="png (infotext in a text chunk) or jpg (in EXIF UserComment).")] = "png",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("grid"),
+    from_json: Annotated[Optional[Path], typer.Option("--from", help="Render again from a grid.json sidecar (other options are ignored except --out/--device).")] = None,
 ) -> None:
-    """Render X/Y/Z image grids (checkpoints x prompts x seeds) with A1111 samplers, CFG++, PAG, SEG."""
-    _not_yet("grid", "sampling and X/Y/Z grids")
+    from tunelab.sample.grid import Axis, GridSpec, render_grid
+    from tunelab.sample.pipeline import SampleSettings
+    from tunelab.sample.prompts import gather_prompts
+
+    if from_json is not None:
+        spec = GridSpec.from_json(from_json)
+        spec.device = device if device != "auto" else spec.device
+    else:
+        prompts = gather_prompts(prompt or [], prompts_file, empty_prompt, from_index, n_prompts, prompt_field, seed, index_split)
+        base = SampleSettings(
+            prompt=prompts[0] if prompts else "", negative=negative, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+            width=width, height=height, clip_skip=clip_skip, pag_scale=pag_scale, pag_layers=pag_layers,
+            seg_scale=seg_scale, seg_sigma=seg_sigma, freeu=freeu, hires_scale=hires_scale, hires_denoise=hires_denoise,
+            hires_steps=hires_steps, hires_upscaler=hires_upscaler, guidance_rescale=guidance_rescale, uncond=uncond,
+            max_chunks=max_chunks)
+        spec = GridSpec(base=base, checkpoints=[str(c) for c in checkpoints or []], prompts=prompts,
+                        x=Axis.parse(x) if x else None, y=Axis.parse(y) if y else None, z=Axis.parse(z) if z else None,
+                        vae=str(vae) if vae else None, dtype=dtype, device=device, tokenizers=tokenizers,
+                        image_format=image_format)
+    result = render_grid(spec, out, progress=True)
+    typer.echo(f"wrote {len(result.cells)} images ({result.loads} checkpoint load(s)) to {result.out_dir}")
+    for sheet in result.sheets:
+        typer.echo(f"  sheet {sheet}")
+    typer.echo(f"  sidecar {result.sidecar}")
 
 
 @app.command("probe")

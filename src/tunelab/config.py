@@ -43,7 +43,8 @@ class RunSection(_Section):
 class ModelSection(_Section):
     base: str = Field("toy", description="Base checkpoint (.safetensors SGM file or diffusers folder), or 'toy' for a fresh toy model.")
     arch: Literal["auto", "sdxl", "toy"] = Field("auto", description="Architecture; 'auto' reads it from the checkpoint.")
-    tokenizers: str = Field("toy", description="Folder with tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), 'toy', or 'hub' (explicit download).")
+    tokenizers: str = Field("toy", description="Folder with tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), 'toy', or 'hub' (needs allow_download).")
+    allow_download: bool = Field(False, description="Allow fetching SDXL's tokenizers from the Hugging Face hub once (cached) when tokenizers = 'hub'. Off: nothing is ever downloaded.")
     max_chunks: int = Field(1, ge=1, le=8, description="75-token windows per prompt (1 = classic 77 tokens, 3 = 225). Longer prompts are truncated and counted.")
     clip_skip: int = Field(2, ge=1, le=12, description="Which text-encoder layer conditions the UNet, counted from the end; 2 = SDXL's penultimate (keep it).")
 
@@ -60,7 +61,7 @@ class PartsSection(_Section):
     unet: Literal["full", "unet63", "unet68", "unet71"] = Field("full", description="Which UNet parts train: full, or the field's partial presets (63/68/71 % of the parameters).")
     unet_include: list[str] = Field(default_factory=list, description="Extra SGM name patterns (fnmatch, e.g. 'output_blocks.*.1.*') to train.")
     unet_exclude: list[str] = Field(default_factory=list, description="SGM name patterns to freeze, applied after the preset and includes.")
-    block_lrs: list[float] = Field(default_factory=list, description="kohya-style 23 UNet block LR multipliers (BASE, IN00-08, MID, OUT00-08, OUT); 0 freezes a block. Empty = off.")
+    block_lrs: list[float] = Field(default_factory=list, description="kohya-style 23 UNet block LR multipliers (BASE, IN00-08, MID00-02, OUT00-08, OUT); 0 freezes a block. Empty = off.")
 
 
 class TrainSection(_Section):
@@ -227,7 +228,7 @@ def _objective(c: RunConfig) -> str | None:
 def _block_lrs(c: RunConfig) -> str | None:
     n = len(c.train.parts.block_lrs)
     if n not in (0, 23):
-        return f"train.parts.block_lrs needs 23 values (BASE, IN00-08, MID, OUT00-08, OUT) or none, got {n}"
+        return f"train.parts.block_lrs needs 23 values (BASE, IN00-08, MID00-02, OUT00-08, OUT) or none, got {n}"
     return None
 
 

@@ -36,6 +36,7 @@ def preview_prompts(
     epoch: int = 0,
     tokenizers: str | Path = "toy",
     max_chunks: int = 1,
+    allow_download: bool = False,
 ) -> list[PromptPreview]:
     """`n` rows chosen with `seed`, their prompts for `epoch`, and the token counts."""
     from tunelab.models.text import chunks_needed, count_tokens, load_tokenizers
@@ -44,7 +45,7 @@ def preview_prompts(
     rows = np.sort(np.random.default_rng(seed).choice(len(table), size=min(n, len(table)), replace=False))
     recs = table.records(rows)
     prompts = [prompt_for(r["tags"], r["caption"], captions, seed, epoch, int(row)) for r, row in zip(recs, rows)]
-    tok1, tok2 = load_tokenizers(tokenizers)
+    tok1, tok2 = load_tokenizers(tokenizers, allow_download=allow_download)
     n1, n2 = count_tokens(tok1, prompts), count_tokens(tok2, prompts)
     out = []
     for rec, prompt, a, b in zip(recs, prompts, n1, n2):

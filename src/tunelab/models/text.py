@@ -141,7 +141,7 @@ def load_tokenizers(source: str | Path, allow_download: bool = False) -> tuple[A
             raise TunelabError(
                 "SDXL tokenizers are not bundled; point `model.tokenizers` at a local folder with "
                 "tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), or allow the one-time hub "
-                "download explicitly (--allow-download)"
+                "download explicitly (model.allow_download = true in the run file, or --allow-download)"
             )
         return tuple(CLIPTokenizer.from_pretrained(SDXL_HUB_REPO, subfolder=s) for s in ("tokenizer", "tokenizer_2"))
     root = Path(source)

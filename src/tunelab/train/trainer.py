@@ -54,7 +54,6 @@ class Setup:
     sampler: Any = None
     loader: Any = None
     objective: Any = None
-    loss_fn: Any = None
     optimizer: Any = None
     lr_scheduler: Any = None
     trainable: list = field(default_factory=list)  # wrapped modules that train
@@ -116,7 +115,7 @@ def _setup(cfg: RunConfig, allow_change: bool, init_from, dry_run: bool) -> Setu
     comps, toks = _load_model(cfg, init_from, meta=dry_run)
     from tunelab.train.parts import select_trainable
 
-    plan = select_trainable(comps, cfg.train.parts)  # 5: requires_grad set; frozen params out of every group
+    plan = select_trainable(comps, cfg.train.parts, cfg.optim)  # 5: requires_grad set; frozen params out of every group
     s = Setup(cfg, acc, run, cfg.accumulation_for(world), comps, toks, plan, resume=resume)
     _data(s, world)
     if dry_run:
@@ -145,7 +144,8 @@ def _load_model(cfg: RunConfig, init_from, meta: bool):
         comps = build_components(arch, device="meta")
     else:
         comps = load_checkpoint(source, arch=arch, dtype=torch.float32)
-    toks = load_tokenizers(cfg.model.tokenizers) if not meta or cfg.model.tokenizers == "toy" else (None, None)
+    toks = (load_tokenizers(cfg.model.tokenizers, allow_download=cfg.model.allow_download)
+            if not meta or cfg.model.tokenizers == "toy" else (None, None))
     return comps, toks
 
 
@@ -181,17 +181,19 @@ def _data(s: Setup, world: int) -> None:
 
 def _prepare(s: Setup) -> None:
     """6-8: optimizer and schedule from trainable groups; wrap trainable modules; checkpoint hooks."""
-    from tunelab.train.losses import build_loss
-    from tunelab.train.objectives import build_objective
+    from tunelab.models.arch import load_arch
+    from tunelab.train.objectives import Objective
     from tunelab.train.optim import build_optimizer, build_scheduler
 
     cfg, acc, comps = s.cfg, s.accelerator, s.comps
     weight_dtype = torch.bfloat16 if cfg.train.full_bf16 else torch.float32
     for name, module in comps.modules().items():
-        module.to(acc.device)
         trains = any(p.requires_grad for p in module.parameters())
         # Frozen modules may live in the autocast dtype to save memory; trained ones in weight_dtype.
-        module.to(dtype=weight_dtype if trains or acc.mixed_precision == "no" else _autocast_dtype(acc))
+        dtype = weight_dtype if trains or acc.mixed_precision == "no" else _autocast_dtype(acc)
+        if next(module.parameters()).dtype != dtype:  # (diffusers warns on every dtype cast)
+            module.to(dtype=dtype)
+        module.to(acc.device)
         module.train(trains)
         if trains and cfg.train.gradient_checkpointing:
             _enable_checkpointing(module)
@@ -204,8 +206,7 @@ def _prepare(s: Setup) -> None:
     acc.register_for_checkpointing(s.lr_scheduler)
     if cfg.train.compile and "unet" in s.wrapped:
         s.wrapped["unet"] = torch.compile(s.wrapped["unet"])
-    s.objective = build_objective(cfg.objective, comps.arch, device=acc.device)
-    s.loss_fn = build_loss(cfg.loss, cfg.objective)
+    s.objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset)
 
 
 def _autocast_dtype(acc) -> torch.dtype:
@@ -251,7 +252,7 @@ def _bucket_line(s: Setup) -> str:
     import numpy as np
 
     ids = s.index.bucket_ids()[s.sampler.rows]
-    buckets = s.index.buckets()
+    buckets = s.index.buckets
     counts = np.bincount(ids, minlength=len(buckets))
     used = [(int(c), tuple(buckets[i])) for i, c in enumerate(counts) if c]
     return f"{len(used)} buckets: " + ", ".join(f"{w}x{h} {c}" for c, (w, h) in sorted(used, reverse=True)[:6])
@@ -377,6 +378,7 @@ def _clip(s: Setup) -> float:
 
 def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
     from tunelab.models.text import encode_prompts, time_ids
+    from tunelab.train.losses import compute_loss
 
     if batch is None:  # every image of the batch was unreadable (logged to the rejects file)
         return _zero_loss(s)
@@ -394,7 +396,7 @@ def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torc
     unet = s.wrapped.get("unet", comps.unet)
     pred = unet(noisy, timesteps, encoder_hidden_states=cond.context,
                 added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
-    return s.loss_fn(pred.float(), target.float(), timesteps, snr).mean()
+    return compute_loss(pred.float(), target.float(), cfg.loss, cfg.objective.prediction, timesteps, snr).mean()
 
 
 def _batch_seed(seed: int, epoch: int, position: int) -> int:

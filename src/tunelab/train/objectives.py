@@ -1,0 +1,142 @@
+"""Training objectives: noise, timesteps and targets for epsilon, v-prediction and rectified flow.
+
+The noise schedule (betas, and the zero-terminal-SNR rescale) comes from diffusers'
+`DDPMScheduler`, built from the preset's scheduler config, so training uses exactly the
+`alphas_cumprod` that diffusers' samplers use at inference. The few lines that draw noise and
+timesteps and form targets are written here, because the trainer needs every random number to come
+from one explicit `torch.Generator` (exact resume) in a fixed, documented order, and a pure
+`make(latents, noise, timesteps)` that probes call with fixed noise and timesteps.
+
+Formulas (x0 = clean latents, n = noise, a_t = alphas_cumprod[t]):
+
+    epsilon   x_t = sqrt(a_t) x0 + sqrt(1 - a_t) n           target = n
+    v         x_t as epsilon                                 target = sqrt(a_t) n - sqrt(1 - a_t) x0
+              (Salimans & Ho 2022, "Progressive distillation", v = alpha n - sigma x0)
+    SNR       snr_t = a_t / (1 - a_t)
+    zero-terminal SNR (Lin et al. 2023, "Common diffusion noise schedules and sample steps are
+              flawed", Alg. 1): shift sqrt(a) so the last is 0 and rescale so the first is unchanged;
+              then a_T = 0, snr_T = 0 (pure noise at the last step; needs v-prediction).
+    flow      (rectified flow, Liu et al. 2022; SD3's training recipe, Esser et al. 2024)
+              t = sigmoid(u), u ~ N(mean, std)              logit-normal timesteps
+              t' = shift t / (1 + (shift - 1) t)            timestep shift (shift > 1 = noisier)
+              x_t = (1 - t') x0 + t' n                       target = n - x0
+              the UNet gets t' * 1000; snr_t = ((1 - t') / t')^2
+
+Noise offset (Guttenberg 2023, "Diffusion with offset noise"): n = N(0, 1) + offset * N(0, 1) of
+shape (B, C, 1, 1), a per-image, per-channel constant shift that lets the model learn very dark and
+bright images.
+
+Random draws, in this order, all from the given generator on the generator's device (so a CPU
+generator gives the same numbers whatever device the latents live on): noise (B, C, H, W); offset
+noise (B, C, 1, 1) only when noise_offset > 0; timesteps (B,) -- randint for epsilon / v, normal
+for flow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+from tunelab.config import ObjectiveSection
+
+log = logging.getLogger(__name__)
+
+FLOW_TIMESTEP_SCALE = 1000.0  # the UNet's timestep embedding expects 0..1000
+
+
+class NoisedBatch(NamedTuple):
+    noisy: torch.Tensor  # (B, C, H, W) x_t, in the latents' dtype: the UNet input
+    timesteps: torch.Tensor  # (B,) what the UNet gets: long indices (eps / v) or float t * 1000 (flow)
+    target: torch.Tensor  # (B, C, H, W) float32: what the UNet output is compared with
+    snr: torch.Tensor  # (B,) float32 signal-to-noise ratio of each sample (min-SNR, huber 'snr')
+
+
+def alphas_cumprod(scheduler: Mapping[str, Any], zero_terminal_snr: bool = False) -> torch.Tensor:
+    """(T,) float32 alphas_cumprod of a diffusers scheduler config, optionally rescaled to zero SNR."""
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(
+        num_train_timesteps=scheduler["num_train_timesteps"],
+        beta_start=scheduler["beta_start"],
+        beta_end=scheduler["beta_end"],
+        beta_schedule=scheduler["beta_schedule"],
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
+    return ddpm.alphas_cumprod.clone()
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow timestep shift t' = shift t / (1 + (shift - 1) t); shift 1 is the identity."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    # drawn in float32 on the generator's device: the numbers do not depend on the latents' device/dtype
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+class Objective:
+    """One objective (`epsilon`, `v`, `flow`) over a fixed noise schedule; holds no model."""
+
+    def __init__(self, prediction: str, alphas_cumprod: torch.Tensor, noise_offset: float = 0.0,
+                 flow_logit_mean: float = 0.0, flow_logit_std: float = 1.0, flow_shift: float = 1.0) -> None:
+        if prediction not in ("epsilon", "v", "flow"):
+            raise ValueError(f"prediction must be 'epsilon', 'v' or 'flow', got {prediction!r}")
+        self.prediction = prediction
+        self.alphas_cumprod = alphas_cumprod.to(torch.float32)  # (T,)
+        self.num_train_timesteps = len(alphas_cumprod)
+        self.noise_offset = noise_offset
+        self.flow_logit_mean, self.flow_logit_std, self.flow_shift = flow_logit_mean, flow_logit_std, flow_shift
+
+    @classmethod
+    def from_config(cls, objective: ObjectiveSection, scheduler: Mapping[str, Any], noise_offset: float = 0.0) -> "Objective":
+        """Build from the run file's [objective] section and `load_arch(arch).scheduler`."""
+        ac = alphas_cumprod(scheduler, objective.zero_terminal_snr)
+        return cls(objective.prediction, ac, noise_offset, objective.flow_logit_mean,
+                   objective.flow_logit_std, objective.flow_shift)
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B,) SNR of UNet timesteps (indices for eps / v, t * 1000 for flow)."""
+        if self.prediction == "flow":
+            t = timesteps.float() / FLOW_TIMESTEP_SCALE
+            return ((1 - t) / t) ** 2
+        a = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+        return a / (1 - a)
+
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, C, H, W) float32 noise on the latents' device, with the noise offset added."""
+        b, c = latents.shape[:2]
+        noise = _randn(tuple(latents.shape), generator)
+        if self.noise_offset > 0:
+            noise = noise + self.noise_offset * _randn((b, c, 1, 1), generator)
+        return noise.to(latents.device)
+
+    def draw_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(B,) UNet timesteps on the generator's device: long in [0, T) or float t' * 1000 in (0, 1000)."""
+        if self.prediction == "flow":
+            u = _randn((batch,), generator) * self.flow_logit_std + self.flow_logit_mean
+            t = shift_timesteps(torch.sigmoid(u), self.flow_shift)
+            return t * FLOW_TIMESTEP_SCALE
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=generator.device)
+
+    def make(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
+        """The noisy input and target for given noise and timesteps (pure; probes use it directly)."""
+        timesteps = timesteps.to(latents.device)
+        x0, n = latents.float(), noise.to(latents.device, torch.float32)
+        if self.prediction == "flow":
+            t = (timesteps.float() / FLOW_TIMESTEP_SCALE).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            noisy, target = (1 - t) * x0 + t * n, n - x0
+        else:
+            a = self.alphas_cumprod.to(latents.device)[timesteps.long()].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            alpha, sigma = a.sqrt(), (1 - a).sqrt()
+            noisy = alpha * x0 + sigma * n
+            target = n if self.prediction == "epsilon" else alpha * n - sigma * x0
+        return NoisedBatch(noisy.to(latents.dtype), timesteps, target, self.snr(timesteps))
+
+    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
+        """Draw noise and timesteps from `generator` (order: module docstring) and form the batch."""
+        noise = self.draw_noise(latents, generator)
+        timesteps = self.draw_timesteps(latents.shape[0], generator)
+        return self.make(latents, noise, timesteps)

@@ -1,0 +1,162 @@
+"""Optimizers and learning-rate schedules, one named parameter group per trained part.
+
+Reused: torch's AdamW, bitsandbytes' AdamW8bit (when installed and CUDA is present), transformers'
+Adafactor, torch's LambdaLR. Hand-written: Lion (Chen et al. 2023, "Symbolic Discovery of
+Optimization Algorithms"; no package for it is installed), and the four schedule multipliers
+(below), so they are plain picklable objects whose state resumes exactly.
+
+Parameter groups carry a `name`: `unet`, `text_encoder_1`, `text_encoder_2`, or `unet/IN04`-style
+names when block LRs are on (`unet/BASE`, `unet/IN00`.., `unet/MID00`.., `unet/OUT00`.., `unet/OUT`;
+lr = lr_unet x the block's multiplier). Only trainable parameters are handed over (the plan from
+`tunelab.train.parts.select_trainable` holds nothing else). The trainer logs `lr/<name>` per group
+(`group_lrs`).
+
+Schedules (multiplier of each group's base lr at optimizer step s, W = warmup_steps, N = total
+steps), the definitions transformers / diffusers use, so runs compare with the field's:
+
+    constant              1
+    constant_with_warmup  s / W for s < W, then 1
+    cosine                s / W for s < W, then 0.5 (1 + cos(pi p)), p = (s - W) / (N - W)
+    linear                s / W for s < W, then (N - s) / (N - W), floored at 0
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from tunelab.config import OptimSection
+from tunelab.errors import TunelabError
+from tunelab.train.parts import TrainablePlan
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(plan: TrainablePlan, optim: OptimSection) -> list[dict]:
+    """Named torch parameter groups with their base learning rates (empty parts left out)."""
+    groups = []
+    if plan.unet_blocks:
+        for block, params in plan.unet_blocks.items():
+            groups.append({"name": f"unet/{block}", "params": params, "lr": optim.lr_unet * plan.block_multipliers[block]})
+    elif plan.param_groups["unet"]:
+        groups.append({"name": "unet", "params": plan.param_groups["unet"], "lr": optim.lr_unet})
+    for te in ("text_encoder_1", "text_encoder_2"):
+        if plan.param_groups[te]:
+            groups.append({"name": te, "params": plan.param_groups[te], "lr": getattr(optim, f"lr_{te}")})
+    for g in groups:
+        if g["lr"] == 0:
+            log.warning("parameter group %s has learning rate 0: it will not move (weight decay scales with lr)", g["name"])
+    if not groups:
+        raise TunelabError("nothing trains: every parameter is frozen; check train.parts (text_encoder, unet, "
+                           "unet_exclude, block_lrs) and the optim.lr_* settings")
+    return groups
+
+
+def build_optimizer(plan: TrainablePlan, optim: OptimSection) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name` over the plan's trainable parameters."""
+    groups = param_groups(plan, optim)
+    lr = groups[0]["lr"]  # every group sets its own lr; this is only the constructor default
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "adamw8bit":
+        return _adamw8bit(groups, optim)
+    if optim.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # relative_step=False and scale_parameter=False: the given lr is the step size, as with the
+        # other optimizers (Adafactor's own relative step would ignore lr and the schedule).
+        return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=optim.weight_decay)
+    if optim.name == "lion":
+        return Lion(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    raise TunelabError(f"optim.name = {optim.name!r} is unknown; choose adamw, adamw8bit, adafactor or lion")
+
+
+def _adamw8bit(groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunelabError("optim.name = 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes) and a "
+                           "CUDA GPU; install it, or set optim.name = 'adamw' (or 'adafactor' for less optimizer memory)")
+    if not torch.cuda.is_available():
+        raise TunelabError("optim.name = 'adamw8bit' needs a CUDA GPU (bitsandbytes' 8-bit states live on it) and none "
+                           "is available; set optim.name = 'adamw' (or 'adafactor' for less optimizer memory)")
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=optim.betas, eps=optim.eps,
+                               weight_decay=optim.weight_decay)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, Algorithm 2), with decoupled weight decay:
+
+        u = sign(beta1 m + (1 - beta1) g)
+        p = p (1 - lr wd) - lr u
+        m = beta2 m + (1 - beta2) g
+
+    One state tensor per parameter (`exp_avg` = m), so it needs half of AdamW's optimizer memory.
+    Lion wants a 3-10x smaller lr and 3-10x larger weight decay than AdamW.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
+            raise ValueError(f"Lion needs lr >= 0, 0 <= betas < 1, weight_decay >= 0; got {lr}, {betas}, {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = (beta1 * m + (1 - beta1) * p.grad).sign_()
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+@dataclass
+class ScheduleMultiplier:
+    """LR multiplier at optimizer step s (module docstring); a plain object so LambdaLR saves its state."""
+
+    kind: str
+    warmup_steps: int = 0
+    total_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        if self.kind == "constant_with_warmup":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if self.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        raise TunelabError(f"optim.schedule = {self.kind!r} is unknown; choose constant, constant_with_warmup, cosine or linear")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over every group; call `.step()` once per optimizer step."""
+    if optim.schedule in ("cosine", "linear") and total_steps <= optim.warmup_steps:
+        raise TunelabError(f"optim.schedule = {optim.schedule!r} decays after optim.warmup_steps = {optim.warmup_steps}, "
+                           f"but the run has only {total_steps} optimizer steps; lower warmup_steps or train longer")
+    fn = ScheduleMultiplier(optim.schedule, optim.warmup_steps, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{group name: current lr} for logging as `lr/<name>`."""
+    return {g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)}
