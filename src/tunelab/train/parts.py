@@ -181,9 +181,13 @@ def _unet_trainable(rel_keys: list[str], parts: PartsSection) -> dict[str, bool]
     return train
 
 
-def _te1_unused(sgm: str, n_layers: int) -> bool:
-    """TE1's last layer and final norm: not on the penultimate-state path SDXL conditions on."""
-    return sgm.startswith((f"{TE1}text_model.encoder.layers.{n_layers - 1}.", f"{TE1}text_model.final_layer_norm."))
+def _te1_unused(sgm: str, n_layers: int, clip_skip: int = 2) -> bool:
+    """TE1 layers after the one the UNet reads (hidden state -clip_skip; 2 = penultimate, SDXL's
+    choice, leaving only the last layer unused) and its final norm get no gradient."""
+    if sgm.startswith(f"{TE1}text_model.final_layer_norm."):
+        return True
+    unused = range(n_layers - clip_skip + 1, n_layers)
+    return any(sgm.startswith(f"{TE1}text_model.encoder.layers.{i}.") for i in unused)
 
 
 def _component_on(component: str, parts: PartsSection, optim: OptimSection | None) -> bool:
@@ -201,7 +205,7 @@ def _component_on(component: str, parts: PartsSection, optim: OptimSection | Non
 
 
 def _decide(components: Components, parts: PartsSection, optim: OptimSection | None,
-            keys: dict[str, dict[str, str]]) -> dict[str, dict[str, bool]]:
+            keys: dict[str, dict[str, str]], clip_skip: int = 2) -> dict[str, dict[str, bool]]:
     """component -> {module param name: trains}, steps 1-6 of the module docstring."""
     unet_rel = sorted({sgm[len(UNET):] for sgm in keys["unet"].values()})
     unet_train = _unet_trainable(unet_rel, parts)
@@ -213,13 +217,14 @@ def _decide(components: Components, parts: PartsSection, optim: OptimSection | N
         if comp == "unet":
             decided[comp] = {n: on and unet_train[s[len(UNET):]] for n, s in names.items()}
         elif comp == "text_encoder_1":
-            decided[comp] = {n: on and not _te1_unused(s, te1_layers) for n, s in names.items()}
+            decided[comp] = {n: on and not _te1_unused(s, te1_layers, clip_skip) for n, s in names.items()}
         else:
             decided[comp] = dict.fromkeys(names, on)
     return decided
 
 
-def select_trainable(components: Components, parts: PartsSection, optim: OptimSection | None = None) -> TrainablePlan:
+def select_trainable(components: Components, parts: PartsSection, optim: OptimSection | None = None,
+                     clip_skip: int = 2) -> TrainablePlan:
     """Set `requires_grad` on every parameter of the four modules and return what trains.
 
     Call it before wrapping the modules for distribution (DDP buckets only the parameters that
@@ -227,7 +232,7 @@ def select_trainable(components: Components, parts: PartsSection, optim: OptimSe
     Pass `optim` to keep an encoder whose learning rate is 0 frozen.
     """
     keys = _param_keys(components)
-    decided = _decide(components, parts, optim, keys)
+    decided = _decide(components, parts, optim, keys, clip_skip)
     plan = TrainablePlan(components={}, param_groups={c: [] for c in TRAINABLE_COMPONENTS})
     modules = components.modules()
     for comp in ALL_COMPONENTS:  # banner order: unet, text_encoder_1, text_encoder_2, vae

