@@ -235,9 +235,15 @@ class Conditioning:
     truncated: list[int]  # per prompt, the larger of the two tokenizers' counts
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / compile wrapper (for its config); calls still go through the wrapper."""
+    return getattr(module, "module", getattr(module, "_orig_mod", module))
+
+
 def _encode_chunks(encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, Any]:
     b, c, t = ids.shape  # (B, chunks, 77)
-    out = encoder(ids.reshape(b * c, t).to(encoder.device), output_hidden_states=True)
+    device = next(encoder.parameters()).device
+    out = encoder(ids.reshape(b * c, t).to(device), output_hidden_states=True)
     # hidden_states[-1] is the last layer's output *before* final_layer_norm; -2 the penultimate.
     hidden = out.hidden_states[-clip_skip]  # (B*chunks, 77, D)
     return hidden.reshape(b, c * t, hidden.shape[-1]), out
@@ -252,7 +258,7 @@ def encode_prompts(
     n_chunks: int | None = None,
 ) -> Conditioning:
     """SDXL conditioning for a batch of prompts (see the module docstring for the layout)."""
-    n_layers = min(e.config.num_hidden_layers for e in encoders)
+    n_layers = min(_unwrap(e).config.num_hidden_layers for e in encoders)
     if not 1 <= clip_skip <= n_layers:
         raise TunelabError(f"clip_skip must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {clip_skip}")
     tok1 = tokenize(tokenizers[0], prompts, max_chunks, n_chunks)

@@ -91,7 +91,8 @@ def _accelerator(cfg: RunConfig):
     mp = cfg.train.mixed_precision
     if mp != "no" and not torch.cuda.is_available() and mp == "fp16":
         raise TunelabError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
-    acc = Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False)
+    # cpu=True without CUDA: several processes then form a gloo group (DDP on the CPU).
+    acc = Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
     set_seed(cfg.run.seed + acc.process_index)  # global RNGs; the math below uses explicit generators
     return acc
 
