@@ -120,13 +120,18 @@ class LogSection(_Section):
     every_n_steps: int = Field(1, ge=1, description="Write scalars every N optimizer steps.")
 
 
-class SampleSection(_Section):
-    prompts: list[str] = Field(default_factory=list, description="Prompts to render during training (empty = no sampling).")
-    seeds: list[int] = Field(default_factory=lambda: [460372993], description="Fixed seeds, one image per prompt and seed.")
-    every_n_steps: int = Field(0, ge=0, description="Render every N optimizer steps; 0 = only at the end.")
-    steps: int = Field(28, ge=1, description="Sampler steps.")
-    cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale.")
-    sampler: str = Field("Euler", description="A1111 sampler name (Euler, Euler a, DDIM, DPM++ 2M, ...).")
+class GridSection(_Section):
+    """Image grids rendered from the live weights during training (prompts across, seeds down)."""
+
+    prompts: list[str] = Field(default_factory=list, description="Prompts to render during training (empty = no grids). A1111 syntax: (word:1.2), [word], BREAK.")
+    negative: str = Field("", description="Negative prompt for every cell.")
+    seeds: list[int] = Field(default_factory=lambda: [460372993], description="Fixed seeds, one row per seed (the field's seed bank: 460372993, 744089893, 3033572388, ...).")
+    every_n_steps: int = Field(0, ge=0, description="Render every N optimizer steps; 0 = only at the end of training.")
+    steps: int = Field(28, ge=1, description="Sampler steps per image.")
+    cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale (CFG++ samplers: A1111 convention, divided by 12.5).")
+    sampler: str = Field("Euler", description="A1111 sampler name: Euler, Euler a, DDIM, DDIM CFG++, Euler CFG++, DPM++ 2M, DPM++ 2M Karras, UniPC.")
+    pag_scale: float = Field(0.0, ge=0.0, description="Perturbed-attention guidance scale (the field uses 1); 0 = off.")
+    seg_scale: float = Field(0.0, ge=0.0, description="Smoothed-energy guidance scale; 0 = off.")
 
 
 class RunConfig(_Section):
@@ -139,7 +144,7 @@ class RunConfig(_Section):
     loss: LossSection = Field(default_factory=LossSection)
     save: SaveSection = Field(default_factory=SaveSection)
     log: LogSection = Field(default_factory=LogSection)
-    sample: SampleSection = Field(default_factory=SampleSection)
+    grid: GridSection = Field(default_factory=GridSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":

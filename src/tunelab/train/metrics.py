@@ -49,6 +49,16 @@ class MetricsLogger:
             self.rows["value"].append(float(value))
             self.rows["wall_time"].append(now)
 
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        """An image file (a grid sheet) into tensorboard; its path is recorded in the table too."""
+        if not self.enabled:
+            return
+        import numpy as np
+        from PIL import Image
+
+        self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        self.log(step, {f"{tag}/rendered": 1.0})
+
     def flush(self) -> None:
         """Write the Parquet mirror (atomically) and flush tensorboard."""
         if not self.enabled:

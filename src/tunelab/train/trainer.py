@@ -330,6 +330,8 @@ def _loop(s: Setup) -> TrainResult:
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.2f}", epoch=epoch)
         saved = _maybe_save(s, step, epoch, position, skipped, metrics, eff, epoch_ended=position == 0)
         last_ckpt = saved or last_ckpt
+        if cfg.grid.every_n_steps and step % cfg.grid.every_n_steps == 0 and step < s.total_steps:
+            _render_grid(s, step, metrics)
     bar.close()
     last_ckpt = _finish(s, step, epoch, position, skipped, metrics, eff) or last_ckpt
     return TrainResult(step, step * eff, last_ckpt, skipped)
@@ -451,6 +453,26 @@ def _nonfinite_guard(s: Setup, streak: int, skipped: int) -> None:
 # --- saving ----------------------------------------------------------------------------------------------
 
 
+def _render_grid(s: Setup, step: int, metrics) -> None:
+    """[grid]: prompts across, seeds down, from the live weights (rank 0; the others wait)."""
+    g, acc = s.cfg.grid, s.accelerator
+    if not g.prompts:
+        return
+    if acc.is_main_process:
+        from tunelab.sample.grid import Axis, GridSpec, render_grid_from_components
+        from tunelab.sample.pipeline import SampleSettings
+
+        base = SampleSettings(negative=g.negative, steps=g.steps, cfg=g.cfg, sampler=g.sampler,
+                              clip_skip=s.cfg.model.clip_skip, pag_scale=g.pag_scale, seg_scale=g.seg_scale,
+                              max_chunks=s.cfg.model.max_chunks, seed=g.seeds[0])
+        spec = GridSpec(base=base, prompts=list(g.prompts), x=Axis("prompt", list(g.prompts)),
+                        y=Axis("seed", list(g.seeds)) if len(g.seeds) > 1 else None)
+        result = render_grid_from_components(s.comps, s.tokenizers, spec, s.run.samples, step)
+        metrics.log_image("grid", result.grid, step)
+        log.info("grid at step %d: %s", step, result.grid)
+    acc.wait_for_everyone()
+
+
 def _training_info(s: Setup, step: int, epoch: int, eff: int) -> dict[str, Any]:
     o = s.cfg.optim
     return {"steps": step, "epoch": epoch, "effective_batch": eff, "learning_rate": o.lr_unet,
@@ -476,6 +498,7 @@ def _maybe_save(s: Setup, step: int, epoch: int, position: int, skipped: int, me
 def _finish(s: Setup, step: int, epoch: int, position: int, skipped: int, metrics, eff: int) -> Path | None:
     path = _write_checkpoint(s, "last", step, epoch, eff)
     _write_state(s, step, epoch, position, skipped, eff)
+    _render_grid(s, step, metrics)
     metrics.close()
     if s.accelerator.is_main_process:
         log.info("done: %d steps, %d samples; checkpoint %s", step, step * eff, path)

@@ -1,0 +1,137 @@
+"""Plots of a drift report (the JSON document of `tunelab.analyze.weights.report`).
+
+- `trajectory.png`: distance of every model from the first, in command-line order, one line per
+  component; absolute L2 on the left, relative change on the right (components differ by orders
+  of magnitude in size, so the relative panel is the one to compare them on; log scale).
+- `heatmap_<group>.png`: the N x N distance matrix of each component and of `all`.
+- `blocks_<a>_vs_<b>.png`: L2 and relative change per UNet block for one pair.
+
+Uses matplotlib's object API (`Figure`, no pyplot): no global state, no GUI backend, safe in
+worker threads and on headless machines.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+COLORS = {"te0": "tab:orange", "te1": "tab:red", "unet": "tab:blue", "vae": "tab:green",
+          "other": "tab:gray", "all": "black"}
+MAX_ANNOTATED = 12  # cell values are written into heatmaps up to this many models
+
+
+def _short(name: str, width: int = 28) -> str:
+    """File names can be long; keep the end, where step numbers and suffixes live."""
+    name = name.removesuffix(".safetensors")
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _array(m: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
+
+
+def write_plots(doc: dict, out: Path, pair: tuple[int, int]) -> list[Path]:
+    """Draw every plot into `out`; returns the files written."""
+    written = [plot_trajectory(doc, out / "trajectory.png")]
+    for name in doc["dm"]:
+        written.append(plot_heatmap(doc, name, out / f"heatmap_{name}.png"))
+    if doc["blocks"]:
+        a, b = pair
+        written.append(plot_blocks(doc, pair, out / f"blocks_{a}_vs_{b}.png"))
+    else:
+        log.info("drift: no UNet tensors, so no per-block chart")
+    return written
+
+
+def plot_trajectory(doc: dict, path: Path) -> Path:
+    models = doc["ml"]
+    x = np.arange(len(models))
+    fig = Figure(figsize=(max(9.0, 1.2 * len(models) + 5), 4.8), layout="constrained")
+    ax_abs, ax_rel = fig.subplots(1, 2)
+    for name, m in doc["dm"].items():
+        style = dict(color=COLORS.get(name), marker="o", lw=2.2 if name == "all" else 1.6,
+                     ls="--" if name == "all" else "-", label=name)
+        ax_abs.plot(x, _array(m)[0], **style)
+        rel = _array(doc["relative"]["components"][name])[0]
+        rel[~(rel > 0)] = np.nan  # zero (the start, identical files) cannot sit on a log axis
+        if np.isfinite(rel).any():
+            ax_rel.plot(x, rel, **style)
+    ax_abs.set_title("L2 distance from the first model")
+    ax_abs.set_ylabel("‖θ − θ₀‖")
+    ax_rel.set_title("relative change ‖θ − θ₀‖ / ‖θ₀‖ (zeros not drawn)")
+    ax_rel.set_yscale("log")
+    for ax in (ax_abs, ax_rel):
+        ax.set_xticks(x, [f"[{i}] {_short(m, 18)}" for i, m in enumerate(models)], rotation=30, ha="right",
+                      fontsize=8)
+        ax.grid(alpha=0.3)
+    ax_abs.legend(title="component", fontsize=8)
+    fig.suptitle(f"Weight drift over {len(models)} checkpoints (command-line order)")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_heatmap(doc: dict, name: str, path: Path) -> Path:
+    models = doc["ml"]
+    d = _array(doc["dm"][name])
+    n = len(models)
+    side = max(5.0, 0.7 * n + 3.5)
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="L2 distance")
+    labels = [f"[{i}] {_short(m, 20)}" for i, m in enumerate(models)]
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= MAX_ANNOTATED:
+        top = np.nanmax(d) if np.isfinite(d).any() else 0.0
+        for i in range(n):
+            for j in range(n):
+                v = d[i, j]
+                text = "n/a" if not np.isfinite(v) else f"{v:.3g}"
+                # Dark cells get white text; viridis is dark at the low end.
+                color = "white" if not np.isfinite(v) or v < 0.6 * top else "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_title(f"{name}: pairwise L2 distance")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_blocks(doc: dict, pair: tuple[int, int], path: Path) -> Path:
+    a, b = pair
+    names = list(doc["blocks"])
+    l2 = np.array([_array(doc["blocks"][g])[a, b] for g in names])
+    rel = np.array([_array(doc["relative"]["blocks"][g])[a, b] for g in names])
+    fig = Figure(figsize=(max(9.0, 0.45 * len(names) + 3), 6.4), layout="constrained")
+    ax_abs, ax_rel = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(names))
+    colors = [_block_color(g) for g in names]
+    ax_abs.bar(x, np.nan_to_num(l2), color=colors)
+    ax_abs.set_ylabel("L2 distance")
+    ax_rel.bar(x, np.nan_to_num(rel), color=colors)
+    ax_rel.set_ylabel(f"relative change\n‖Δ‖ / ‖θ[{a}]‖")
+    ax_rel.set_xticks(x, names, rotation=60, fontsize=8)
+    for ax in (ax_abs, ax_rel):
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(bottom=0.0)
+    if not np.nan_to_num(l2).any():
+        ax_abs.text(0.5, 0.5, "identical in every UNet block", transform=ax_abs.transAxes, ha="center", fontsize=12)
+    models = doc["ml"]
+    fig.suptitle(f"UNet blocks: [{a}] {_short(models[a])}  vs  [{b}] {_short(models[b])}")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _block_color(name: str) -> str:
+    """Input, middle and output blocks in three hues, so the U shape reads at a glance."""
+    if name.startswith("IN"):
+        return "tab:blue"
+    if name == "M00":
+        return "tab:purple"
+    if name.startswith("OUT"):
+        return "tab:orange"
+    return "tab:gray"

@@ -1,0 +1,701 @@
+"""Weight drift: how far N checkpoints moved from each other, per component, UNet block and kind.
+
+One pass over the files, key by key. For each key the N tensors (one per file, read straight from
+the file at the header's offsets, never a whole model) are compared through one N x N Gram matrix
+in float64, built chunk by chunk:
+
+    X = [θ_0, θ_1 − θ_0, ..., θ_{N−1} − θ_0]          (θ_0: the first file holding the key)
+    G = X Xᵀ
+    ‖θ_i − θ_j‖² = G_ii + G_jj − 2 G_ij   (i, j ≥ 1; with θ_0 itself: G_jj)
+    ‖θ_i‖²       = G_00 + 2 G_0i + G_ii
+
+so all N(N−1)/2 pair distances cost one read of each file. The Gram of the *differences* (not of
+the raw weights) is what keeps the digits: G_ii + G_jj − 2 G_ij cancels, and its relative error is
+about 1e-16 · (‖θ_i − θ_0‖ / ‖θ_i − θ_j‖)² here, against 1e-16 · (‖θ_i‖ / ‖θ_i − θ_j‖)² for raw
+weights. A finetune moves the weights by ~1e-3 of their norm, so the raw form would lose ~6 more
+digits (tested in tests/analyze/test_drift.py). float64 rather than float32: float32 is ~2.5x
+faster here, but with its 1e-7 the same cancellation becomes visible as soon as two checkpoints are
+much closer to each other than to θ_0 (consecutive steps of a long run).
+
+Why the tensors are read with `os.preadv` and not `safetensors.safe_open`: `safe_open` memory-maps
+the file, and every page it touches stays resident in the process until the file is closed, so the
+peak RSS of a one-pass scan grows to the size of all N files (measured: 2.5 GB peak RSS to scan a
+2 GB file). Reading each tensor into its own buffer keeps memory at the key being compared plus at
+most `READ_AHEAD_BYTES` (512 MiB) of later keys, read ahead on worker threads meanwhile. The
+header is parsed and validated by `tunelab.models.safetensors_io.read_header`.
+
+Everything per tensor reduces to two arrays: `sq` (N x N squared distances, NaN for a pair that
+was not compared) and `norm2` (N squared norms). Group figures are sums of those:
+
+- distance  ‖Δ‖ = sqrt(Σ ‖θ_i − θ_j‖²) over the group's tensors that both models hold;
+- relative  ‖θ_i − θ_j‖ / ‖θ_a‖, a = the one of i, j given first on the command line;
+- cosine_models  cos(θ_i, θ_j) = (‖θ_i‖² + ‖θ_j‖² − ‖θ_i − θ_j‖²) / (2 ‖θ_i‖ ‖θ_j‖) — close to 1
+  for any two finetunes of one base; shown for completeness;
+- cosine_deltas  cos(θ_i − θ_0, θ_j − θ_0), θ_0 = the first model: do two finetunes (or two
+  checkpoints) move the same way from where they started? Undefined (null) in row/column 0.
+
+Keys missing from some files, shape mismatches and non-finite values never stop the scan: the
+affected pairs skip that tensor and the problem is listed. Grouping by component / block / kind
+uses `tunelab.models.blocks`. Written by hand: no library computes streaming pairwise distances
+over safetensors files.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tunelab.errors import TunelabError
+from tunelab.models import blocks
+from tunelab.models.safetensors_io import DTYPES, Header, TensorInfo, read_header
+
+log = logging.getLogger(__name__)
+
+# Bytes of the float64 (N, chunk) buffer of the Gram computation (see `chunk_elements`).
+CHUNK_BYTES = 2 << 20
+# Tensor bytes read ahead of the comparison beyond the next key (bounds memory; see `_Reader`).
+READ_AHEAD_BYTES = 512 << 20
+# Bytes of compared keys' buffers kept for reuse by later keys of the same size (see `_Reader`).
+SPARE_BYTES = 256 << 20
+# A single read() on Linux returns at most ~2 GiB; larger tensors are read in pieces.
+_MAX_READ = 1 << 30
+
+
+@contextlib.contextmanager
+def _one_compute_thread() -> Iterator[None]:
+    """The (N, chunk) x (chunk, N) products are memory-bound and tiny; torch's multi-threaded BLAS
+    spends more in thread barriers than it saves (measured on a busy 2-core machine: 13 ms vs
+    0.13 ms per small product, 17 ms vs 3 ms per 256 Ki chunk). Reads overlap on their own threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class TensorDrift:
+    """One key across the N models."""
+
+    key: str
+    shape: tuple[int, ...]
+    sq: np.ndarray  # (N, N) squared L2 distance; NaN where the pair was not compared
+    norm2: np.ndarray  # (N,) squared L2 norm; NaN where the model's tensor was not usable
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def component(self) -> str:
+        return blocks.component_of(self.key)
+
+    @property
+    def block(self) -> str | None:
+        return blocks.unet_block_of(self.key)
+
+    @property
+    def kind(self) -> str | None:
+        # Kinds are the UNet's (attn1 / attn2 / rest); other components have no kind row.
+        return blocks.kind_of(self.key) if self.component == "unet" else None
+
+
+@dataclass
+class Problems:
+    """Everything that made a tensor skip some pairs; listed in the output, never fatal."""
+
+    missing: list[dict] = field(default_factory=list)  # {"key", "missing_in": [model, ...]}
+    shape_mismatch: list[dict] = field(default_factory=list)  # {"key", "shapes": {model: shape}}
+    non_finite: list[dict] = field(default_factory=list)  # {"key", "model", "count"}
+
+    def count(self) -> int:
+        return len(self.missing) + len(self.shape_mismatch) + len(self.non_finite)
+
+    def as_dict(self) -> dict[str, list[dict]]:
+        return {"missing": self.missing, "shape_mismatch": self.shape_mismatch, "non_finite": self.non_finite}
+
+
+@dataclass
+class DriftScan:
+    """The result of one pass: per-tensor figures for every key of any file."""
+
+    models: list[str]  # display names, in command-line order
+    paths: list[Path]
+    tensors: list[TensorDrift]
+    problems: Problems
+    bytes_read: int = 0
+
+
+# --- the math of one key -----------------------------------------------------------------------------
+
+
+def chunk_elements(n_models: int) -> int:
+    """Elements per Gram chunk: the (N, chunk) float64 buffer stays ~2 MiB, inside the cache.
+    Measured on the N x chunk products: 64 Ki for N = 4 runs ~2x faster than 256 Ki."""
+    return max(1 << 14, CHUNK_BYTES // (8 * n_models))
+
+
+def delta_gram(
+    tensors: torch.Tensor | list[torch.Tensor], chunk: int | None = None, workers: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """Gram matrix of [θ_0, θ_1 − θ_0, ...] in float64, accumulated chunk by chunk.
+
+    `tensors`: an (N, numel) matrix (one row per model, any dtype) or a list of same-shape tensors.
+    With `workers`, large tensors are split in halves computed on two threads (torch releases the
+    GIL inside its kernels). Memory: an (N, chunk) float64 buffer per thread besides the inputs.
+    """
+    x = tensors if isinstance(tensors, torch.Tensor) else torch.stack([t.reshape(-1) for t in tensors])
+    n, numel = x.shape
+    chunk = chunk or chunk_elements(n)
+    if workers is None or numel < 4 * chunk:
+        return _gram_span(x, 0, numel, chunk).numpy()
+    mid = (numel // 2) // chunk * chunk
+    halves = [workers.submit(_gram_span, x, 0, mid, chunk), workers.submit(_gram_span, x, mid, numel, chunk)]
+    return sum(h.result() for h in halves).numpy()
+
+
+def _gram_span(x: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
+    n = x.shape[0]
+    width = min(chunk, max(stop - start, 1))
+    buf = torch.empty(n, width, dtype=torch.float64)
+    # torch casts float16 -> float64 in scalar code (~0.65 G/s measured) but float16 -> float32 ->
+    # float64 in vector code (~2 G/s); both steps are exact.
+    stage = torch.empty(n, width, dtype=torch.float32) if x.dtype == torch.float16 else None
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(start, stop, chunk):
+        e = min(stop, s + chunk)
+        v = buf[:, : e - s]
+        if stage is not None:
+            v.copy_(stage[:, : e - s].copy_(x[:, s:e]))
+        else:
+            v.copy_(x[:, s:e])
+        v[1:].sub_(v[0])
+        gram.addmm_(v, v.T)
+    return gram
+
+
+def distances_from_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(squared pair distances (N, N), squared norms (N,)) from a `delta_gram`."""
+    dd = gram.copy()
+    dd[0, :] = 0.0  # the delta of θ_0 to itself
+    dd[:, 0] = 0.0
+    diag = np.diag(dd)
+    sq = np.maximum(diag[:, None] + diag[None, :] - 2.0 * dd, 0.0)  # rounding can dip below 0
+    np.fill_diagonal(sq, 0.0)
+    norm2 = gram[0, 0] + 2.0 * gram[0, :] + diag
+    norm2[0] = gram[0, 0]
+    return sq, np.maximum(norm2, 0.0)
+
+
+def _non_finite_count(t: torch.Tensor) -> int:
+    if not t.dtype.is_floating_point:
+        return 0
+    return int(t.numel() - torch.isfinite(t).sum().item())
+
+
+def compare_key(
+    key: str, tensors: list[torch.Tensor | None], models: list[str], problems: Problems,
+    stacked: torch.Tensor | None = None, workers: ThreadPoolExecutor | None = None,
+) -> TensorDrift:
+    """Per-tensor squared distances and norms for one key; problems are appended, never raised.
+
+    `stacked`: the same N tensors as one (N, numel) matrix when the reader could load them so
+    (every file holds the key with one shape and dtype), which spares a copy.
+    """
+    n = len(tensors)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    if len(present) < n:
+        problems.missing.append({"key": key, "missing_in": [models[i] for i in range(n) if tensors[i] is None]})
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i in present:
+        by_shape.setdefault(tuple(tensors[i].shape), []).append(i)
+    if len(by_shape) > 1:
+        problems.shape_mismatch.append({"key": key, "shapes": {models[i]: list(tensors[i].shape) for i in present}})
+    sq = np.full((n, n), np.nan)
+    norm2 = np.full(n, np.nan)
+    for members in by_shape.values():
+        x = stacked if stacked is not None and len(members) == n else _stack(tensors, members)
+        _compare_members(key, x, tensors, members, models, problems, sq, norm2, workers)
+    # The reported shape is the first file's (or the first holder's) shape.
+    shape = tuple(tensors[present[0]].shape) if present else ()
+    return TensorDrift(key, shape, sq, norm2)
+
+
+def _stack(tensors: list[torch.Tensor | None], members: list[int]) -> torch.Tensor:
+    rows = [tensors[i].reshape(-1) for i in members]
+    dtypes = {r.dtype for r in rows}
+    # Mixed dtypes (an fp16 file against an fp32 one) meet in float64, which holds both exactly.
+    return torch.stack(rows if len(dtypes) == 1 else [r.double() for r in rows])
+
+
+def _compare_members(
+    key: str,
+    x: torch.Tensor,
+    tensors: list[torch.Tensor | None],
+    members: list[int],
+    models: list[str],
+    problems: Problems,
+    sq: np.ndarray,
+    norm2: np.ndarray,
+    workers: ThreadPoolExecutor | None,
+) -> None:
+    """Fill `sq` / `norm2` for the models in `members` (rows of `x`); drop non-finite ones first."""
+    gram = delta_gram(x, workers=workers)
+    if not np.isfinite(gram).all():
+        # Rare: find the culprits (one extra pass over this key only) and compare the rest.
+        finite = []
+        for i in members:
+            bad = _non_finite_count(tensors[i])
+            if bad:
+                problems.non_finite.append({"key": key, "model": models[i], "count": bad})
+            else:
+                finite.append(i)
+        members = finite
+        if not members:
+            return
+        gram = delta_gram(_stack(tensors, members), workers=workers)
+        if not np.isfinite(gram).all():  # finite values whose squares overflow even float64
+            problems.non_finite.append({"key": key, "model": "(overflow in float64)", "count": 0})
+            return
+    s, nn = distances_from_gram(gram)
+    idx = np.asarray(members)
+    sq[np.ix_(idx, idx)] = s
+    norm2[idx] = nn
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def _read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done : done + _MAX_READ]], offset + done)
+        if got <= 0:
+            raise TunelabError(f"{path}: file ended early while reading tensor data (truncated?)")
+        done += got
+
+
+def read_tensor(fd: int, header: Header, info: TensorInfo, path: Path, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor from an open file, into a fresh buffer or the uint8 row `into` (no memory map)."""
+    dtype, _ = DTYPES[info.dtype]
+    raw = torch.empty(info.end - info.begin, dtype=torch.uint8) if into is None else into
+    if raw.numel():
+        _read_exact(fd, memoryview(raw.numpy()), header.data_start + info.begin, path)
+    # safetensors data is little-endian, as is every platform torch ships for.
+    return raw.view(dtype).reshape(info.shape)
+
+
+def key_order(headers: list[Header]) -> list[str]:
+    """Every key of any file: the first file's keys in on-disk order (sequential reads), then the
+    keys only later files hold, in their on-disk order."""
+    seen: set[str] = set()
+    order: list[str] = []
+    for h in headers:
+        for k, _ in sorted(h.tensors.items(), key=lambda kv: kv[1].begin):
+            if k not in seen:
+                seen.add(k)
+                order.append(k)
+    return order
+
+
+class _Reader:
+    """Reads tensors on worker threads ahead of the comparison: always the next key, and further
+    keys while the bytes in flight stay under `READ_AHEAD_BYTES`, so the disk keeps streaming while
+    a large key computes and a run of small keys does not stall on per-read latency.
+
+    Buffers of keys already compared are reused for later keys of the same size (up to
+    `SPARE_BYTES` kept): a fresh buffer costs a page fault and a kernel zero-fill per 4 KiB, which
+    measured as more system time than the reads themselves. So a key's tensors are valid only until
+    `iterate` is asked for the next key.
+    """
+
+    def __init__(self, paths: list[Path], headers: list[Header]) -> None:
+        self.paths, self.headers = paths, headers
+        self.fds = [os.open(p, os.O_RDONLY) for p in paths]
+        self.pool = ThreadPoolExecutor(max_workers=min(len(paths), 4), thread_name_prefix="drift-read")
+        self.spare: collections.deque[torch.Tensor] = collections.deque()
+
+    def key_bytes(self, key: str) -> int:
+        return sum(h.tensors[key].end - h.tensors[key].begin for h in self.headers if key in h.tensors)
+
+    def _rows(self, n: int, nbytes: int) -> torch.Tensor:
+        """An (n, nbytes) uint8 buffer: the front of the smallest spare that holds it (and is not
+        more than twice too big, so small keys do not pin large buffers), else a new one."""
+        need = n * nbytes
+        fits = [i for i, b in enumerate(self.spare) if need <= b.numel() <= 2 * need]
+        if not fits:
+            return torch.empty(need, dtype=torch.uint8).view(n, nbytes)
+        best = min(fits, key=lambda i: self.spare[i].numel())
+        buf = self.spare[best]
+        del self.spare[best]  # by position: deque.remove would compare tensors elementwise
+        return buf[:need].view(n, nbytes)
+
+    def _give_back(self, rows: torch.Tensor | None) -> None:
+        if rows is None or rows.numel() == 0:
+            return
+        # Keep the whole allocation (rows may be the front of a larger spare), flat.
+        whole = torch.empty(0, dtype=torch.uint8).set_(rows.untyped_storage())
+        self.spare.append(whole)
+        while sum(b.numel() for b in self.spare) > SPARE_BYTES:
+            self.spare.popleft()  # oldest first
+
+    def submit(self, key: str) -> tuple[list[Future | None], torch.Tensor | None, torch.Tensor | None]:
+        """Start reading `key` from every file holding it. When all files hold it with one shape and
+        dtype, the rows of one (N, bytes) buffer receive them, so the comparison needs no stacking.
+        Returns (futures, that buffer viewed as (N, numel) of the dtype, the raw buffer)."""
+        infos = [h.tensors.get(key) for h in self.headers]
+        uniform = all(i is not None and (i.dtype, i.shape) == (infos[0].dtype, infos[0].shape) for i in infos)
+        rows = self._rows(len(infos), infos[0].end - infos[0].begin) if uniform else None
+        futures: list[Future | None] = []
+        for n, (fd, h, p, info) in enumerate(zip(self.fds, self.headers, self.paths, infos)):
+            into = rows[n] if rows is not None else None
+            futures.append(None if info is None else self.pool.submit(read_tensor, fd, h, info, p, into))
+        stacked = rows.view(DTYPES[infos[0].dtype][0]) if rows is not None and rows.shape[1] else None
+        return futures, stacked, rows
+
+    def iterate(self, keys: list[str]) -> Iterator[tuple[str, list[torch.Tensor | None], torch.Tensor | None]]:
+        pending: collections.deque = collections.deque()  # (key, futures, stacked, rows, bytes)
+        nxt, in_flight = 0, 0
+        for _ in keys:
+            while nxt < len(keys) and (len(pending) < 2 or in_flight + self.key_bytes(keys[nxt]) <= READ_AHEAD_BYTES):
+                size = self.key_bytes(keys[nxt])
+                pending.append((keys[nxt], *self.submit(keys[nxt]), size))
+                in_flight += size
+                nxt += 1
+            key, futures, stacked, rows, size = pending.popleft()
+            loaded = [None if f is None else f.result() for f in futures]
+            del futures  # the futures hold the tensors too; let them go with `loaded`
+            in_flight -= size
+            yield key, loaded, stacked
+            del loaded, stacked  # before more reads are submitted: memory stays within the budget
+            self._give_back(rows)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self.fds:
+            os.close(fd)
+
+
+# --- the scan ------------------------------------------------------------------------------------------
+
+
+def model_names(paths: list[Path]) -> list[str]:
+    """File names for display; the paths as given where two files share a name."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+def open_checkpoints(paths: Iterable[str | Path]) -> tuple[list[Path], list[Header]]:
+    """Validate the inputs before any heavy work: at least two files, each a readable safetensors."""
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise TunelabError(f"drift compares checkpoints: give at least 2 .safetensors files (got {len(paths)})")
+    for p in paths:
+        if not p.exists():
+            raise TunelabError(f"{p}: no such file")
+        if p.is_dir():
+            raise TunelabError(f"{p}: is a folder; give the single-file .safetensors checkpoint inside it")
+    return paths, [read_header(p) for p in paths]
+
+
+def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: int = 1) -> DriftScan:
+    """Compare N checkpoints key by key in one read pass; see the module docstring for the math.
+
+    `compute_threads`: 2 splits each large tensor's Gram over two threads. Off by default: on the
+    2-core dev box (shared, load ~4) it cost more CPU than it saved (4 x SDXL: 113 s vs 102 s wall);
+    worth measuring on a machine with idle cores."""
+    paths, headers = open_checkpoints(paths)
+    models = model_names(paths)
+    keys = key_order(headers)
+    total = sum(h.tensors[k].end - h.tensors[k].begin for h in headers for k in h.tensors)
+    log.info("drift: %d models, %d keys, %.2f GB to read", len(paths), len(keys), total / 1e9)
+    problems, tensors = Problems(), []
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(contextlib.closing(_Reader(paths, headers)))
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="drift",
+                                       disable=not progress, leave=False))
+        workers = (stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="drift-gram"))
+                   if compute_threads > 1 else None)
+        stack.enter_context(_one_compute_thread())
+        for key, loaded, stacked in reader.iterate(keys):
+            tensors.append(compare_key(key, loaded, models, problems, stacked, workers))
+            bar.update(sum(t.numel() * t.element_size() for t in loaded if t is not None))
+            del loaded, stacked  # release this key's buffers before the next one arrives
+    if problems.count():
+        log.warning("drift: %d problem(s) (missing keys, shape mismatches, non-finite values); "
+                    "see `problems` in the JSON", problems.count())
+    return DriftScan(models, paths, tensors, problems, total)
+
+
+# --- grouping ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupDrift:
+    """Sums over the tensors of one group (a component, a UNet block, a kind, or everything)."""
+
+    name: str
+    n_tensors: int
+    d2: np.ndarray  # (N, N) Σ ‖θ_i − θ_j‖² over tensors both models hold
+    n2: np.ndarray  # (N, N) n2[i, j] = Σ ‖θ_i‖² over those same tensors
+    compared: np.ndarray  # (N, N) how many tensors each pair compared
+    dd: np.ndarray  # (N, N) Σ ⟨θ_i − θ_0, θ_j − θ_0⟩ over tensors that models 0, i and j hold
+    dn: np.ndarray  # (N, N) dn[i, j] = Σ ‖θ_i − θ_0‖² over those same tensors
+
+    def distance(self) -> np.ndarray:
+        """L2 distances; NaN for a pair that shared no tensor."""
+        out = np.sqrt(self.d2)
+        out[self.compared == 0] = np.nan
+        np.fill_diagonal(out, 0.0)
+        return out
+
+    def relative(self) -> np.ndarray:
+        """‖θ_i − θ_j‖ / ‖θ_a‖ with a = min(i, j): relative to the model given first."""
+        n = self.n2.shape[0]
+        upper = np.triu(np.ones((n, n), dtype=bool))
+        first = np.where(upper, self.n2, self.n2.T)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(first > 0, self.distance() / np.sqrt(first), np.nan)
+
+    def cosine_models(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            denom = 2.0 * np.sqrt(self.n2 * self.n2.T)
+            out = np.where(denom > 0, (self.n2 + self.n2.T - self.d2) / denom, np.nan)
+        out[self.compared == 0] = np.nan
+        return np.clip(out, -1.0, 1.0)
+
+    def cosine_deltas(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            denom = np.sqrt(self.dn * self.dn.T)
+            out = np.where(denom > 0, self.dd / denom, np.nan)
+        out[0, :] = np.nan  # θ_0 − θ_0 = 0 has no direction
+        out[:, 0] = np.nan
+        return np.clip(out, -1.0, 1.0)
+
+
+def group(name: str, tensors: list[TensorDrift], n: int) -> GroupDrift:
+    """Sum the per-tensor figures of `tensors` (vectorised over tensors)."""
+    if not tensors:
+        z = np.zeros((n, n))
+        return GroupDrift(name, 0, z, z, z.astype(int), z, z)
+    sq = np.stack([t.sq for t in tensors])  # (T, N, N)
+    norm2 = np.stack([t.norm2 for t in tensors])  # (T, N)
+    ok = np.isfinite(sq)
+    d2 = np.where(ok, sq, 0.0).sum(0)
+    n2 = np.where(ok, np.nan_to_num(norm2)[:, :, None], 0.0).sum(0)
+    # Deltas against model 0 from distances alone: ⟨d_i, d_j⟩ = (‖d_i‖² + ‖d_j‖² − ‖d_i − d_j‖²) / 2.
+    s0 = np.nan_to_num(sq[:, 0, :])  # (T, N) ‖θ_i − θ_0‖²
+    ok3 = ok & ok[:, 0, :, None] & ok[:, 0, None, :]
+    inner = (s0[:, :, None] + s0[:, None, :] - np.nan_to_num(sq)) / 2.0
+    dd = np.where(ok3, inner, 0.0).sum(0)
+    dn = np.where(ok3, s0[:, :, None], 0.0).sum(0)
+    return GroupDrift(name, len(tensors), d2, n2, ok.sum(0), dd, dn)
+
+
+def _grouped(tensors: list[TensorDrift], n: int, label, order: list[str]) -> dict[str, GroupDrift]:
+    members: dict[str, list[TensorDrift]] = {}
+    for t in tensors:
+        g = label(t)
+        if g is not None:
+            members.setdefault(g, []).append(t)
+    names = [g for g in order if g in members] + sorted(g for g in members if g not in order)
+    return {g: group(g, members[g], n) for g in names}
+
+
+def groupings(result: DriftScan) -> dict[str, dict[str, GroupDrift]]:
+    """{"components": {te0, te1, unet, vae, other, all}, "blocks": {EMB, IN00, ...}, "kinds": {...}};
+    only groups that hold at least one tensor appear ("all" always)."""
+    n, ts = len(result.models), result.tensors
+    comps = _grouped(ts, n, lambda t: t.component, list(blocks.COMPONENTS))
+    comps["all"] = group("all", ts, n)
+    present_blocks = sorted({t.block for t in ts if t.block}, key=blocks.block_order)
+    return {
+        "components": comps,
+        "blocks": _grouped(ts, n, lambda t: t.block, present_blocks),
+        "kinds": _grouped(ts, n, lambda t: t.kind, list(blocks.KINDS)),
+    }
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+DEFINITIONS = {
+    "dm": "L2 distance sqrt(sum over the group's tensors of ||theta_i - theta_j||^2), over tensors both models hold",
+    "relative": "||theta_i - theta_j|| / ||theta_a||, a = whichever of i, j comes first in ml",
+    "cosine_models": "cos(theta_i, theta_j) over the group's tensors (close to 1 for finetunes of one base)",
+    "cosine_deltas": "cos(theta_i - theta_0, theta_j - theta_0), theta_0 = ml[0]; null in row/column 0",
+    "blocks": "UNet blocks: EMB (time/label embeddings), IN00-IN08, M00, OUT00-OUT08, FINAL (out.*)",
+    "kinds": "UNet tensors by layer kind: self-attention (attn1), cross-attention (attn2), other",
+    "null": "pair not comparable (no shared tensor in the group)",
+}
+
+
+def _matrix(a: np.ndarray) -> list[list[float | None]]:
+    return [[float(v) if np.isfinite(v) else None for v in row] for row in a]
+
+
+def _section(groups: dict[str, GroupDrift], metric: str) -> dict[str, list[list[float | None]]]:
+    return {name: _matrix(getattr(g, metric)()) for name, g in groups.items()}
+
+
+def report(result: DriftScan) -> dict:
+    """The JSON document: the field's `ml` / `dm` layout first, then tunelab's extra sections."""
+    gs = groupings(result)
+    doc: dict = {"ml": result.models, "dm": _section(gs["components"], "distance")}
+    doc["files"] = [str(p) for p in result.paths]
+    doc["blocks"] = _section(gs["blocks"], "distance")
+    doc["kinds"] = _section(gs["kinds"], "distance")
+    for metric in ("relative", "cosine_models", "cosine_deltas"):
+        doc[metric] = {part: _section(gs[part], metric) for part in ("components", "blocks", "kinds")}
+    doc["tensors"] = {part: {name: g.n_tensors for name, g in groups.items()} for part, groups in gs.items()}
+    doc["problems"] = result.problems.as_dict()
+    doc["definitions"] = DEFINITIONS
+    return doc
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def write_pairs_csv(doc: dict, path: Path) -> None:
+    """One row per pair, one column per group: `component.unet`, `block.IN04`, `kind.cross-attention`."""
+    cols = [(f"component.{g}", m) for g, m in doc["dm"].items()]
+    cols += [(f"block.{g}", m) for g, m in doc["blocks"].items()]
+    cols += [(f"kind.{g}", m) for g, m in doc["kinds"].items()]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model_a", "model_b", *(c for c, _ in cols)])
+        for i, j in _pairs(len(doc["ml"])):
+            w.writerow([doc["ml"][i], doc["ml"][j], *("" if m[i][j] is None else f"{m[i][j]:.9g}" for _, m in cols)])
+
+
+def write_tensors_csv(result: DriftScan, path: Path) -> None:
+    """One row per tensor and pair: where it lives and how it moved (for "which tensors moved most")."""
+    n = len(result.models)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "component", "block", "kind", "numel", "model_a", "model_b",
+                    "l2", "relative", "cosine_models", "cosine_deltas"])
+        for t in result.tensors:
+            g = group(t.key, [t], n)
+            figures = (g.distance(), g.relative(), g.cosine_models(), g.cosine_deltas())
+            for i, j in _pairs(n):
+                if g.compared[i, j]:
+                    w.writerow([t.key, t.component, t.block or "", t.kind or "", t.numel,
+                                result.models[i], result.models[j], *(_num(m[i, j]) for m in figures)])
+
+
+def _num(v: float) -> str:
+    return f"{v:.9g}" if np.isfinite(v) else ""
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary sibling renamed into place, so no half-written output survives."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DriftReport:
+    doc: dict  # the JSON document
+    result: DriftScan
+    pair: tuple[int, int]  # the pair of the per-block chart (indices into ml)
+    written: list[Path]
+
+
+def resolve_pair(pair: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """Indices into the model list (negative counts from the end); default: first and last."""
+    i, j = pair if pair is not None else (0, n - 1)
+    for v in (i, j):
+        if not -n <= v < n:
+            raise TunelabError(f"--pair {i},{j}: index {v} is out of range for {n} models (use 0..{n - 1})")
+    i, j = i % n, j % n
+    if i == j:
+        raise TunelabError(f"--pair {i},{j}: pick two different models")
+    return i, j
+
+
+def run_drift(
+    paths: list[str | Path], out_dir: str | Path, pair: tuple[int, int] | None = None,
+    plots: bool = True, progress: bool = True,
+) -> DriftReport:
+    """Scan, then write drift.json, drift.csv (pairs x groups), tensors.csv and the plots to `out_dir`."""
+    paths = [Path(p) for p in paths]
+    open_checkpoints(paths)  # every input check before any output folder appears
+    ij = resolve_pair(pair, len(paths))
+    result = scan(paths, progress=progress)
+    doc = report(result)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "drift.json", out / "drift.csv", out / "tensors.csv"]
+    _write_atomic(written[0], lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    _write_atomic(written[1], lambda p: write_pairs_csv(doc, p))
+    _write_atomic(written[2], lambda p: write_tensors_csv(result, p))
+    if plots:
+        from tunelab.analyze import drift_plots  # matplotlib only when drawing
+
+        written += drift_plots.write_plots(doc, out, ij)
+    return DriftReport(doc, result, ij, written)
+
+
+def top_tensors(result: DriftScan, pair: tuple[int, int], k: int = 5) -> list[tuple[str, float, float]]:
+    """The k tensors with the largest L2 change between the pair: (key, l2, relative)."""
+    i, j = pair
+    rows = []
+    for t in result.tensors:
+        sq, base = t.sq[i, j], t.norm2[min(i, j)]
+        if np.isfinite(sq):
+            rows.append((t.key, math.sqrt(sq), math.sqrt(sq / base) if base > 0 else math.nan))
+    return sorted(rows, key=lambda r: -r[1])[:k]
+
+
+def summary(rep: DriftReport) -> list[str]:
+    """A short text table for the terminal: distance from the first model per component, the
+    blocks and tensors that moved most in the chosen pair, problems, files written."""
+    doc, models, (a, b) = rep.doc, rep.doc["ml"], rep.pair
+    lines = ["models: " + "  ".join(f"[{i}] {m}" for i, m in enumerate(models))]
+    lines.append(f"L2 distance from [0] (relative change ||d|| / ||theta_0|| in brackets):")
+    lines.append(f"{'group':<8}" + "".join(f"{f'[{j}]':>22}" for j in range(1, len(models))))
+    for g, m in doc["dm"].items():
+        rel = doc["relative"]["components"][g]
+        cells = [_fmt_cell(m[0][j], rel[0][j]) for j in range(1, len(models))]
+        lines.append(f"{g:<8}" + "".join(f"{c:>22}" for c in cells))
+    ranked = sorted(((m[a][b] or 0.0, g) for g, m in doc["blocks"].items()), reverse=True)[:5]
+    if ranked:
+        lines.append(f"UNet blocks moving most, [{a}] vs [{b}]: " + ", ".join(f"{g} {v:.4g}" for v, g in ranked))
+    lines.append(f"tensors moving most, [{a}] vs [{b}] (L2, relative):")
+    lines += [f"  {key}  {l2:.4g}  {rel:.3g}" for key, l2, rel in top_tensors(rep.result, rep.pair)]
+    p = rep.result.problems
+    lines.append("problems: none" if not p.count() else
+                 f"problems: {len(p.missing)} keys missing somewhere, {len(p.shape_mismatch)} shape mismatches, "
+                 f"{len(p.non_finite)} non-finite tensors (listed under \"problems\" in drift.json)")
+    lines.append("wrote: " + ", ".join(str(w) for w in rep.written))
+    return lines
+
+
+def _fmt_cell(v: float | None, rel: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g} ({rel:.2g})" if rel is not None else f"{v:.4g}"
