@@ -63,8 +63,9 @@ def _root(
         stream=sys.stderr,
     )
     # Third-party libraries are chatty at INFO; keep their warnings only.
-    for noisy in ("diffusers", "transformers", "accelerate", "matplotlib", "PIL"):
+    for noisy in ("diffusers", "accelerate", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # optional-backend notices
 
 
 def _not_yet(command: str, what: str) -> None:
@@ -635,12 +636,13 @@ def toy_world(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo-out"),
     n_images: Annotated[int, typer.Option("--n-images", min=4, help="Size of the toy dataset.")] = 48,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps to train.")] = 24,
 ) -> None:
     """Run the whole flow that exists today on the built-in toy world (tiny model, synthetic data),
     on a CPU in a few minutes, and print what each stage produced."""
     from tunelab.demo import run_demo
 
-    run_demo(out, n_images=n_images)
+    run_demo(out, n_images=n_images, steps=steps)
 
 
 @app.command("report")

@@ -20,19 +20,25 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str | Path, n_images: int = 48, seed: int = 0) -> dict[str, Path]:
+def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 24) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     paths = {"world": _world(out, n_images, seed)}
     paths["index"] = _index(out, paths["world"])
     paths["base"] = _model(out, seed)
+    paths["latents"] = _cache(out, paths["index"], paths["base"])
     _prompts(paths["index"], seed)
     _conditioning(paths["base"], paths["index"], seed)
+    paths["run"] = _train(out, paths, steps)
+    paths["loss"] = _loss(out, paths["run"])
+    paths["drift"] = _drift(out, paths)
     _config()
     log.info("\n== done in %.0f s; everything is in %s", time.perf_counter() - t0, out)
+    log.info("look at: %s (the data), %s (grid from the trained weights), %s (loss curve), %s (weight drift)",
+             out / "toy-world.png", paths.get("grid", "-"), paths["loss"], paths["drift"] / "trajectory.png")
     log.info("next: `tunelab model inspect %s`, `tunelab data stats %s`, `tunelab config show --fields`",
-             paths["base"], paths["index"])
+             paths["run"] / "checkpoints" / "last.safetensors", paths["index"])
     return paths
 
 
@@ -81,13 +87,26 @@ def _model(out: Path, seed: int) -> Path:
     return base
 
 
+def _cache(out: Path, index: Path, base: Path) -> Path:
+    from tunelab.data.latents import cache_latents, verify_cache
+    from tunelab.models.checkpoint import load_checkpoint
+
+    t = _stage("4. latent cache: VAE-encoded, checksummed shards (what training reads)")
+    latents = out / "latents"
+    summary = cache_latents(index, latents, load_checkpoint(base).vae, progress=False)
+    report = verify_cache(index, latents, progress=False)
+    log.info("%d latents in %d shard(s); verify: %s  [%.1f s]", summary.encoded, len(summary.shards_written),
+             "all entries present and intact" if report.ok else report.text(), time.perf_counter() - t)
+    return latents
+
+
 def _prompts(index: Path, seed: int) -> None:
     import pyarrow.parquet as pq
 
     from tunelab.data.captions import CaptionConfig, prompt_for
     from tunelab.models.text import CHUNK_TOKENS, count_tokens, load_tokenizers
 
-    _stage("4. prompts as the model sees them (dual captions 'concat', 75-token chunks)")
+    _stage("5. prompts as the model sees them (dual captions 'concat', 75-token chunks)")
     rows = pq.read_table(index, columns=["key", "tags", "caption"]).slice(0, 3).to_pylist()
     tok1, _ = load_tokenizers("toy")
     cfg = CaptionConfig(mode="concat", shuffle_tags=True, keep_tags=1)
@@ -101,7 +120,7 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
     from tunelab.models.checkpoint import load_checkpoint
     from tunelab.models.text import encode_prompts, load_tokenizers, time_ids
 
-    t = _stage("5. SDXL conditioning and one UNet noise prediction")
+    t = _stage("6. SDXL conditioning and one UNet noise prediction")
     comps = load_checkpoint(base)
     toks = load_tokenizers("toy")
     long = ", ".join(["pink star with white stripes on a sky background"] * 12)
@@ -119,11 +138,85 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
              tuple(latents.shape), tuple(eps.shape), time.perf_counter() - t)
 
 
+_RUN = """# written by `tunelab demo`: the toy run (see examples/toy.toml for a commented one)
+[run]
+name = "demo"
+output_dir = "{run}"
+[model]
+base = "{base}"
+max_chunks = 3
+[data]
+index = "{index}"
+latents = "{latents}"
+[data.captions]
+mode = "pick"
+[train]
+batch_size = 4
+grad_accumulation = 1
+max_steps = {steps}
+mixed_precision = "no"
+gradient_checkpointing = false
+[train.parts]
+text_encoder = "on"
+[optim]
+lr_unet = 1e-4
+lr_text_encoder_1 = 2e-5
+lr_text_encoder_2 = 2e-5
+[save]
+every_n_steps = {half}
+every_n_epochs = 0
+dtype = "fp32"
+[grid]
+prompts = ["astolfo, pink, star, stripes", "blue, circle, solo", "car, wrc"]
+seeds = [460372993, 744089893]
+steps = 8
+cfg = 4.0
+"""
+
+
+def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
+    from tunelab.train.trainer import train
+
+    t = _stage("7. train: full finetune of UNet + both text encoders, exact-resume state, grids")
+    run_file = out / "run.toml"
+    run_file.write_text(_RUN.format(run=out / "run", base=paths["base"], index=paths["index"],
+                                    latents=paths["latents"], steps=steps, half=max(1, steps // 2)))
+    result = train(run_file)
+    grids = sorted((out / "run" / "samples").glob("step-*/grid*.png"))
+    if grids:
+        paths["grid"] = grids[-1]
+    log.info("%d steps, %d samples; checkpoints: %s  [%.0f s]", result.steps, result.samples_seen,
+             ", ".join(p.name for p in sorted((out / "run" / "checkpoints").iterdir())), time.perf_counter() - t)
+    log.info("run it again (`tunelab train %s`) and it resumes from the saved state", run_file)
+    return out / "run"
+
+
+def _loss(out: Path, run: Path) -> Path:
+    from tunelab.analyze.loss import analyze_loss, format_summary
+
+    _stage("8. loss curve from the run's tensorboard events, with a trend verdict")
+    report = analyze_loss([run / "events"], out_dir=out / "loss", window=4, warmup=0.2)
+    log.info("%s", format_summary(report))
+    return report.files.get("png", out / "loss" / "loss.png")
+
+
+def _drift(out: Path, paths: dict[str, Path]) -> Path:
+    from tunelab.analyze.weights import run_drift, summary
+
+    _stage("9. weight drift: base -> mid-run -> last, streamed key by key")
+    ckpts = sorted((paths["run"] / "checkpoints").glob("step-*.safetensors"))
+    report = run_drift([paths["base"], *ckpts, paths["run"] / "checkpoints" / "last.safetensors"], out / "drift",
+                       progress=False)
+    for line in summary(report)[:8]:
+        log.info("%s", line)
+    return out / "drift"
+
+
 def _config() -> None:
     from tunelab.config import parse_config
     from tunelab.errors import TunelabError
 
-    _stage("6. run files: validated before anything loads")
+    _stage("10. run files: validated before anything loads")
     try:
         parse_config({"optim": {"lr_unt": 1e-5}, "train": {"parts": {"text_encoder": "onyl"}}}, "example.toml")
     except TunelabError as err:  # the demo shows the message a user would get

@@ -542,6 +542,7 @@ DEFINITIONS = {
     "blocks": "UNet blocks: EMB (time/label embeddings), IN00-IN08, M00, OUT00-OUT08, FINAL (out.*)",
     "kinds": "UNet tensors by layer kind: self-attention (attn1), cross-attention (attn2), other",
     "null": "pair not comparable (no shared tensor in the group)",
+    "groups": "only groups holding at least one tensor appear; dm always has 'all'",
 }
 
 

@@ -123,7 +123,7 @@ def load_checkpoint(
     for name, module in comps.modules().items():
         module.load_state_dict(state[name], strict=False, assign=True)
         _materialize_absent(module)
-        if dtype is not None:
+        if dtype is not None and next(module.parameters()).dtype != dtype:  # diffusers warns on any cast
             module.to(dtype=dtype)
     mapped = {r.sgm for r in rules}
     comps.extras = {k: src.get(k) for k in src.shapes if k not in mapped}

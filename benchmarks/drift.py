@@ -1,0 +1,133 @@
+"""Benchmark: `tunelab drift` on N full-size SDXL-shaped checkpoints, against reading the same
+files with `cat`, in the same run.
+
+    .venv/bin/python benchmarks/drift.py [--n 4] [--arch sdxl] [--dtype fp16] [--dir /tmp/tunelab-bench/drift] [--keep]
+
+1. Generates N checkpoints with `tunelab model new --arch ARCH --seed i --dtype DTYPE` (random
+   weights; the drift figures mean nothing, the work - read every byte, compare every key - is
+   that of real checkpoints). Checks the free disk first and lowers N if it must (and says so).
+2. Runs, in this order: `cat FILES > /dev/null`, `tunelab drift FILES --out DIR`, `cat` again.
+   The page cache cannot be dropped here; with N files larger than RAM, sequential re-reading
+   mostly misses the cache, and running cat both before and after drift shows how much it helped.
+3. Peak RSS of the drift process from `os.wait4` (ru_maxrss of that child alone), against the
+   target 2 GiB + N x the largest tensor (bytes in the file's dtype); wall time against the
+   target 2 x one `cat` of the same files.
+4. Deletes the checkpoints unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tunelab.models.safetensors_io import read_header
+
+GIB = 1 << 30
+SDXL_FP16_BYTES = 6.94e9  # per file; the toy preset is ~11 MB
+
+
+def tunelab_exe() -> list[str]:
+    exe = Path(sys.executable).with_name("tunelab")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tunelab"]
+
+
+def generate(n: int, arch: str, dtype: str, folder: Path) -> tuple[list[Path], float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, t0 = [], time.perf_counter()
+    for i in range(n):
+        path = folder / f"{arch}-{dtype}-seed{i}.safetensors"
+        if not path.exists():
+            subprocess.run([*tunelab_exe(), "model", "new", "--arch", arch, "--seed", str(i), "--dtype", dtype,
+                            "--out", str(path)], check=True, stdout=subprocess.DEVNULL)
+        paths.append(path)
+    return paths, time.perf_counter() - t0
+
+
+def fit_n(n: int, arch: str, folder: Path) -> int:
+    """Lower N until the files fit the free disk with 10 GB to spare."""
+    if arch != "sdxl":
+        return n
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    have = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    fits = int((free + have - 10e9) // SDXL_FP16_BYTES)
+    if fits < n:
+        print(f"NOTE: disk holds only {fits} full-size files next to 10 GB spare; N lowered from {n} to {fits}")
+    return max(2, min(n, fits))
+
+
+def timed_cat(paths: list[Path]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `cat FILES > /dev/null`."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["cat", *map(str, paths)], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit("cat failed")
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+
+
+def timed_drift(paths: list[Path], out: Path) -> tuple[float, float, int, str]:
+    """(wall seconds, CPU seconds, peak RSS bytes, stdout) of one `tunelab drift` process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*tunelab_exe(), "drift", *map(str, paths), "--out", str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"tunelab drift failed with status {status}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, stdout  # ru_maxrss: KiB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=4, help="number of checkpoints (4-6 for the issue's target)")
+    ap.add_argument("--arch", default="sdxl", help="sdxl (full size, ~6.9 GB per file in fp16) or toy (quick check)")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/tunelab-bench/drift"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints for a rerun")
+    args = ap.parse_args()
+
+    n = fit_n(args.n, args.arch, args.dir)
+    paths, gen_s = generate(n, args.arch, args.dtype, args.dir)
+    headers = [read_header(p) for p in paths]
+    total = sum(p.stat().st_size for p in paths)
+    largest = max(t.end - t.begin for h in headers for t in h.tensors.values())
+    print(f"{n} x {args.arch} {args.dtype}: {total / 1e9:.2f} GB in all, largest tensor {largest / 1e6:.1f} MB "
+          f"(generated in {gen_s:.0f} s)", flush=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cat1, cat1_cpu = timed_cat(paths)
+            print(f"cat #1: {cat1:.1f} s ({total / cat1 / 1e9:.2f} GB/s), CPU {cat1_cpu:.1f} s", flush=True)
+            load_before = os.getloadavg()[0]
+            wall, cpu, rss, stdout = timed_drift(paths, Path(tmp) / "out")
+            print(f"drift:  {wall:.1f} s ({total / wall / 1e9:.2f} GB/s), CPU {cpu:.1f} s, peak RSS {rss / GIB:.2f} GiB "
+                  f"(1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs)",
+                  flush=True)
+            cat2, cat2_cpu = timed_cat(paths)
+            print(f"cat #2: {cat2:.1f} s ({total / cat2 / 1e9:.2f} GB/s), CPU {cat2_cpu:.1f} s", flush=True)
+    finally:
+        if not args.keep:
+            for p in paths:
+                p.unlink(missing_ok=True)
+    target_rss = 2 * GIB + n * largest
+    figures = {"n": n, "arch": args.arch, "dtype": args.dtype, "total_bytes": total, "largest_tensor_bytes": largest,
+               "cat1_s": cat1, "drift_s": wall, "drift_cpu_s": cpu, "cat2_s": cat2, "cat_cpu_s": [cat1_cpu, cat2_cpu], "peak_rss_bytes": rss, "target_rss_bytes": target_rss,
+               "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    print(f"peak RSS {rss / GIB:.2f} GiB vs target {target_rss / GIB:.2f} GiB (2 GiB + {n} x {largest / 1e6:.1f} MB): "
+          f"{'OK' if rss <= target_rss else 'OVER'}")
+    for label, cat in (("cat #1", cat1), ("cat #2", cat2)):
+        print(f"drift / {label} = {wall / cat:.2f} (target <= 2): {'OK' if wall <= 2 * cat else 'OVER'}")
+    print(json.dumps(figures))
+    print("--- drift summary ---\n" + stdout)
+
+
+if __name__ == "__main__":
+    main()
