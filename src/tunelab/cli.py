@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +18,9 @@ import typer
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+
+# transformers prints notices about optional backends (torchvision) through its own handler.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(
     name="tunelab",

@@ -100,7 +100,9 @@ def test_verify_and_repair_after_truncation_and_bit_flip(tmp_path: Path, vae: to
     assert fixed.ok and not fixed.duplicates and fixed.entries_ok == 8, fixed.text()
     store = LatentStore(cache)
     for key, arr in before.items():
-        assert np.array_equal(store.get(key).latents, arr)  # deterministic encode: repaired == original
+        # The encode is deterministic (distribution mean), but a repair batches images differently
+        # and CPU kernels may round differently per batch shape: equal to fp16 precision.
+        np.testing.assert_allclose(store.get(key).latents.astype(np.float32), arr.astype(np.float32), rtol=0, atol=4e-3)
     assert (cache / f"{truncated.name}.bad").exists()
 
 

@@ -96,7 +96,7 @@ def test_world_size_mismatch_is_refused():
 
 
 def test_stages_not_yet_built_say_so(tmp_path):
-    proc = run_cli("train", ROOT / "examples" / "toy.toml", check=False)
+    proc = run_cli("probe", tmp_path / "x.safetensors", check=False)
     assert proc.returncode == 2 and "not in this version yet" in proc.stderr
 
 
@@ -107,9 +107,15 @@ def test_toy_world(tmp_path):
 
 
 def test_demo_runs_the_flow(tmp_path):
-    proc = run_cli("demo", "--out", tmp_path / "demo", "--n-images", "12", timeout=600)
+    proc = run_cli("demo", "--out", tmp_path / "demo", "--n-images", "24", "--steps", "4", timeout=900)
     log = proc.stderr
-    for stage in ("1. toy world", "2. dataset index", "3. base model", "4. prompts", "5. SDXL conditioning", "6. run files"):
+    stages = ("1. toy world", "2. dataset index", "3. base model", "4. latent cache", "5. prompts",
+              "6. SDXL conditioning", "7. train", "8. loss curve", "9. weight drift", "10. run files")
+    for stage in stages:
         assert stage in log
-    assert "reloaded fp32 identical: True" in log
-    assert (tmp_path / "demo" / "base.safetensors").exists() and (tmp_path / "demo" / "index.parquet").exists()
+    assert "reloaded fp32 identical: True" in log and "all entries present and intact" in log
+    out = tmp_path / "demo"
+    for made in ("toy-world.png", "index.parquet", "base.safetensors", "run/checkpoints/last.safetensors",
+                 "loss/loss.png", "drift/drift.json", "drift/trajectory.png"):
+        assert (out / made).exists(), made
+    assert list((out / "run" / "samples").glob("step-*/grid*.png"))

@@ -162,3 +162,17 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path, worl
     assert {p.name for p in ckpts} == {"last.safetensors", "step-00000002.safetensors"} - {"step-00000002.safetensors"} | {p.name for p in ckpts}
     assert _same_tensors(tmp_path / "one" / "checkpoints" / "last.safetensors",
                          tmp_path / "two" / "checkpoints" / "last.safetensors", atol=1e-5)
+
+
+def test_the_toy_example_trains_as_documented(tmp_path):
+    """examples/toy.toml, prepared exactly as its header says, in a fresh folder."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "toy.toml"
+    run_cli("toy", "world", "--out", "toy-world", "--n", "32", cwd=tmp_path)
+    run_cli("data", "index", "toy-world/index.parquet", "-s", "folder:toy-world", "--resolution", "80",
+            "--min-side", "32", "--max-side", "128", "--step", "32", cwd=tmp_path)
+    run_cli("data", "cache", "toy-world/index.parquet", "--out", "toy-world/latents", "--model", "toy", cwd=tmp_path)
+    proc = run_cli("train", example, cwd=tmp_path, timeout=900)
+    assert "trained" in proc.stdout
+    run = tmp_path / "runs" / "toy"
+    assert (run / "checkpoints" / "last.safetensors").is_file() and (run / "checkpoints" / "epoch-0001.safetensors").is_file()
+    assert list((run / "samples").glob("step-*/grid*.png"))

@@ -249,6 +249,28 @@ def _encode_chunks(encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) 
     return hidden.reshape(b, c * t, hidden.shape[-1]), out
 
 
+def encode_chunked(
+    encoders: tuple[torch.nn.Module, torch.nn.Module], ids1: torch.Tensor, ids2: torch.Tensor, clip_skip: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked ids (B, chunks, 77) of each tokenizer -> (TE1 states (B, 77*chunks, D1), TE2 states
+    (B, 77*chunks, D2), TE2's pooled output of chunk 0 (B, P))."""
+    n_layers = min(_unwrap(e).config.num_hidden_layers for e in encoders)
+    if not 1 <= clip_skip <= n_layers:
+        raise TunelabError(f"clip_skip must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {clip_skip}")
+    h1, _ = _encode_chunks(encoders[0], ids1, clip_skip)
+    h2, out2 = _encode_chunks(encoders[1], ids2, clip_skip)
+    pooled = out2.text_embeds.reshape(ids2.shape[0], ids2.shape[1], -1)[:, 0]  # (B, P) from chunk 0
+    return h1, h2, pooled
+
+
+def warn_truncated(truncated: Sequence[int], max_chunks: int) -> None:
+    if any(truncated):
+        log.warning(
+            "%d of %d prompts were longer than max_chunks=%d (%d tokens) and were truncated; raise max_chunks to keep them",
+            sum(1 for t in truncated if t), len(truncated), max_chunks, max_chunks * CHUNK_TOKENS,
+        )
+
+
 def encode_prompts(
     tokenizers: tuple[Any, Any],
     encoders: tuple[torch.nn.Module, torch.nn.Module],
@@ -258,20 +280,11 @@ def encode_prompts(
     n_chunks: int | None = None,
 ) -> Conditioning:
     """SDXL conditioning for a batch of prompts (see the module docstring for the layout)."""
-    n_layers = min(_unwrap(e).config.num_hidden_layers for e in encoders)
-    if not 1 <= clip_skip <= n_layers:
-        raise TunelabError(f"clip_skip must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {clip_skip}")
     tok1 = tokenize(tokenizers[0], prompts, max_chunks, n_chunks)
     tok2 = tokenize(tokenizers[1], prompts, max_chunks, n_chunks=tok1.n_chunks)
-    h1, _ = _encode_chunks(encoders[0], tok1.ids, clip_skip)
-    h2, out2 = _encode_chunks(encoders[1], tok2.ids, clip_skip)
-    pooled = out2.text_embeds.reshape(len(prompts), tok2.n_chunks, -1)[:, 0]  # (B, P) from chunk 0
+    h1, h2, pooled = encode_chunked(encoders, tok1.ids, tok2.ids, clip_skip)
     truncated = [max(a, b) for a, b in zip(tok1.truncated, tok2.truncated)]
-    if any(truncated):
-        log.warning(
-            "%d of %d prompts were longer than max_chunks=%d (%d tokens) and were truncated; raise max_chunks to keep them",
-            sum(1 for t in truncated if t), len(prompts), max_chunks, max_chunks * CHUNK_TOKENS,
-        )
+    warn_truncated(truncated, max_chunks)
     return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled, tok1.n_chunks, truncated)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.models.text import CHUNK_TOKENS, Conditioning, wrap_chunk
+from tunelab.models.text import CHUNK_TOKENS, Conditioning, encode_chunked, warn_truncated, wrap_chunk
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,6 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # --- encoding ---------------------------------------------------------------------------------------------
 
 
-def _encode(encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) -> tuple[torch.Tensor, Any]:
-    b, c, t = ids.shape  # (B, chunks, 77)
-    out = encoder(ids.reshape(b * c, t).to(encoder.device), output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]  # (B*chunks, 77, D); -2 = penultimate (clip skip 2)
-    return hidden.reshape(b, c * t, hidden.shape[-1]), out
-
-
 @torch.no_grad()
 def encode_weighted(
     tokenizers: tuple[Any, Any],
@@ -185,19 +178,12 @@ def encode_weighted(
 ) -> Conditioning:
     """SDXL conditioning for A1111-syntax prompts: weighted context (B, 77*chunks, D1+D2) and
     TE2's pooled output of chunk 0 (unweighted, as A1111)."""
-    n_layers = min(e.config.num_hidden_layers for e in encoders)
-    if not 1 <= clip_skip <= n_layers:
-        raise TunelabError(f"clip skip must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {clip_skip}")
     w1 = weighted_chunks(tokenizers[0], prompts, max_chunks, n_chunks)
     w2 = weighted_chunks(tokenizers[1], prompts, max_chunks, n_chunks=w1.ids.shape[1])
-    h1, _ = _encode(encoders[0], w1.ids, clip_skip)
-    h2, out2 = _encode(encoders[1], w2.ids, clip_skip)
+    h1, h2, pooled = encode_chunked(encoders, w1.ids, w2.ids, clip_skip)  # pooled stays unweighted, as A1111
     h1, h2 = apply_weights(h1, w1.weights), apply_weights(h2, w2.weights)
-    pooled = out2.text_embeds.reshape(len(prompts), w2.ids.shape[1], -1)[:, 0]  # (B, P)
     truncated = [max(a, b) for a, b in zip(w1.truncated, w2.truncated)]
-    if any(truncated):
-        log.warning("%d prompt(s) longer than %d chunks (%d tokens) were truncated; raise max chunks to keep them",
-                    sum(1 for t in truncated if t), max_chunks, max_chunks * CHUNK_TOKENS)
+    warn_truncated(truncated, max_chunks)
     return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled, w1.ids.shape[1], truncated)
 
 
