@@ -38,7 +38,7 @@ model_app = typer.Typer(help="Create, inspect and convert model checkpoints (sin
 data_app = typer.Typer(help="Build the dataset index, preview captions, cache latents, verify caches.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and explain run files (TOML).", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: tiny models and synthetic data for trying tunelab on a laptop.", no_args_is_help=True)
-merge_app = typer.Typer(help="Merge checkpoints with sd-mecha recipes (weighted sum, add difference, TIES, ...).", no_args_is_help=True)
+merge_app = typer.Typer(help="(Planned) Merge checkpoints with sd-mecha recipes (weighted sum, add difference, TIES, ...).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -496,8 +496,9 @@ def grid(
 def probe(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to measure against their base.")],
 ) -> None:
-    """Measure what a finetune learned and what it forgot: deterministic validation loss on learn /
-    preserve prompt sets and prediction drift against the base model, one number per checkpoint."""
+    """(Planned, not in this version yet.) Measure what a finetune learned and what it forgot:
+    deterministic validation loss on learn / preserve prompt sets and prediction drift against the
+    base model, one number per checkpoint."""
     _not_yet("probe", "learn / preserve measurements")
 
 
@@ -615,7 +616,7 @@ def drift(
 def merge_run(
     recipe: Annotated[Path, typer.Argument(help="An sd-mecha recipe (.mecha) or a tunelab merge preset (TOML).")],
 ) -> None:
-    """Execute a merge recipe with sd-mecha, streaming key by key."""
+    """(Planned, not in this version yet.) Execute a merge recipe with sd-mecha, streaming key by key."""
     _not_yet("merge run", "sd-mecha merging")
 
 
@@ -642,8 +643,8 @@ def demo(
     n_images: Annotated[int, typer.Option("--n-images", min=4, help="Size of the toy dataset.")] = 48,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps to train.")] = 24,
 ) -> None:
-    """Run the whole flow that exists today on the built-in toy world (tiny model, synthetic data),
-    on a CPU in a few minutes, and print what each stage produced."""
+    """Run the whole flow on the built-in toy world (tiny model, synthetic data) on a CPU in about
+    a minute: data, index, latent cache, model, training, grid, loss curve, weight drift."""
     from tunelab.demo import run_demo
 
     run_demo(out, n_images=n_images, steps=steps)
@@ -653,7 +654,8 @@ def demo(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (or several runs to compare).")],
 ) -> None:
-    """Write one self-contained HTML report for a run: config, curves, grids, probes, drift."""
+    """(Planned, not in this version yet.) One self-contained HTML report for a run: config,
+    curves, grids, probes, drift."""
     _not_yet("report", "HTML reports")
 
 

@@ -57,6 +57,7 @@ class Setup:
     optimizer: Any = None
     lr_scheduler: Any = None
     trainable: list = field(default_factory=list)  # wrapped modules that train
+    wrapped: dict = field(default_factory=dict)  # component name -> its wrapped (DDP/compiled) module
     steps_per_epoch: int = 0
     total_steps: int = 0
     resume: dict = field(default_factory=dict)
@@ -287,7 +288,7 @@ def _batches(s: Setup, start_epoch: int, start_position: int) -> Iterator[tuple[
     epoch, position = start_epoch, start_position
     while True:
         s.sampler.set_epoch(epoch)
-        s.sampler.load_state_dict(s.sampler.state_dict() | {"epoch": epoch, "position": position})
+        s.sampler.position = position  # a resumed epoch continues at its next unused batch
         per_epoch = len(s.sampler)
         usable = per_epoch // s.accumulation * s.accumulation  # whole optimizer steps only
         consumed = position // world
