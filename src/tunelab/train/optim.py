@@ -62,7 +62,10 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection) -> torch.optim.Opt
     groups = param_groups(plan, optim)
     lr = groups[0]["lr"]  # every group sets its own lr; this is only the constructor default
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        # foreach: one multi-tensor kernel per group instead of a Python loop over ~2,500 tensors
+        # (torch picks it by itself only on CUDA).
+        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                                 foreach=True)
     if optim.name == "adamw8bit":
         return _adamw8bit(groups, optim)
     if optim.name == "adafactor":

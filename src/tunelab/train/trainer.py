@@ -58,6 +58,7 @@ class Setup:
     lr_scheduler: Any = None
     trainable: list = field(default_factory=list)  # wrapped modules that train
     wrapped: dict = field(default_factory=dict)  # component name -> its wrapped (DDP/compiled) module
+    params: list = field(default_factory=list)  # every trainable parameter, for the gradient norm
     steps_per_epoch: int = 0
     total_steps: int = 0
     resume: dict = field(default_factory=dict)
@@ -223,6 +224,7 @@ def _prepare(s: Setup) -> None:
     names = [n for n in ("unet", "text_encoder_1", "text_encoder_2") if any(p.requires_grad for p in getattr(comps, n).parameters())]
     wrapped = acc.prepare(*[getattr(comps, n) for n in names], s.optimizer)
     s.trainable, s.optimizer = list(wrapped[:-1]), wrapped[-1]
+    s.params = [p for m in s.trainable for p in m.parameters() if p.requires_grad]
     s.wrapped = dict(zip(names, s.trainable))
     acc.register_for_checkpointing(s.lr_scheduler)
     if cfg.train.compile and "unet" in s.wrapped:
@@ -390,13 +392,15 @@ def _no_sync(acc, modules, enabled: bool):
 
 
 def _zero_loss(s: Setup) -> torch.Tensor:
-    return sum(p.sum() for m in s.trainable for p in m.parameters() if p.requires_grad) * 0.0
+    return sum(p.sum() for p in s.params) * 0.0
 
 
 def _clip(s: Setup) -> float:
-    params = [p for m in s.trainable for p in m.parameters() if p.requires_grad]
-    max_norm = s.cfg.train.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
-    return float(s.accelerator.clip_grad_norm_(params, max_norm))
+    """Clip to train.max_grad_norm (0 = off) and return the total gradient norm (logged)."""
+    if s.cfg.train.max_grad_norm > 0:
+        return float(s.accelerator.clip_grad_norm_(s.params, s.cfg.train.max_grad_norm))
+    grads = [p.grad for p in s.params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
