@@ -123,6 +123,9 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, world):
     changed = write_run(tmp_path / "b.toml", world, tmp_path / "b", optim={"lr_unet": 2e-4})
     refused = run_cli("train", changed, check=False)
     assert refused.returncode == 2 and "--allow-config-change" in refused.stderr
+    bigger = write_run(tmp_path / "b.toml", world, tmp_path / "b", train={"grad_accumulation": 2})
+    refused = run_cli("train", bigger, check=False)
+    assert refused.returncode == 2 and "effective batch" in refused.stderr
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, world):
@@ -176,3 +179,16 @@ def test_the_toy_example_trains_as_documented(tmp_path):
     run = tmp_path / "runs" / "toy"
     assert (run / "checkpoints" / "last.safetensors").is_file() and (run / "checkpoints" / "epoch-0001.safetensors").is_file()
     assert list((run / "samples").glob("step-*/grid*.png"))
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint(tmp_path, world):
+    from tunelab.config import load_config
+    from tunelab.models.checkpoint import new_checkpoint
+    from tunelab.train.trainer import _load_model
+
+    ckpt = new_checkpoint("toy", tmp_path / "other.safetensors", seed=11, dtype="fp32")
+    cfg = load_config(write_run(tmp_path / "r.toml", world, tmp_path / "r"))  # model.base = "toy" (seed 3)
+    comps, _ = _load_model(cfg, ckpt, meta=False)
+    assert torch.equal(comps.unet.conv_in.weight, load_file(ckpt)["model.diffusion_model.input_blocks.0.0.weight"])
+    fresh, _ = _load_model(cfg, None, meta=False)
+    assert not torch.equal(fresh.unet.conv_in.weight, comps.unet.conv_in.weight)

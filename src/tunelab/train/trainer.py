@@ -114,6 +114,7 @@ def _setup(cfg: RunConfig, allow_change: bool, init_from, dry_run: bool) -> Setu
         from tunelab.train.state import read_trainer_info
 
         resume = read_trainer_info(state) | {"path": str(state)}
+        _check_effective_batch(cfg, resume, world, allow_change)
         check_resume(resume, cfg.fingerprint(), allow_change)
     comps, toks = _load_model(cfg, init_from, meta=dry_run)
     from tunelab.train.parts import select_trainable
@@ -147,6 +148,17 @@ def _adopt_new_schedule(s: Setup) -> None:
         group["lr"] = fresh[group["name"]] * fn(sched.last_epoch)
         group["weight_decay"] = o.weight_decay
     log.warning("settings changed since the saved state; continuing with the run file's learning rates and schedule")
+
+
+def _check_effective_batch(cfg: RunConfig, resume: dict, world: int, allow_change: bool) -> None:
+    accum = cfg.accumulation_for(world)
+    eff = world * cfg.train.batch_size * accum
+    if resume.get("effective_batch", eff) != eff and not allow_change:
+        raise TunelabError(
+            f"this run was trained with an effective batch of {resume['effective_batch']} and would resume with {eff} "
+            f"({world} process(es) x batch {cfg.train.batch_size} x accumulation {accum}); launch the same number "
+            "of processes, use train.target_effective_batch, or pass --allow-config-change"
+        )
 
 
 def _load_model(cfg: RunConfig, init_from, meta: bool):
@@ -314,7 +326,7 @@ def _loop(s: Setup) -> TrainResult:
     eff = acc.num_processes * cfg.train.batch_size * s.accumulation
     batches = _batches(s, epoch, s.resume.get("position", 0))
     bar = _progress(acc, s.total_steps, step)
-    position = s.resume.get("position", 0)
+    position, smooth = s.resume.get("position", 0), None
     skipped, streak, last_ckpt, t0 = s.resume.get("skipped_nonfinite", 0), 0, None, time.perf_counter()
     while step < s.total_steps:
         loss, finite, grad_norm, (epoch, position) = _optimizer_step(s, batches)
@@ -329,8 +341,9 @@ def _loop(s: Setup) -> TrainResult:
         scalars |= {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(s.optimizer.param_groups)}
         if step % cfg.log.every_n_steps == 0:
             metrics.log(step, scalars)
+        smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss  # the bar's loss: an EMA
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.2f}", epoch=epoch)
+        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.2f}", epoch=epoch)
         saved = _maybe_save(s, step, epoch, position, skipped, metrics, eff, epoch_ended=position == 0)
         last_ckpt = saved or last_ckpt
         if cfg.grid.every_n_steps and step % cfg.grid.every_n_steps == 0 and step < s.total_steps:
@@ -525,7 +538,7 @@ def _write_checkpoint(s: Setup, name: str, step: int, epoch: int, eff: int) -> P
 
 
 def _write_state(s: Setup, step: int, epoch: int, position: int, skipped: int, eff: int) -> None:
-    info = {"step": step, "epoch": epoch, "position": position, "samples_seen": step * eff,
+    info = {"step": step, "epoch": epoch, "position": position, "samples_seen": step * eff, "effective_batch": eff,
             "skipped_nonfinite": skipped, "fingerprint": s.cfg.fingerprint(),
             "world_size": s.accelerator.num_processes}
     save_state(s.accelerator, s.run, step, info)
