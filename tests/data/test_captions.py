@@ -7,7 +7,6 @@ from pydantic import ValidationError
 
 from tunelab.data.captions import (
     CaptionConfig,
-    build_prompt,
     normalize_tags,
     prompt_for,
     resolve_wildcards,

@@ -677,7 +677,7 @@ def summary(rep: DriftReport) -> list[str]:
     blocks and tensors that moved most in the chosen pair, problems, files written."""
     doc, models, (a, b) = rep.doc, rep.doc["ml"], rep.pair
     lines = ["models: " + "  ".join(f"[{i}] {m}" for i, m in enumerate(models))]
-    lines.append(f"L2 distance from [0] (relative change ||d|| / ||theta_0|| in brackets):")
+    lines.append("L2 distance from [0] (relative change ||d|| / ||theta_0|| in brackets):")
     lines.append(f"{'group':<8}" + "".join(f"{f'[{j}]':>22}" for j in range(1, len(models))))
     for g, m in doc["dm"].items():
         rel = doc["relative"]["components"][g]

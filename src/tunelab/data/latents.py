@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,9 @@ from tqdm import tqdm
 from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket, read_rejects
 from tunelab.data.index import read_footer
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the index side of tunelab runs without it
+    import torch
 
 log = logging.getLogger(__name__)
 
