@@ -6,9 +6,11 @@ files with `cat`, in the same run.
 1. Generates N checkpoints with `tunelab model new --arch ARCH --seed i --dtype DTYPE` (random
    weights; the drift figures mean nothing, the work - read every byte, compare every key - is
    that of real checkpoints). Checks the free disk first and lowers N if it must (and says so).
-2. Runs, in this order: `cat FILES > /dev/null`, `tunelab drift FILES --out DIR`, `cat` again.
-   The page cache cannot be dropped here; with N files larger than RAM, sequential re-reading
-   mostly misses the cache, and running cat both before and after drift shows how much it helped.
+2. Alternates `cat FILES > /dev/null` and `tunelab drift FILES --out DIR` (the whole command:
+   imports, scan, JSON/CSV, plots) for --rounds rounds, ending with a cat. Before every timed run
+   the files are evicted from the page cache (posix_fadvise DONTNEED on clean pages; no root
+   needed), so each run reads from disk like the first read of a fresh checkpoint. Reports every
+   figure, the medians, and drift against its neighbouring cats.
 3. Peak RSS of the drift process from `os.wait4` (ru_maxrss of that child alone), against the
    target 2 GiB + N x the largest tensor (bytes in the file's dtype); wall time against the
    target 2 x one `cat` of the same files.
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,8 +66,19 @@ def fit_n(n: int, arch: str, folder: Path) -> int:
     return max(2, min(n, fits))
 
 
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so the next read comes from disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def timed_cat(paths: list[Path]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of `cat FILES > /dev/null`."""
+    """(wall seconds, CPU seconds) of `cat FILES > /dev/null`, read cold."""
+    evict(paths)
     t0 = time.perf_counter()
     proc = subprocess.Popen(["cat", *map(str, paths)], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -74,7 +88,8 @@ def timed_cat(paths: list[Path]) -> tuple[float, float]:
 
 
 def timed_drift(paths: list[Path], out: Path) -> tuple[float, float, int, str]:
-    """(wall seconds, CPU seconds, peak RSS bytes, stdout) of one `tunelab drift` process."""
+    """(wall seconds, CPU seconds, peak RSS bytes, stdout) of one `tunelab drift` process, read cold."""
+    evict(paths)
     t0 = time.perf_counter()
     proc = subprocess.Popen([*tunelab_exe(), "drift", *map(str, paths), "--out", str(out)],
                             stdout=subprocess.PIPE, text=True)
@@ -93,6 +108,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tunelab-bench/drift"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints for a rerun")
+    ap.add_argument("--rounds", type=int, default=3, help="cat/drift alternations (medians are reported)")
     args = ap.parse_args()
 
     n = fit_n(args.n, args.arch, args.dir)
@@ -102,29 +118,34 @@ def main() -> None:
     largest = max(t.end - t.begin for h in headers for t in h.tensors.values())
     print(f"{n} x {args.arch} {args.dtype}: {total / 1e9:.2f} GB in all, largest tensor {largest / 1e6:.1f} MB "
           f"(generated in {gen_s:.0f} s)", flush=True)
+    cats, drifts = [], []  # (wall, cpu) / (wall, cpu, rss)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cat1, cat1_cpu = timed_cat(paths)
-            print(f"cat #1: {cat1:.1f} s ({total / cat1 / 1e9:.2f} GB/s), CPU {cat1_cpu:.1f} s", flush=True)
-            load_before = os.getloadavg()[0]
-            wall, cpu, rss, stdout = timed_drift(paths, Path(tmp) / "out")
-            print(f"drift:  {wall:.1f} s ({total / wall / 1e9:.2f} GB/s), CPU {cpu:.1f} s, peak RSS {rss / GIB:.2f} GiB "
-                  f"(1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs)",
-                  flush=True)
-            cat2, cat2_cpu = timed_cat(paths)
-            print(f"cat #2: {cat2:.1f} s ({total / cat2 / 1e9:.2f} GB/s), CPU {cat2_cpu:.1f} s", flush=True)
+            for r in range(args.rounds):
+                cats.append(timed_cat(paths))
+                print(f"cat:   {cats[-1][0]:.1f} s ({total / cats[-1][0] / 1e9:.2f} GB/s), CPU {cats[-1][1]:.1f} s", flush=True)
+                wall, cpu, rss, stdout = timed_drift(paths, Path(tmp) / "out")
+                drifts.append((wall, cpu, rss))
+                print(f"drift: {wall:.1f} s ({total / wall / 1e9:.2f} GB/s), CPU {cpu:.1f} s, peak RSS {rss / GIB:.2f} GiB "
+                      f"(1-min load {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)", flush=True)
+            cats.append(timed_cat(paths))
+            print(f"cat:   {cats[-1][0]:.1f} s", flush=True)
     finally:
         if not args.keep:
             for p in paths:
                 p.unlink(missing_ok=True)
     target_rss = 2 * GIB + n * largest
+    rss = max(d[2] for d in drifts)
+    cat_med, drift_med = statistics.median(c[0] for c in cats), statistics.median(d[0] for d in drifts)
+    neighbours = [drifts[i][0] / cats[j][0] for i in range(len(drifts)) for j in (i, i + 1)]
     figures = {"n": n, "arch": args.arch, "dtype": args.dtype, "total_bytes": total, "largest_tensor_bytes": largest,
-               "cat1_s": cat1, "drift_s": wall, "drift_cpu_s": cpu, "cat2_s": cat2, "cat_cpu_s": [cat1_cpu, cat2_cpu], "peak_rss_bytes": rss, "target_rss_bytes": target_rss,
-               "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+               "cat_s": [c[0] for c in cats], "drift_s": [d[0] for d in drifts], "drift_cpu_s": [d[1] for d in drifts],
+               "peak_rss_bytes": rss, "target_rss_bytes": target_rss, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     print(f"peak RSS {rss / GIB:.2f} GiB vs target {target_rss / GIB:.2f} GiB (2 GiB + {n} x {largest / 1e6:.1f} MB): "
           f"{'OK' if rss <= target_rss else 'OVER'}")
-    for label, cat in (("cat #1", cat1), ("cat #2", cat2)):
-        print(f"drift / {label} = {wall / cat:.2f} (target <= 2): {'OK' if wall <= 2 * cat else 'OVER'}")
+    print(f"median drift {drift_med:.1f} s / median cat {cat_med:.1f} s = {drift_med / cat_med:.2f} (target <= 2): "
+          f"{'OK' if drift_med <= 2 * cat_med else 'OVER'}; drift / neighbouring cats: "
+          + ", ".join(f"{r:.2f}" for r in neighbours))
     print(json.dumps(figures))
     print("--- drift summary ---\n" + stdout)
 
