@@ -25,8 +25,7 @@ from tunelab.analyze.events import (
 )
 from tunelab.errors import TunelabError
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-KOHYA = sorted((FIXTURES / "kohya-tensorboard").glob("*/finetuning/events.out.tfevents.*"))
+from tests.analyze.fixtures import FIXTURES, KOHYA  # noqa: E402,F401
 
 
 def _accumulator(path: Path) -> ea.EventAccumulator:

@@ -28,8 +28,7 @@ from tunelab.analyze.loss import (
 )
 from tunelab.errors import TunelabError
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-KOHYA = sorted((FIXTURES / "kohya-tensorboard").glob("*/finetuning/events.*"))
+from tests.analyze.fixtures import FIXTURES, KOHYA  # noqa: E402,F401
 TUNELAB = Path(sys.executable).parent / "tunelab"
 
 
