@@ -599,7 +599,7 @@ def drift(
 
     Reads each file once, one tensor at a time, so several full-size models fit in a few GB of RAM. Keys missing from some files, shape mismatches and NaN/Inf values are listed, not fatal.
 
-    Writes to --out: drift.json (the field's {"ml": models, "dm": {component: NxN matrix}} plus blocks, kinds, relative change, cosines and problems), drift.csv (one row per pair, one column per group), tensors.csv (every tensor and pair), trajectory.png (distance from the first file), heatmap_<component>.png, blocks_I_vs_J.png.
+    Writes to --out: drift.json (the field's {"ml": models, "dm": {component: NxN matrix}} plus blocks, kinds, relative change, cosines and problems), drift.csv (one row per pair, one column per group), tensors.csv (every tensor and pair), trajectory.png (distance from the first file), heatmaps.png (a panel per component), blocks_I_vs_J.png.
 
     Example: tunelab drift base.safetensors step-1000.safetensors step-2000.safetensors --out drift/
     """

@@ -78,52 +78,84 @@ def _m(x) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in x], dtype=float)
 
 
+# Distances are summed in float32 within a chunk, float64 across (1e-6 measured, no cancellation);
+# cosines come from the distances, so they are good to about the same, absolutely.
+RTOL, ATOL = 1e-5, 1e-6
+
+
 # --- the math of one key -----------------------------------------------------------------------------
 
 
-def test_delta_gram_gives_exact_pair_distances_and_norms():
+def _dense(ts) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.stack([t.reshape(-1).double() for t in ts])
+    return (torch.cdist(x, x) ** 2).numpy(), (x * x).sum(1).numpy()
+
+
+def test_pair_sums_give_exact_pair_distances_and_norms():
     gen = torch.Generator().manual_seed(1)
     ts = [torch.randn(1000, generator=gen, dtype=torch.float64) for _ in range(5)]
-    sq, norm2 = weights.distances_from_gram(weights.delta_gram(ts, chunk=64))
-    ref = torch.cdist(torch.stack(ts), torch.stack(ts)).numpy() ** 2
-    np.testing.assert_allclose(sq, ref, rtol=1e-12, atol=1e-9)
-    np.testing.assert_allclose(norm2, [float(t @ t) for t in ts], rtol=1e-12)
+    sq, norm2 = weights.pair_sums(ts, chunk=64)
+    ref_sq, ref_norm2 = _dense(ts)
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(norm2, ref_norm2, rtol=1e-12)
+    assert (np.diag(sq) == 0).all() and (sq == sq.T).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_sum_in_float32_within_1e5(dtype):
+    """Differences of 16-bit values are exact in float32; only the sums round (~1e-6 measured)."""
+    gen = torch.Generator().manual_seed(2)
+    ts = [(torch.randn(300_001, generator=gen) * 0.05).to(dtype) for _ in range(4)]
+    sq, norm2 = weights.pair_sums(ts)
+    ref_sq, ref_norm2 = _dense(ts)
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-5)
+    np.testing.assert_allclose(norm2, ref_norm2, rtol=1e-5)
 
 
 def test_chunking_does_not_change_the_result():
     gen = torch.Generator().manual_seed(2)
     ts = [torch.randn(37, 11, generator=gen).half() for _ in range(3)]
-    whole = weights.delta_gram(ts, chunk=1 << 20)
-    np.testing.assert_allclose(weights.delta_gram(ts, chunk=5), whole, rtol=1e-13)
+    whole = weights.pair_sums(ts, chunk=1 << 20)
+    for a, b in zip(weights.pair_sums(ts, chunk=5), whole):  # 5 does not divide 407: a short last chunk
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_two_threads_give_the_same_gram():
+def test_two_threads_give_the_same_sums():
     from concurrent.futures import ThreadPoolExecutor
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 100_003, generator=gen).half()  # odd length: uneven halves, short last chunk
     with ThreadPoolExecutor(2) as pool:
-        split = weights.delta_gram(x, chunk=4096, workers=pool)
-    np.testing.assert_allclose(split, weights.delta_gram(x, chunk=4096), rtol=1e-12)
-    np.testing.assert_allclose(split, weights.delta_gram(list(x.double()), chunk=1 << 20), rtol=1e-12)
+        split = weights.pair_sums(x, chunk=4096, workers=pool)
+    for a, b, ref in zip(split, weights.pair_sums(x, chunk=4096), _dense(list(x))):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        np.testing.assert_allclose(a, ref, rtol=1e-5)
 
 
-def test_near_equal_models_far_from_the_first_keep_their_digits():
-    """Two checkpoints 1e-3 apart, both ~1 away from θ_0, weights of norm ~3000: a Gram of the raw
-    weights loses the distance to cancellation (error ~eps·(‖θ‖/‖Δ‖)² ≈ 1e-3); the Gram of the
-    deltas against θ_0 keeps it (error ~eps·(‖θ−θ_0‖/‖Δ‖)² ≈ 1e-10)."""
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
+    """Two checkpoints 1e-3 apart, both ~1 away from θ_0, weights of norm ~3000 (a long run's
+    neighbouring steps). Each distance is summed from its own differences, so no figure comes from
+    subtracting large ones: a Gram matrix of the raw weights would lose the distance to cancellation
+    (error ~eps·(‖θ‖/‖Δ‖)²), and even a Gram of the deltas against θ_0 would in float32
+    (error ~1e-7·(‖θ − θ_0‖/‖Δ‖)², over 100 % here)."""
     gen = torch.Generator().manual_seed(3)
-    base = torch.randn(100_000, generator=gen, dtype=torch.float64) * 10
-    step = torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-3
-    tiny = torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-6
-    ts = [base, base + step, base + step + tiny]
-    exact = float(tiny.norm())
-    sq, _ = weights.distances_from_gram(weights.delta_gram(ts))
-    assert math.sqrt(sq[1, 2]) == pytest.approx(exact, rel=1e-8)
-    assert math.sqrt(sq[0, 2]) == pytest.approx(float((step + tiny).norm()), rel=1e-12)
-    raw = torch.stack(ts) @ torch.stack(ts).T  # what the naive method would use
+    base = (torch.randn(100_000, generator=gen, dtype=torch.float64) * 10).to(dtype)
+    one = (base + torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-3).to(dtype)
+    two = (one + torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-6).to(dtype)
+    ts = [base, one, two]
+    ref, _ = _dense(ts)
+    sq, _ = weights.pair_sums(ts)
+    assert math.sqrt(sq[1, 2]) == pytest.approx(math.sqrt(ref[1, 2]), rel=rel)
+    assert math.sqrt(sq[0, 2]) == pytest.approx(math.sqrt(ref[0, 2]), rel=rel)
+    raw = torch.stack(ts).double() @ torch.stack(ts).double().T  # what the naive method would use
     naive = math.sqrt(max(float(raw[1, 1] + raw[2, 2] - 2 * raw[1, 2]), 0.0))
-    assert abs(naive - exact) / exact > 1e-6  # the test would catch a regression to it
+    assert abs(naive - math.sqrt(ref[1, 2])) / math.sqrt(ref[1, 2]) > 1e-6  # the test would catch it
+    if dtype == torch.float32:  # and a float32 Gram of the deltas from θ_0 is off by more than 100 %
+        d = torch.stack([one - base, two - base])
+        g = d @ d.T
+        gram = math.sqrt(max(float(g[0, 0] + g[1, 1] - 2 * g[0, 1]), 0.0))
+        assert abs(gram - math.sqrt(ref[1, 2])) / math.sqrt(ref[1, 2]) > 0.5
 
 
 # --- whole files against the dense reference ---------------------------------------------------------
@@ -138,16 +170,16 @@ def test_scan_matches_dense_computation_for_every_group(tmp_path, dtype):
     for name in doc["dm"]:
         member = (lambda k: True) if name == "all" else (lambda k, c=name: blocks.component_of(k) == c)
         ref = dense_group(paths, member)
-        np.testing.assert_allclose(_m(doc["dm"][name]), ref["distance"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_m(doc["dm"][name]), ref["distance"], rtol=RTOL)
         for metric in ("relative", "cosine_models", "cosine_deltas"):
-            np.testing.assert_allclose(_m(doc[metric]["components"][name]), ref[metric], rtol=1e-9, atol=1e-12,
+            np.testing.assert_allclose(_m(doc[metric]["components"][name]), ref[metric], rtol=RTOL, atol=ATOL,
                                        err_msg=f"{metric} of {name}")
     for name, m in doc["blocks"].items():
         ref = dense_group(paths, lambda k: blocks.unet_block_of(k) == name)
-        np.testing.assert_allclose(_m(m), ref["distance"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_m(m), ref["distance"], rtol=RTOL)
     for name, m in doc["kinds"].items():
         ref = dense_group(paths, lambda k: blocks.component_of(k) == "unet" and blocks.kind_of(k) == name)
-        np.testing.assert_allclose(_m(m), ref["distance"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_m(m), ref["distance"], rtol=RTOL)
 
 
 def test_files_of_different_dtypes_compare_exactly(tmp_path):
@@ -184,7 +216,7 @@ def test_reused_read_buffers_never_leak_values_between_keys(tmp_path, monkeypatc
     assert taken["reused"] > taken["new"], taken
     for name, m in doc["blocks"].items():
         ref = dense_group(paths, lambda k: blocks.unet_block_of(k) == name)
-        np.testing.assert_allclose(_m(m), ref["distance"], rtol=1e-10)
+        np.testing.assert_allclose(_m(m), ref["distance"], rtol=RTOL)
 
 
 def test_groups_present_in_the_files_only(tmp_path):
@@ -236,9 +268,23 @@ def test_missing_mismatched_and_non_finite_tensors_are_listed(tmp_path):
     for name in ("unet", "vae", "other", "all"):
         member = (lambda k: True) if name == "all" else (lambda k, c=name: blocks.component_of(k) == c)
         ref = dense_group(paths, member)
-        np.testing.assert_allclose(_m(doc["dm"][name]), ref["distance"], rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(_m(doc["dm"][name]), ref["distance"], rtol=RTOL, err_msg=name)
         np.testing.assert_allclose(_m(doc["cosine_deltas"]["components"][name]), ref["cosine_deltas"],
-                                   rtol=1e-9, err_msg=name)
+                                   rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_per_tensor_figures_equal_one_tensor_groups(tmp_path):
+    """tensors.csv's vectorised figures against `group` over each tensor alone, with missing,
+    mismatched and non-finite tensors among them."""
+    result = weights.scan(write_models(tmp_path, 3, edit=_break), progress=False)
+    figures = weights.tensor_figures(result)
+    for k, t in enumerate(result.tensors):
+        g = weights.group(t.key, [t], 3)
+        compared = g.compared.astype(bool)
+        for name, ref in (("l2", g.distance()), ("relative", g.relative()),
+                          ("cosine_models", g.cosine_models()), ("cosine_deltas", g.cosine_deltas())):
+            np.testing.assert_allclose(np.where(compared, figures[name][k], np.nan), np.where(compared, ref, np.nan),
+                                       rtol=1e-12, err_msg=f"{name} of {t.key}")
 
 
 def test_a_group_no_pair_shares_is_null_not_zero(tmp_path):

@@ -3,7 +3,7 @@
 - `trajectory.png`: distance of every model from the first, in command-line order, one line per
   component; absolute L2 on the left, relative change on the right (components differ by orders
   of magnitude in size, so the relative panel is the one to compare them on; log scale).
-- `heatmap_<group>.png`: the N x N distance matrix of each component and of `all`.
+- `heatmaps.png`: the N x N distance matrix of each component and of `all`, a panel each.
 - `blocks_<a>_vs_<b>.png`: L2 and relative change per UNet block for one pair.
 
 Uses matplotlib's object API (`Figure`, no pyplot): no global state, no GUI backend, safe in
@@ -38,8 +38,7 @@ def _array(m: list[list[float | None]]) -> np.ndarray:
 def write_plots(doc: dict, out: Path, pair: tuple[int, int]) -> list[Path]:
     """Draw every plot into `out`; returns the files written."""
     written = [plot_trajectory(doc, out / "trajectory.png")]
-    for name in doc["dm"]:
-        written.append(plot_heatmap(doc, name, out / f"heatmap_{name}.png"))
+    written.append(plot_heatmaps(doc, out / "heatmaps.png"))
     if doc["blocks"]:
         a, b = pair
         written.append(plot_blocks(doc, pair, out / f"blocks_{a}_vs_{b}.png"))
@@ -75,28 +74,42 @@ def plot_trajectory(doc: dict, path: Path) -> Path:
     return path
 
 
-def plot_heatmap(doc: dict, name: str, path: Path) -> Path:
-    models = doc["ml"]
-    d = _array(doc["dm"][name])
-    n = len(models)
-    side = max(5.0, 0.7 * n + 3.5)
-    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="L2 distance")
-    labels = [f"[{i}] {_short(m, 20)}" for i, m in enumerate(models)]
-    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    if n <= MAX_ANNOTATED:
-        top = np.nanmax(d) if np.isfinite(d).any() else 0.0
-        for i in range(n):
-            for j in range(n):
-                v = d[i, j]
-                text = "n/a" if not np.isfinite(v) else f"{v:.3g}"
-                # Dark cells get white text; viridis is dark at the low end.
-                color = "white" if not np.isfinite(v) or v < 0.6 * top else "black"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    ax.set_title(f"{name}: pairwise L2 distance")
+def plot_heatmaps(doc: dict, path: Path) -> Path:
+    """One panel per component (and `all`), each on its own colour scale: components differ by
+    orders of magnitude. Axes carry the model indices; the index -> file legend is underneath."""
+    models, names = doc["ml"], list(doc["dm"])
+    n, k = len(models), len(names)
+    cols = min(3, k)
+    rows = -(-k // cols)
+    annotate = n <= MAX_ANNOTATED
+    side = max(3.2, 0.42 * n + 1.6)
+    legend_h = 0.22 * -(-n // 2) + 0.3
+    fig = Figure(figsize=(cols * (side + (0 if annotate else 0.9)), rows * side + legend_h + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        d = _array(doc["dm"][name])
+        im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis")
+        ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=8)
+        ax.set_yticks(range(n), [str(i) for i in range(n)], fontsize=8)
+        ax.set_title(name, fontsize=11)
+        if annotate:
+            top = np.nanmax(d) if np.isfinite(d).any() else 0.0
+            for i in range(n):
+                for j in range(n):
+                    v = d[i, j]
+                    text = "n/a" if not np.isfinite(v) else f"{v:.3g}"
+                    # Dark cells get white text; viridis is dark at the low end.
+                    color = "white" if not np.isfinite(v) or v < 0.6 * top else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 6 else 8, color=color)
+        else:
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    for ax in axes[k:]:
+        ax.set_axis_off()
+    half = -(-n // 2)
+    legend = [f"[{i}] {_short(m, 40)}" for i, m in enumerate(models)]
+    lines = [legend[i] + (f"      {legend[i + half]}" if i + half < n else "") for i in range(half)]
+    fig.supxlabel("\n".join(lines), fontsize=8, ha="center")
+    fig.suptitle("Pairwise L2 distance per component (row / column = model index)")
     fig.savefig(path, dpi=110)
     return path
 

@@ -1,21 +1,26 @@
 """Weight drift: how far N checkpoints moved from each other, per component, UNet block and kind.
 
 One pass over the files, key by key. For each key the N tensors (one per file, read straight from
-the file at the header's offsets, never a whole model) are compared through one N x N Gram matrix
-in float64, built chunk by chunk:
+the file at the header's offsets, never a whole model) give every pair's squared distance and every
+model's squared norm, summed chunk by chunk from the differences themselves:
 
-    X = [θ_0, θ_1 − θ_0, ..., θ_{N−1} − θ_0]          (θ_0: the first file holding the key)
-    G = X Xᵀ
-    ‖θ_i − θ_j‖² = G_ii + G_jj − 2 G_ij   (i, j ≥ 1; with θ_0 itself: G_jj)
-    ‖θ_i‖²       = G_00 + 2 G_0i + G_ii
+    ‖θ_i − θ_j‖² = Σ (θ_i − θ_j)²     for every pair i < j
+    ‖θ_i‖²       = Σ θ_i²              (the distance to a zero row appended to the N rows)
 
-so all N(N−1)/2 pair distances cost one read of each file. The Gram of the *differences* (not of
-the raw weights) is what keeps the digits: G_ii + G_jj − 2 G_ij cancels, and its relative error is
-about 1e-16 · (‖θ_i − θ_0‖ / ‖θ_i − θ_j‖)² here, against 1e-16 · (‖θ_i‖ / ‖θ_i − θ_j‖)² for raw
-weights. A finetune moves the weights by ~1e-3 of their norm, so the raw form would lose ~6 more
-digits (tested in tests/analyze/test_drift.py). float64 rather than float32: float32 is ~2.5x
-faster here, but with its 1e-7 the same cancellation becomes visible as soon as two checkpoints are
-much closer to each other than to θ_0 (consecutive steps of a long run).
+`torch.pdist` computes all of them over one cache-sized chunk in a single vectorised call, so the
+N(N−1)/2 pairs cost one read of each file and little CPU (4 x SDXL fp16: ~14 s of one core, under
+the time the disk needs to deliver the 27.75 GB; see benchmarks/RESULTS.md).
+
+Precision. Each figure is a sum of non-negative terms, so nothing cancels, however close two
+checkpoints are to each other and however far from the rest. float16 / bfloat16 weights are
+widened to float32, which holds every difference of two such values exactly; float32 weights
+are compared in float32 (their differences round once, at 6e-8); float64 stays float64. A chunk
+(~100 k positions) is summed in float32 (relative error ~1e-6 measured on random weights), the
+chunks in float64. The other figures come from these: cosines through
+⟨a, b⟩ = (‖a‖² + ‖b‖² − ‖a − b‖²) / 2, good to ~1e-6 absolutely. (A Gram matrix X Xᵀ would be
+cheaper on paper, but its distances G_ii + G_jj − 2 G_ij cancel: a float32 Gram of the deltas from
+θ_0 is off by more than 100 % for two neighbouring steps of a long run (tested in
+tests/analyze/test_drift.py), and the float64 one ran at half this speed.)
 
 Why the tensors are read with `os.preadv` and not `safetensors.safe_open`: `safe_open` memory-maps
 the file, and every page it touches stays resident in the process until the file is closed, so the
@@ -45,10 +50,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import functools
+import importlib
 import json
 import logging
 import math
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +72,13 @@ from tunelab.models.safetensors_io import DTYPES, Header, TensorInfo, read_heade
 
 log = logging.getLogger(__name__)
 
-# Bytes of the float64 (N, chunk) buffer of the Gram computation (see `chunk_elements`).
+# Bytes of the float32 (N + 1, chunk) stage of `pair_sums` (see `chunk_elements`).
 CHUNK_BYTES = 2 << 20
 # Tensor bytes read ahead of the comparison beyond the next key (bounds memory; see `_Reader`).
 READ_AHEAD_BYTES = 512 << 20
 # Bytes of compared keys' buffers kept for reuse by later keys of the same size (see `_Reader`).
 SPARE_BYTES = 256 << 20
+MAX_SPARES = 64
 # A single read() on Linux returns at most ~2 GiB; larger tensors are read in pieces.
 _MAX_READ = 1 << 30
 
@@ -144,61 +153,54 @@ class DriftScan:
 
 
 def chunk_elements(n_models: int) -> int:
-    """Elements per Gram chunk: the (N, chunk) float64 buffer stays ~2 MiB, inside the cache.
-    Measured on the N x chunk products: 64 Ki for N = 4 runs ~2x faster than 256 Ki."""
-    return max(1 << 14, CHUNK_BYTES // (8 * n_models))
+    """Positions per chunk: the (N + 1, chunk) float32 stage stays ~1.5 MiB, inside the L2 cache."""
+    return max(1 << 14, CHUNK_BYTES // (4 * (n_models + 1)))
 
 
-def delta_gram(
-    tensors: torch.Tensor | list[torch.Tensor], chunk: int | None = None, workers: ThreadPoolExecutor | None = None
-) -> np.ndarray:
-    """Gram matrix of [θ_0, θ_1 − θ_0, ...] in float64, accumulated chunk by chunk.
+def pair_sums(
+    tensors: torch.Tensor | list[torch.Tensor], chunk: int | None = None, workers: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(‖θ_i − θ_j‖² as an (N, N) matrix, ‖θ_i‖² as (N,)) for the rows of `tensors`, in float64.
 
-    `tensors`: an (N, numel) matrix (one row per model, any dtype) or a list of same-shape tensors.
-    With `workers`, large tensors are split in halves computed on two threads (torch releases the
-    GIL inside its kernels). Memory: an (N, chunk) float64 buffer per thread besides the inputs.
+    `tensors`: an (N, numel) matrix (one row per model, any float dtype) or a list of same-shape
+    tensors. With `workers`, large tensors are split in halves summed on two threads (torch releases
+    the GIL inside its kernels). Memory: one (N + 1, chunk) stage per thread besides the inputs.
     """
     x = tensors if isinstance(tensors, torch.Tensor) else torch.stack([t.reshape(-1) for t in tensors])
     n, numel = x.shape
     chunk = chunk or chunk_elements(n)
     if workers is None or numel < 4 * chunk:
-        return _gram_span(x, 0, numel, chunk).numpy()
-    mid = (numel // 2) // chunk * chunk
-    halves = [workers.submit(_gram_span, x, 0, mid, chunk), workers.submit(_gram_span, x, mid, numel, chunk)]
-    return sum(h.result() for h in halves).numpy()
+        sums = _pdist_span(x, 0, numel, chunk)
+    else:
+        mid = (numel // 2) // chunk * chunk
+        halves = [workers.submit(_pdist_span, x, 0, mid, chunk), workers.submit(_pdist_span, x, mid, numel, chunk)]
+        sums = sum(h.result() for h in halves)
+    i, j = torch.triu_indices(n + 1, n + 1, 1).numpy()  # torch.pdist's order of the pairs
+    sq = np.zeros((n + 1, n + 1))
+    sq[i, j] = sums.numpy()
+    sq += sq.T
+    return sq[:n, :n], sq[:n, n].copy()  # row n is the zero vector: distances to it are the norms
 
 
-def _gram_span(x: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 holds every difference of two float16 / bfloat16 values exactly (and float32's to its
+    own rounding); float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pdist_span(x: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
+    """Condensed pair sums (torch.pdist order) of the rows of x[:, start:stop] plus a zero row."""
     n = x.shape[0]
     width = min(chunk, max(stop - start, 1))
-    buf = torch.empty(n, width, dtype=torch.float64)
-    # torch casts float16 -> float64 in scalar code (~0.65 G/s measured) but float16 -> float32 ->
-    # float64 in vector code (~2 G/s); both steps are exact.
-    stage = torch.empty(n, width, dtype=torch.float32) if x.dtype == torch.float16 else None
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for s in range(start, stop, chunk):
-        e = min(stop, s + chunk)
-        v = buf[:, : e - s]
-        if stage is not None:
-            v.copy_(stage[:, : e - s].copy_(x[:, s:e]))
-        else:
-            v.copy_(x[:, s:e])
-        v[1:].sub_(v[0])
-        gram.addmm_(v, v.T)
-    return gram
-
-
-def distances_from_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(squared pair distances (N, N), squared norms (N,)) from a `delta_gram`."""
-    dd = gram.copy()
-    dd[0, :] = 0.0  # the delta of θ_0 to itself
-    dd[:, 0] = 0.0
-    diag = np.diag(dd)
-    sq = np.maximum(diag[:, None] + diag[None, :] - 2.0 * dd, 0.0)  # rounding can dip below 0
-    np.fill_diagonal(sq, 0.0)
-    norm2 = gram[0, 0] + 2.0 * gram[0, :] + diag
-    norm2[0] = gram[0, 0]
-    return sq, np.maximum(norm2, 0.0)
+    stage = torch.zeros(n + 1, width, dtype=compute_dtype(x.dtype))  # row n stays zero
+    sums = torch.zeros((n + 1) * n // 2, dtype=torch.float64)
+    for s in range(start, stop, width):
+        e = min(stop, s + width)
+        if e - s < width:
+            stage[:n, e - s:] = 0.0  # the short last chunk: zeros add nothing
+        stage[:n, : e - s].copy_(x[:, s:e])  # float16 -> float32 in vector code, exact
+        sums += torch.pdist(stage).double().square_()
+    return sums
 
 
 def _non_finite_count(t: torch.Tensor) -> int:
@@ -237,9 +239,9 @@ def compare_key(
 
 def _stack(tensors: list[torch.Tensor | None], members: list[int]) -> torch.Tensor:
     rows = [tensors[i].reshape(-1) for i in members]
-    dtypes = {r.dtype for r in rows}
-    # Mixed dtypes (an fp16 file against an fp32 one) meet in float64, which holds both exactly.
-    return torch.stack(rows if len(dtypes) == 1 else [r.double() for r in rows])
+    # Mixed dtypes meet in the wider one (fp16 and bf16 in float32), which holds both exactly.
+    common = functools.reduce(torch.promote_types, (r.dtype for r in rows))
+    return torch.stack([r.to(common) for r in rows])
 
 
 def _compare_members(
@@ -254,8 +256,8 @@ def _compare_members(
     workers: ThreadPoolExecutor | None,
 ) -> None:
     """Fill `sq` / `norm2` for the models in `members` (rows of `x`); drop non-finite ones first."""
-    gram = delta_gram(x, workers=workers)
-    if not np.isfinite(gram).all():
+    s, nn = pair_sums(x, workers=workers)
+    if not (np.isfinite(s).all() and np.isfinite(nn).all()):
         # Rare: find the culprits (one extra pass over this key only) and compare the rest.
         finite = []
         for i in members:
@@ -267,11 +269,11 @@ def _compare_members(
         members = finite
         if not members:
             return
-        gram = delta_gram(_stack(tensors, members), workers=workers)
-        if not np.isfinite(gram).all():  # finite values whose squares overflow even float64
+        # Finite values whose squares overflow float32 (|w| > ~1e19) still fit float64.
+        s, nn = pair_sums(_stack(tensors, members).double(), workers=workers)
+        if not (np.isfinite(s).all() and np.isfinite(nn).all()):
             problems.non_finite.append({"key": key, "model": "(overflow in float64)", "count": 0})
             return
-    s, nn = distances_from_gram(gram)
     idx = np.asarray(members)
     sq[np.ix_(idx, idx)] = s
     norm2[idx] = nn
@@ -328,6 +330,7 @@ class _Reader:
         self.fds = [os.open(p, os.O_RDONLY) for p in paths]
         self.pool = ThreadPoolExecutor(max_workers=min(len(paths), 4), thread_name_prefix="drift-read")
         self.spare: collections.deque[torch.Tensor] = collections.deque()
+        self.spare_bytes = 0
 
     def key_bytes(self, key: str) -> int:
         return sum(h.tensors[key].end - h.tensors[key].begin for h in self.headers if key in h.tensors)
@@ -342,6 +345,7 @@ class _Reader:
         best = min(fits, key=lambda i: self.spare[i].numel())
         buf = self.spare[best]
         del self.spare[best]  # by position: deque.remove would compare tensors elementwise
+        self.spare_bytes -= buf.numel()
         return buf[:need].view(n, nbytes)
 
     def _give_back(self, rows: torch.Tensor | None) -> None:
@@ -350,8 +354,10 @@ class _Reader:
         # Keep the whole allocation (rows may be the front of a larger spare), flat.
         whole = torch.empty(0, dtype=torch.uint8).set_(rows.untyped_storage())
         self.spare.append(whole)
-        while sum(b.numel() for b in self.spare) > SPARE_BYTES:
-            self.spare.popleft()  # oldest first
+        self.spare_bytes += whole.numel()
+        # Oldest first; a count cap keeps the search in `_rows` short when keys are small.
+        while self.spare_bytes > SPARE_BYTES or len(self.spare) > MAX_SPARES:
+            self.spare_bytes -= self.spare.popleft().numel()
 
     def submit(self, key: str) -> tuple[list[Future | None], torch.Tensor | None, torch.Tensor | None]:
         """Start reading `key` from every file holding it. When all files hold it with one shape and
@@ -585,20 +591,41 @@ def write_pairs_csv(doc: dict, path: Path) -> None:
             w.writerow([doc["ml"][i], doc["ml"][j], *("" if m[i][j] is None else f"{m[i][j]:.9g}" for _, m in cols)])
 
 
+def tensor_figures(result: DriftScan) -> dict[str, np.ndarray]:
+    """Every metric of every tensor at once, as (T, N, N) arrays (NaN where a pair was not
+    compared): the per-tensor case of `GroupDrift`'s formulas, vectorised over the tensors."""
+    n = len(result.models)
+    if not result.tensors:
+        return {m: np.zeros((0, n, n)) for m in ("l2", "relative", "cosine_models", "cosine_deltas")}
+    sq = np.stack([t.sq for t in result.tensors])  # (T, N, N)
+    norm2 = np.stack([t.norm2 for t in result.tensors])  # (T, N)
+    upper = np.triu(np.ones((n, n), dtype=bool))
+    first = np.where(upper, norm2[:, :, None], norm2[:, None, :])  # ‖θ_a‖², a = min(i, j)
+    s0 = sq[:, 0, :]  # ‖θ_i − θ_0‖²
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(first > 0, np.sqrt(sq / first), np.nan)
+        cos_m = (norm2[:, :, None] + norm2[:, None, :] - sq) / (2.0 * np.sqrt(norm2[:, :, None] * norm2[:, None, :]))
+        cos_d = (s0[:, :, None] + s0[:, None, :] - sq) / (2.0 * np.sqrt(s0[:, :, None] * s0[:, None, :]))
+    cos_d[:, 0, :] = np.nan  # θ_0 − θ_0 has no direction
+    cos_d[:, :, 0] = np.nan
+    return {"l2": np.sqrt(sq), "relative": relative,
+            "cosine_models": np.clip(cos_m, -1.0, 1.0), "cosine_deltas": np.clip(cos_d, -1.0, 1.0)}
+
+
 def write_tensors_csv(result: DriftScan, path: Path) -> None:
     """One row per tensor and pair: where it lives and how it moved (for "which tensors moved most")."""
     n = len(result.models)
+    figures = tensor_figures(result)
+    metrics = [figures[m] for m in ("l2", "relative", "cosine_models", "cosine_deltas")]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "component", "block", "kind", "numel", "model_a", "model_b",
                     "l2", "relative", "cosine_models", "cosine_deltas"])
-        for t in result.tensors:
-            g = group(t.key, [t], n)
-            figures = (g.distance(), g.relative(), g.cosine_models(), g.cosine_deltas())
+        for k, t in enumerate(result.tensors):
+            where = [t.key, t.component, t.block or "", t.kind or "", t.numel]
             for i, j in _pairs(n):
-                if g.compared[i, j]:
-                    w.writerow([t.key, t.component, t.block or "", t.kind or "", t.numel,
-                                result.models[i], result.models[j], *(_num(m[i, j]) for m in figures)])
+                if np.isfinite(t.sq[i, j]):
+                    w.writerow([*where, result.models[i], result.models[j], *(_num(m[k, i, j]) for m in metrics)])
 
 
 def _num(v: float) -> str:
@@ -646,6 +673,9 @@ def run_drift(
     paths = [Path(p) for p in paths]
     open_checkpoints(paths)  # every input check before any output folder appears
     ij = resolve_pair(pair, len(paths))
+    if plots:  # import matplotlib while the scan waits on the disk (~0.6 s off the command)
+        warm = threading.Thread(target=importlib.import_module, args=("tunelab.analyze.drift_plots",), daemon=True)
+        warm.start()
     result = scan(paths, progress=progress)
     doc = report(result)
     out = Path(out_dir)
