@@ -85,9 +85,9 @@ _MAX_READ = 1 << 30
 
 @contextlib.contextmanager
 def _one_compute_thread() -> Iterator[None]:
-    """The (N, chunk) x (chunk, N) products are memory-bound and tiny; torch's multi-threaded BLAS
-    spends more in thread barriers than it saves (measured on a busy 2-core machine: 13 ms vs
-    0.13 ms per small product, 17 ms vs 3 ms per 256 Ki chunk). Reads overlap on their own threads."""
+    """Each chunk's work is small (~100 µs); torch's intra-op threads would spend more in barriers
+    than they save (measured for the earlier matrix-product form on the 2-core box: 13 ms against
+    0.13 ms per call). Reads overlap on their own threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -423,9 +423,9 @@ def open_checkpoints(paths: Iterable[str | Path]) -> tuple[list[Path], list[Head
 def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: int = 1) -> DriftScan:
     """Compare N checkpoints key by key in one read pass; see the module docstring for the math.
 
-    `compute_threads`: 2 splits each large tensor's Gram over two threads. Off by default: on the
-    2-core dev box (shared, load ~4) it cost more CPU than it saved (4 x SDXL: 113 s vs 102 s wall);
-    worth measuring on a machine with idle cores."""
+    `compute_threads`: 2 splits each large tensor's sums over two threads. Off by default: on 2
+    cores one is busy with the reads' system time, and the split measured slower (4 x SDXL: 33.1 s
+    against 29.8 s); worth trying with a fast disk and idle cores."""
     paths, headers = open_checkpoints(paths)
     models = model_names(paths)
     keys = key_order(headers)
