@@ -99,15 +99,14 @@ def plot_heatmaps(doc: dict, path: Path) -> Path:
                     v = d[i, j]
                     text = "n/a" if not np.isfinite(v) else f"{v:.3g}"
                     # Dark cells get white text; viridis is dark at the low end.
-                    color = "white" if not np.isfinite(v) or v < 0.6 * top else "black"
+                    color = "white" if not np.isfinite(v) or v <= 0.6 * top else "black"
                     ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 6 else 8, color=color)
         else:
             fig.colorbar(im, ax=ax, shrink=0.8)
     for ax in axes[k:]:
         ax.set_axis_off()
-    half = -(-n // 2)
     legend = [f"[{i}] {_short(m, 40)}" for i, m in enumerate(models)]
-    lines = [legend[i] + (f"      {legend[i + half]}" if i + half < n else "") for i in range(half)]
+    lines = ["      ".join(legend[i : i + 2]) for i in range(0, n, 2)]  # two per line, in index order
     fig.supxlabel("\n".join(lines), fontsize=8, ha="center")
     fig.suptitle("Pairwise L2 distance per component (row / column = model index)")
     fig.savefig(path, dpi=110)
