@@ -594,18 +594,22 @@ def drift(
         help="Two model indices 'I,J' for the per-block bar chart and the 'moved most' lists; "
              "0 is the first file, -1 the last. Default: first,last.")] = None,
     plots: Annotated[bool, typer.Option(help="Draw the PNG plots (--no-plots skips matplotlib).")] = True,
+    signs: Annotated[bool, typer.Option(
+        "--signs", help="Also measure sign agreement: of the weights two models both moved away from the first "
+                        "file, the share they moved the same way (0.5 unrelated, 1 same direction; what TIES "
+                        "merging elects on). About doubles the CPU work.")] = False,
 ) -> None:
     """How far did the weights move? L2 distance between every pair of checkpoints, per component (te0, te1, unet, vae, other), UNet block (EMB, IN00-IN08, M00, OUT00-OUT08, FINAL) and layer kind (self-/cross-attention, other).
 
     Reads each file once, one tensor at a time, so several full-size models fit in a few GB of RAM. Keys missing from some files, shape mismatches and NaN/Inf values are listed, not fatal.
 
-    Writes to --out: drift.json (the field's {"ml": models, "dm": {component: NxN matrix}} plus blocks, kinds, relative change, cosines and problems), drift.csv (one row per pair, one column per group), tensors.csv (every tensor and pair), trajectory.png (distance from the first file), heatmaps.png (a panel per component), blocks_I_vs_J.png.
+    Writes to --out: drift.json (the field's {"ml": models, "dm": {component: NxN matrix}} plus blocks, kinds, relative change, cosines, sign agreement with --signs, and problems), drift.csv (one row per pair, one column per group), tensors.csv (every tensor and pair), trajectory.png (distance from the first file), heatmaps.png (a panel per component), map.png (the checkpoints placed on a plane by their distances), blocks_I_vs_J.png.
 
     Example: tunelab drift base.safetensors step-1000.safetensors step-2000.safetensors --out drift/
     """
     from tunelab.analyze.weights import run_drift, summary
 
-    rep = run_drift(files, out, pair=_parse_pair(pair), plots=plots, progress=sys.stderr.isatty())
+    rep = run_drift(files, out, pair=_parse_pair(pair), plots=plots, progress=sys.stderr.isatty(), signs=signs)
     typer.echo("\n".join(summary(rep)))
 
 

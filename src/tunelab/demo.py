@@ -206,8 +206,9 @@ def _drift(out: Path, paths: dict[str, Path]) -> Path:
     _stage("9. weight drift: base -> mid-run -> last, streamed key by key")
     ckpts = sorted((paths["run"] / "checkpoints").glob("step-*.safetensors"))
     report = run_drift([paths["base"], *ckpts, paths["run"] / "checkpoints" / "last.safetensors"], out / "drift",
-                       progress=False)
-    for line in summary(report)[:8]:
+                       progress=False, signs=True)
+    lines = summary(report)
+    for line in lines[:8] + [line for line in lines if line.startswith("sign agreement")]:
         log.info("%s", line)
     return out / "drift"
 

@@ -132,6 +132,40 @@ def test_two_threads_give_the_same_sums():
         np.testing.assert_allclose(a, ref, rtol=1e-5)
 
 
+def _dense_signs(ts) -> tuple[np.ndarray, np.ndarray]:
+    """(agree, both) counts over the moves from ts[0], straight from the definition."""
+    moves = [torch.sign(t.reshape(-1).double() - ts[0].reshape(-1).double()) for t in ts]
+    n = len(ts)
+    agree = np.array([[float(((moves[i] == moves[j]) & (moves[i] != 0)).sum()) for j in range(n)] for i in range(n)])
+    both = np.array([[float(((moves[i] != 0) & (moves[j] != 0)).sum()) for j in range(n)] for i in range(n)])
+    return agree, both
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sign_counts_are_exact(dtype):
+    """Moves from the first model, with ~30 % of the weights left where they were in each model,
+    summed over chunks with a short last one and over two threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(70_001, generator=gen)
+    ts = [base.to(dtype)]
+    for _ in range(3):
+        moved = (base + 0.01 * torch.randn(70_001, generator=gen)).to(dtype)
+        keep = torch.rand(70_001, generator=gen) < 0.3
+        moved[keep] = ts[0][keep]
+        ts.append(moved)
+    ref_agree, ref_both = _dense_signs(ts)
+    assert 0 < ref_agree[1, 2] < ref_both[1, 2]
+    with ThreadPoolExecutor(2) as pool:
+        for kwargs in ({"chunk": 4096}, {"chunk": 4096, "workers": pool}, {}):
+            sq, norm2, agree, both = weights.pair_sums(ts, signs=True, **kwargs)
+            np.testing.assert_array_equal(agree, ref_agree)
+            np.testing.assert_array_equal(both, ref_both)
+            for got, plain in zip((sq, norm2), weights.pair_sums(ts, **kwargs)):  # signs change nothing else
+                np.testing.assert_array_equal(got, plain)
+
+
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
     """Two checkpoints 1e-3 apart, both ~1 away from θ_0, weights of norm ~3000 (a long run's
@@ -276,15 +310,41 @@ def test_missing_mismatched_and_non_finite_tensors_are_listed(tmp_path):
 def test_per_tensor_figures_equal_one_tensor_groups(tmp_path):
     """tensors.csv's vectorised figures against `group` over each tensor alone, with missing,
     mismatched and non-finite tensors among them."""
-    result = weights.scan(write_models(tmp_path, 3, edit=_break), progress=False)
+    result = weights.scan(write_models(tmp_path, 3, edit=_break), progress=False, signs=True)
     figures = weights.tensor_figures(result)
     for k, t in enumerate(result.tensors):
         g = weights.group(t.key, [t], 3)
         compared = g.compared.astype(bool)
         for name, ref in (("l2", g.distance()), ("relative", g.relative()),
-                          ("cosine_models", g.cosine_models()), ("cosine_deltas", g.cosine_deltas())):
+                          ("cosine_models", g.cosine_models()), ("cosine_deltas", g.cosine_deltas()),
+                          ("sign_agreement", g.sign_agreement())):
             np.testing.assert_allclose(np.where(compared, figures[name][k], np.nan), np.where(compared, ref, np.nan),
                                        rtol=1e-12, err_msg=f"{name} of {t.key}")
+
+
+def test_sign_agreement_per_group_against_dense(tmp_path):
+    """Counted over the tensors that models 0, i and j all hold intact, with the same shape."""
+    paths = write_models(tmp_path, 4, edit=_break)
+    doc = weights.report(weights.scan(paths, progress=False, signs=True))
+    sds = [load_file(p) for p in paths]
+    for name, m in doc["sign_agreement"]["components"].items():
+        agree, both = np.zeros((4, 4)), np.zeros((4, 4))
+        for key in sds[0]:
+            if name != "all" and blocks.component_of(key) != name:
+                continue
+            for i in range(1, 4):
+                for j in range(1, 4):
+                    ts = [sds[0].get(key), sds[i].get(key), sds[j].get(key)]
+                    if any(t is None or t.shape != ts[0].shape or not torch.isfinite(t).all() for t in ts):
+                        continue
+                    a, b = _dense_signs(ts)
+                    agree[i, j] += a[1, 2]
+                    both[i, j] += b[1, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ref = np.where(both > 0, agree / both, np.nan)
+        ref[0, :] = ref[:, 0] = np.nan
+        np.testing.assert_allclose(_m(m), ref, rtol=1e-12, err_msg=name)
+    assert "sign_agreement" not in weights.report(weights.scan(paths, progress=False))  # only when asked
 
 
 def test_a_group_no_pair_shares_is_null_not_zero(tmp_path):

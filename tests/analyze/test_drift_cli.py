@@ -16,8 +16,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_drift_command_writes_json_csv_and_plots(tmp_path, cli):
     paths = write_models(tmp_path, 3, step=0.05)
     out = tmp_path / "report"
-    proc = cli("drift", *paths, "--out", out, "--pair", "1,2")
+    proc = cli("drift", *paths, "--out", out, "--pair", "1,2", "--signs")
     assert "L2 distance from [0]" in proc.stdout and "problems: none" in proc.stdout
+    assert "sign agreement of the moves from [0], [1] vs [2]" in proc.stdout
     assert "Traceback" not in proc.stderr
 
     doc = json.loads((out / "drift.json").read_text())
@@ -33,6 +34,8 @@ def test_drift_command_writes_json_csv_and_plots(tmp_path, cli):
         assert doc[section]
     assert set(doc["relative"]) == {"components", "blocks", "kinds"}
     assert doc["cosine_deltas"]["components"]["unet"][0] == [None, None, None]
+    signs = doc["sign_agreement"]["components"]["unet"]  # independent noise: about half agree
+    assert signs[0] == [None, None, None] and signs[1][1] == 1.0 and 0.3 < signs[1][2] == signs[2][1] < 0.7
     assert doc["problems"] == {"missing": [], "shape_mismatch": [], "non_finite": []}
 
     with (out / "drift.csv").open() as f:
@@ -44,7 +47,7 @@ def test_drift_command_writes_json_csv_and_plots(tmp_path, cli):
     with (out / "tensors.csv").open() as f:
         assert sum(1 for _ in csv.DictReader(f)) == 12 * 3  # every tensor, every pair
 
-    pngs = ["trajectory.png", "blocks_1_vs_2.png", "heatmaps.png"]
+    pngs = ["trajectory.png", "blocks_1_vs_2.png", "heatmaps.png", "map.png"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name

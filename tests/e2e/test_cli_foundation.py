@@ -116,6 +116,7 @@ def test_demo_runs_the_flow(tmp_path):
     assert "reloaded fp32 identical: True" in log and "all entries present and intact" in log
     out = tmp_path / "demo"
     for made in ("toy-world.png", "index.parquet", "base.safetensors", "run/checkpoints/last.safetensors",
-                 "loss/loss.png", "drift/drift.json", "drift/trajectory.png"):
+                 "loss/loss.png", "drift/drift.json", "drift/trajectory.png", "drift/heatmaps.png", "drift/map.png"):
         assert (out / made).exists(), made
+    assert "sign agreement of the moves from [0]" in log
     assert list((out / "run" / "samples").glob("step-*/grid*.png"))

@@ -4,6 +4,8 @@
   component; absolute L2 on the left, relative change on the right (components differ by orders
   of magnitude in size, so the relative panel is the one to compare them on; log scale).
 - `heatmaps.png`: the N x N distance matrix of each component and of `all`, a panel each.
+- `map.png`: the checkpoints as points on a plane whose distances match the matrix as well as two
+  dimensions allow (classical MDS), joined in command-line order; a panel per component.
 - `blocks_<a>_vs_<b>.png`: L2 and relative change per UNet block for one pair.
 
 Uses matplotlib's object API (`Figure`, no pyplot): no global state, no GUI backend, safe in
@@ -39,6 +41,7 @@ def write_plots(doc: dict, out: Path, pair: tuple[int, int]) -> list[Path]:
     """Draw every plot into `out`; returns the files written."""
     written = [plot_trajectory(doc, out / "trajectory.png")]
     written.append(plot_heatmaps(doc, out / "heatmaps.png"))
+    written.append(plot_map(doc, out / "map.png"))
     if doc["blocks"]:
         a, b = pair
         written.append(plot_blocks(doc, pair, out / f"blocks_{a}_vs_{b}.png"))
@@ -109,6 +112,63 @@ def plot_heatmaps(doc: dict, path: Path) -> Path:
     lines = ["      ".join(legend[i : i + 2]) for i in range(0, n, 2)]  # two per line, in index order
     fig.supxlabel("\n".join(lines), fontsize=8, ha="center")
     fig.suptitle("Pairwise L2 distance per component (row / column = model index)")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def mds_2d(d: np.ndarray) -> tuple[np.ndarray, float]:
+    """Classical multidimensional scaling: (N, 2) points whose distances approximate the N x N
+    distance matrix `d`, and the share of the structure the two axes keep (their eigenvalues over
+    the sum of the positive ones; 1.0 when the points truly lie in a plane)."""
+    n = len(d)
+    centre = np.eye(n) - 1.0 / n
+    b = -0.5 * centre @ (d * d) @ centre
+    w, v = np.linalg.eigh(b)
+    order = np.argsort(w)[::-1]
+    w, v = w[order], v[:, order]
+    keep = np.clip(w[:2], 0.0, None)
+    points = np.zeros((n, 2))
+    points[:, : len(keep)] = v[:, : len(keep)] * np.sqrt(keep)
+    positive = np.clip(w, 0.0, None).sum()
+    return points, float(keep.sum() / positive) if positive > 0 else 1.0
+
+
+def plot_map(doc: dict, path: Path) -> Path:
+    """The checkpoints as points on a plane, one panel per component: placed so that their distances
+    match the N x N matrix as well as two dimensions allow (classical MDS), joined in command-line
+    order. A straight run of steps shows as a line, a run that turns as a bend, and two finetunes
+    of one base as two arms."""
+    models, names = doc["ml"], list(doc["dm"])
+    n, k = len(models), len(names)
+    cols = min(3, k)
+    rows = -(-k // cols)
+    fig = Figure(figsize=(cols * 4.4, rows * 4.2 + 0.35 * -(-n // 2) + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        d = _array(doc["dm"][name])
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not np.isfinite(d).all():
+            ax.text(0.5, 0.5, "some pairs share no tensor", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if not d.any():
+            ax.text(0.5, 0.5, "identical in every model", ha="center", va="center", transform=ax.transAxes)
+            continue
+        pts, kept = mds_2d(d)
+        ax.plot(pts[:, 0], pts[:, 1], "-", color=COLORS.get(name, "black"), lw=1.4, alpha=0.7, zorder=1)
+        ax.scatter(pts[:, 0], pts[:, 1], c=np.arange(n), cmap="viridis", s=60, zorder=2, edgecolors="black")
+        for i, (x, y) in enumerate(pts):
+            ax.annotate(str(i), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.margins(0.15)
+        scale = np.nanmax(d)
+        ax.set_xlabel(f"largest distance {scale:.3g}; the plane keeps {100 * kept:.0f} %", fontsize=8)
+    for ax in axes[k:]:
+        ax.set_axis_off()
+    legend = [f"[{i}] {_short(m, 40)}" for i, m in enumerate(models)]
+    fig.supxlabel("\n".join("      ".join(legend[i : i + 2]) for i in range(0, n, 2)), fontsize=8)
+    fig.suptitle("Checkpoint map: points placed by their pairwise L2 distances (classical MDS), joined in file order")
     fig.savefig(path, dpi=110)
     return path
 

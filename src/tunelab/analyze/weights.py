@@ -29,7 +29,7 @@ peak RSS of a one-pass scan grows to the size of all N files (measured: 2.5 GB p
 most `READ_AHEAD_BYTES` (512 MiB) of later keys, read ahead on worker threads meanwhile. The
 header is parsed and validated by `tunelab.models.safetensors_io.read_header`.
 
-Everything per tensor reduces to two arrays: `sq` (N x N squared distances, NaN for a pair that
+Everything per tensor reduces to two arrays (four with signs): `sq` (N x N squared distances, NaN for a pair that
 was not compared) and `norm2` (N squared norms). Group figures are sums of those:
 
 - distance  ‖Δ‖ = sqrt(Σ ‖θ_i − θ_j‖²) over the group's tensors that both models hold;
@@ -38,6 +38,11 @@ was not compared) and `norm2` (N squared norms). Group figures are sums of those
   for any two finetunes of one base; shown for completeness;
 - cosine_deltas  cos(θ_i − θ_0, θ_j − θ_0), θ_0 = the first model: do two finetunes (or two
   checkpoints) move the same way from where they started? Undefined (null) in row/column 0.
+- sign_agreement (with `signs`)  of the positions where θ_i − θ_0 and θ_j − θ_0 are both nonzero,
+  the share with the same sign. Counted exactly in the same pass from two more `pdist` calls over
+  the sign vectors s ∈ {−1, 0, 1} of the moves: Σ(s_i − s_j)² and Σ(|s_i| − |s_j|)² give
+  agree − disagree and the both-moved count (see `pair_sums`). Per tensor these are two more
+  (N, N) count matrices, `agree` and `both`, summed like the rest.
 
 Keys missing from some files, shape mismatches and non-finite values never stop the scan: the
 affected pairs skip that tensor and the problem is listed. Grouping by component / block / kind
@@ -104,6 +109,9 @@ class TensorDrift:
     shape: tuple[int, ...]
     sq: np.ndarray  # (N, N) squared L2 distance; NaN where the pair was not compared
     norm2: np.ndarray  # (N,) squared L2 norm; NaN where the model's tensor was not usable
+    # With signs (see `pair_sums`): counts over the moves from model 0; NaN where not computed.
+    agree: np.ndarray | None = None  # (N, N) positions where both moved, the same way
+    both: np.ndarray | None = None  # (N, N) positions where both moved
 
     @property
     def numel(self) -> int:
@@ -147,6 +155,7 @@ class DriftScan:
     tensors: list[TensorDrift]
     problems: Problems
     bytes_read: int = 0
+    signs: bool = False  # whether sign agreement was counted
 
 
 # --- the math of one key -----------------------------------------------------------------------------
@@ -159,8 +168,13 @@ def chunk_elements(n_models: int) -> int:
 
 def pair_sums(
     tensors: torch.Tensor | list[torch.Tensor], chunk: int | None = None, workers: ThreadPoolExecutor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    signs: bool = False,
+) -> tuple[np.ndarray, ...]:
     """(‖θ_i − θ_j‖² as an (N, N) matrix, ‖θ_i‖² as (N,)) for the rows of `tensors`, in float64.
+
+    With `signs`, also (agree, both), two (N, N) count matrices over the moves from the first row,
+    δ_i = θ_i − θ_0: `both[i, j]` counts the positions where δ_i and δ_j are both nonzero,
+    `agree[i, j]` those of them where the two have the same sign (row and column 0 are zero: δ_0 = 0).
 
     `tensors`: an (N, numel) matrix (one row per model, any float dtype) or a list of same-shape
     tensors. With `workers`, large tensors are split in halves summed on two threads (torch releases
@@ -170,16 +184,35 @@ def pair_sums(
     n, numel = x.shape
     chunk = chunk or chunk_elements(n)
     if workers is None or numel < 4 * chunk:
-        sums = _pdist_span(x, 0, numel, chunk)
+        sums = _pdist_span(x, 0, numel, chunk, signs)
     else:
         mid = (numel // 2) // chunk * chunk
-        halves = [workers.submit(_pdist_span, x, 0, mid, chunk), workers.submit(_pdist_span, x, mid, numel, chunk)]
-        sums = sum(h.result() for h in halves)
-    i, j = torch.triu_indices(n + 1, n + 1, 1).numpy()  # torch.pdist's order of the pairs
-    sq = np.zeros((n + 1, n + 1))
-    sq[i, j] = sums.numpy()
-    sq += sq.T
-    return sq[:n, :n], sq[:n, n].copy()  # row n is the zero vector: distances to it are the norms
+        halves = [workers.submit(_pdist_span, x, 0, mid, chunk, signs),
+                  workers.submit(_pdist_span, x, mid, numel, chunk, signs)]
+        parts = [h.result() for h in halves]
+        sums = [a + b for a, b in zip(*parts)]
+    sq = _square(sums[0], n + 1)
+    out = (sq[:n, :n], sq[:n, n].copy())  # row n is the zero vector: distances to it are the norms
+    if not signs:
+        return out
+    # Sign rows a = 0..n-2 hold sign(δ_{a+1}), row n-1 is zero. With s ∈ {−1, 0, 1}:
+    # Σ(s_a − s_b)² = nnz_a + nnz_b − 2⟨s_a, s_b⟩ and Σ(|s_a| − |s_b|)² = nnz_a + nnz_b − 2·both_ab.
+    p, q = _square(sums[1], n), _square(sums[2], n)
+    nnz = p[: n - 1, n - 1]
+    dot = (nnz[:, None] + nnz[None, :] - p[: n - 1, : n - 1]) / 2.0  # agree − disagree
+    both_ = (nnz[:, None] + nnz[None, :] - q[: n - 1, : n - 1]) / 2.0
+    agree, both = np.zeros((n, n)), np.zeros((n, n))
+    agree[1:, 1:] = (both_ + dot) / 2.0
+    both[1:, 1:] = both_
+    return (*out, agree, both)
+
+
+def _square(condensed: torch.Tensor, rows: int) -> np.ndarray:
+    """torch.pdist's condensed pairs as a symmetric (rows, rows) matrix with a zero diagonal."""
+    i, j = torch.triu_indices(rows, rows, 1).numpy()
+    m = np.zeros((rows, rows))
+    m[i, j] = condensed.numpy()
+    return m + m.T
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -188,18 +221,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pdist_span(x: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
-    """Condensed pair sums (torch.pdist order) of the rows of x[:, start:stop] plus a zero row."""
+def _pdist_span(x: torch.Tensor, start: int, stop: int, chunk: int, signs: bool = False) -> list[torch.Tensor]:
+    """Condensed pair sums (torch.pdist order) of the rows of x[:, start:stop] plus a zero row; with
+    `signs`, also those of the sign rows of the moves from row 0 (plus a zero row) and of their
+    absolute values. The sign sums are integers per chunk (< 2^24, exact in float32) and rounded."""
     n = x.shape[0]
     width = min(chunk, max(stop - start, 1))
     stage = torch.zeros(n + 1, width, dtype=compute_dtype(x.dtype))  # row n stays zero
-    sums = torch.zeros((n + 1) * n // 2, dtype=torch.float64)
+    sums = [torch.zeros((n + 1) * n // 2, dtype=torch.float64)]
+    if signs:
+        sgn = torch.zeros(n, width, dtype=stage.dtype)  # row n - 1 stays zero
+        sums += [torch.zeros(n * (n - 1) // 2, dtype=torch.float64) for _ in range(2)]
     for s in range(start, stop, width):
         e = min(stop, s + width)
         if e - s < width:
             stage[:n, e - s:] = 0.0  # the short last chunk: zeros add nothing
         stage[:n, : e - s].copy_(x[:, s:e])  # float16 -> float32 in vector code, exact
-        sums += torch.pdist(stage).double().square_()
+        sums[0] += torch.pdist(stage).double().square_()
+        if signs and n > 1:
+            moves = sgn[: n - 1]
+            torch.sub(stage[1:n], stage[0], out=moves).sign_()
+            sums[1] += torch.pdist(sgn).double().square_().round_()
+            moves.abs_()
+            sums[2] += torch.pdist(sgn).double().square_().round_()
     return sums
 
 
@@ -211,7 +255,7 @@ def _non_finite_count(t: torch.Tensor) -> int:
 
 def compare_key(
     key: str, tensors: list[torch.Tensor | None], models: list[str], problems: Problems,
-    stacked: torch.Tensor | None = None, workers: ThreadPoolExecutor | None = None,
+    stacked: torch.Tensor | None = None, workers: ThreadPoolExecutor | None = None, signs: bool = False,
 ) -> TensorDrift:
     """Per-tensor squared distances and norms for one key; problems are appended, never raised.
 
@@ -227,14 +271,15 @@ def compare_key(
         by_shape.setdefault(tuple(tensors[i].shape), []).append(i)
     if len(by_shape) > 1:
         problems.shape_mismatch.append({"key": key, "shapes": {models[i]: list(tensors[i].shape) for i in present}})
-    sq = np.full((n, n), np.nan)
-    norm2 = np.full(n, np.nan)
+    out = {"sq": np.full((n, n), np.nan), "norm2": np.full(n, np.nan)}
+    if signs:
+        out |= {"agree": np.full((n, n), np.nan), "both": np.full((n, n), np.nan)}
     for members in by_shape.values():
         x = stacked if stacked is not None and len(members) == n else _stack(tensors, members)
-        _compare_members(key, x, tensors, members, models, problems, sq, norm2, workers)
+        _compare_members(key, x, tensors, members, models, problems, out, workers)
     # The reported shape is the first file's (or the first holder's) shape.
     shape = tuple(tensors[present[0]].shape) if present else ()
-    return TensorDrift(key, shape, sq, norm2)
+    return TensorDrift(key, shape, **out)
 
 
 def _stack(tensors: list[torch.Tensor | None], members: list[int]) -> torch.Tensor:
@@ -251,12 +296,15 @@ def _compare_members(
     members: list[int],
     models: list[str],
     problems: Problems,
-    sq: np.ndarray,
-    norm2: np.ndarray,
+    out: dict[str, np.ndarray],
     workers: ThreadPoolExecutor | None,
 ) -> None:
-    """Fill `sq` / `norm2` for the models in `members` (rows of `x`); drop non-finite ones first."""
-    s, nn = pair_sums(x, workers=workers)
+    """Fill `out`'s matrices (`sq`, `norm2`, and `agree` / `both` if present) for the models in
+    `members` (rows of `x`); drop non-finite ones first. Sign counts are relative to model 0, so
+    they are filled only where model 0 is among the members."""
+    signs = "agree" in out and members[0] == 0
+    sums = pair_sums(x, workers=workers, signs=signs)
+    s, nn = sums[:2]
     if not (np.isfinite(s).all() and np.isfinite(nn).all()):
         # Rare: find the culprits (one extra pass over this key only) and compare the rest.
         finite = []
@@ -270,13 +318,17 @@ def _compare_members(
         if not members:
             return
         # Finite values whose squares overflow float32 (|w| > ~1e19) still fit float64.
-        s, nn = pair_sums(_stack(tensors, members).double(), workers=workers)
+        signs = "agree" in out and members[0] == 0
+        sums = pair_sums(_stack(tensors, members).double(), workers=workers, signs=signs)
+        s, nn = sums[:2]
         if not (np.isfinite(s).all() and np.isfinite(nn).all()):
             problems.non_finite.append({"key": key, "model": "(overflow in float64)", "count": 0})
             return
-    idx = np.asarray(members)
-    sq[np.ix_(idx, idx)] = s
-    norm2[idx] = nn
+    idx = np.ix_(members, members)
+    out["sq"][idx] = s
+    out["norm2"][np.asarray(members)] = nn
+    if signs:
+        out["agree"][idx], out["both"][idx] = sums[2], sums[3]
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -420,8 +472,13 @@ def open_checkpoints(paths: Iterable[str | Path]) -> tuple[list[Path], list[Head
     return paths, [read_header(p) for p in paths]
 
 
-def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: int = 1) -> DriftScan:
+def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: int = 1,
+         signs: bool = False) -> DriftScan:
     """Compare N checkpoints key by key in one read pass; see the module docstring for the math.
+
+    `signs`: also count, for every pair of models, where their moves from model 0 share a sign
+    (`sign_agreement` in the report). It about doubles the maths (on 2 cores the scan becomes
+    CPU-bound), so it is asked for, not default.
 
     `compute_threads`: 2 splits each large tensor's sums over two threads. Off by default: on 2
     cores one is busy with the reads' system time, and the split measured slower (4 x SDXL: 33.1 s
@@ -440,13 +497,13 @@ def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: in
                    if compute_threads > 1 else None)
         stack.enter_context(_one_compute_thread())
         for key, loaded, stacked in reader.iterate(keys):
-            tensors.append(compare_key(key, loaded, models, problems, stacked, workers))
+            tensors.append(compare_key(key, loaded, models, problems, stacked, workers, signs))
             bar.update(sum(t.numel() * t.element_size() for t in loaded if t is not None))
             del loaded, stacked  # release this key's buffers before the next one arrives
     if problems.count():
         log.warning("drift: %d problem(s) (missing keys, shape mismatches, non-finite values); "
                     "see `problems` in the JSON", problems.count())
-    return DriftScan(models, paths, tensors, problems, total)
+    return DriftScan(models, paths, tensors, problems, total, signs)
 
 
 # --- grouping ------------------------------------------------------------------------------------------
@@ -463,6 +520,8 @@ class GroupDrift:
     compared: np.ndarray  # (N, N) how many tensors each pair compared
     dd: np.ndarray  # (N, N) Σ ⟨θ_i − θ_0, θ_j − θ_0⟩ over tensors that models 0, i and j hold
     dn: np.ndarray  # (N, N) dn[i, j] = Σ ‖θ_i − θ_0‖² over those same tensors
+    agree: np.ndarray | None = None  # (N, N) Σ positions where θ_i − θ_0 and θ_j − θ_0 moved the same way
+    both: np.ndarray | None = None  # (N, N) Σ positions where both moved
 
     def distance(self) -> np.ndarray:
         """L2 distances; NaN for a pair that shared no tensor."""
@@ -494,6 +553,18 @@ class GroupDrift:
         out[:, 0] = np.nan
         return np.clip(out, -1.0, 1.0)
 
+    def sign_agreement(self) -> np.ndarray:
+        """Of the positions where both i and j moved away from model 0, the share where they moved
+        the same way: 0.5 for unrelated moves, 1 for moves in one direction. NaN in row/column 0
+        and where nothing was counted."""
+        if self.agree is None:
+            return np.full(self.d2.shape, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(self.both > 0, self.agree / self.both, np.nan)
+        out[0, :] = np.nan
+        out[:, 0] = np.nan
+        return out
+
 
 def group(name: str, tensors: list[TensorDrift], n: int) -> GroupDrift:
     """Sum the per-tensor figures of `tensors` (vectorised over tensors)."""
@@ -511,7 +582,13 @@ def group(name: str, tensors: list[TensorDrift], n: int) -> GroupDrift:
     inner = (s0[:, :, None] + s0[:, None, :] - np.nan_to_num(sq)) / 2.0
     dd = np.where(ok3, inner, 0.0).sum(0)
     dn = np.where(ok3, s0[:, :, None], 0.0).sum(0)
-    return GroupDrift(name, len(tensors), d2, n2, ok.sum(0), dd, dn)
+    agree = both = None
+    if tensors[0].agree is not None:
+        counted = np.stack([t.both for t in tensors])
+        seen = np.isfinite(counted)
+        agree = np.where(seen, np.stack([t.agree for t in tensors]), 0.0).sum(0)
+        both = np.where(seen, counted, 0.0).sum(0)
+    return GroupDrift(name, len(tensors), d2, n2, ok.sum(0), dd, dn, agree, both)
 
 
 def _grouped(tensors: list[TensorDrift], n: int, label, order: list[str]) -> dict[str, GroupDrift]:
@@ -545,6 +622,8 @@ DEFINITIONS = {
     "relative": "||theta_i - theta_j|| / ||theta_a||, a = whichever of i, j comes first in ml",
     "cosine_models": "cos(theta_i, theta_j) over the group's tensors (close to 1 for finetunes of one base)",
     "cosine_deltas": "cos(theta_i - theta_0, theta_j - theta_0), theta_0 = ml[0]; null in row/column 0",
+    "sign_agreement": "(with --signs) of the weights both i and j moved away from theta_0, the share moved the same "
+                      "way: 0.5 unrelated, 1 same direction; null in row/column 0",
     "blocks": "UNet blocks: EMB (time/label embeddings), IN00-IN08, M00, OUT00-OUT08, FINAL (out.*)",
     "kinds": "UNet tensors by layer kind: self-attention (attn1), cross-attention (attn2), other",
     "null": "pair not comparable (no shared tensor in the group)",
@@ -567,7 +646,8 @@ def report(result: DriftScan) -> dict:
     doc["files"] = [str(p) for p in result.paths]
     doc["blocks"] = _section(gs["blocks"], "distance")
     doc["kinds"] = _section(gs["kinds"], "distance")
-    for metric in ("relative", "cosine_models", "cosine_deltas"):
+    metrics = ("relative", "cosine_models", "cosine_deltas") + (("sign_agreement",) if result.signs else ())
+    for metric in metrics:
         doc[metric] = {part: _section(gs[part], metric) for part in ("components", "blocks", "kinds")}
     doc["tensors"] = {part: {name: g.n_tensors for name, g in groups.items()} for part, groups in gs.items()}
     doc["problems"] = result.problems.as_dict()
@@ -596,7 +676,7 @@ def tensor_figures(result: DriftScan) -> dict[str, np.ndarray]:
     compared): the per-tensor case of `GroupDrift`'s formulas, vectorised over the tensors."""
     n = len(result.models)
     if not result.tensors:
-        return {m: np.zeros((0, n, n)) for m in ("l2", "relative", "cosine_models", "cosine_deltas")}
+        return {m: np.zeros((0, n, n)) for m in TENSOR_METRICS}
     sq = np.stack([t.sq for t in result.tensors])  # (T, N, N)
     norm2 = np.stack([t.norm2 for t in result.tensors])  # (T, N)
     upper = np.triu(np.ones((n, n), dtype=bool))
@@ -608,19 +688,27 @@ def tensor_figures(result: DriftScan) -> dict[str, np.ndarray]:
         cos_d = (s0[:, :, None] + s0[:, None, :] - sq) / (2.0 * np.sqrt(s0[:, :, None] * s0[:, None, :]))
     cos_d[:, 0, :] = np.nan  # θ_0 − θ_0 has no direction
     cos_d[:, :, 0] = np.nan
-    return {"l2": np.sqrt(sq), "relative": relative,
-            "cosine_models": np.clip(cos_m, -1.0, 1.0), "cosine_deltas": np.clip(cos_d, -1.0, 1.0)}
+    signs = np.full(sq.shape, np.nan)
+    if result.signs:
+        both = np.stack([t.both for t in result.tensors])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            signs = np.where(both > 0, np.stack([t.agree for t in result.tensors]) / both, np.nan)
+        signs[:, 0, :] = signs[:, :, 0] = np.nan
+    return {"l2": np.sqrt(sq), "relative": relative, "cosine_models": np.clip(cos_m, -1.0, 1.0),
+            "cosine_deltas": np.clip(cos_d, -1.0, 1.0), "sign_agreement": signs}
+
+
+TENSOR_METRICS = ("l2", "relative", "cosine_models", "cosine_deltas", "sign_agreement")
 
 
 def write_tensors_csv(result: DriftScan, path: Path) -> None:
     """One row per tensor and pair: where it lives and how it moved (for "which tensors moved most")."""
     n = len(result.models)
     figures = tensor_figures(result)
-    metrics = [figures[m] for m in ("l2", "relative", "cosine_models", "cosine_deltas")]
+    metrics = [figures[m] for m in TENSOR_METRICS]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["key", "component", "block", "kind", "numel", "model_a", "model_b",
-                    "l2", "relative", "cosine_models", "cosine_deltas"])
+        w.writerow(["key", "component", "block", "kind", "numel", "model_a", "model_b", *TENSOR_METRICS])
         for k, t in enumerate(result.tensors):
             where = [t.key, t.component, t.block or "", t.kind or "", t.numel]
             for i, j in _pairs(n):
@@ -667,7 +755,7 @@ def resolve_pair(pair: tuple[int, int] | None, n: int) -> tuple[int, int]:
 
 def run_drift(
     paths: list[str | Path], out_dir: str | Path, pair: tuple[int, int] | None = None,
-    plots: bool = True, progress: bool = True,
+    plots: bool = True, progress: bool = True, signs: bool = False,
 ) -> DriftReport:
     """Scan, then write drift.json, drift.csv (pairs x groups), tensors.csv and the plots to `out_dir`."""
     paths = [Path(p) for p in paths]
@@ -676,7 +764,7 @@ def run_drift(
     if plots:  # import matplotlib while the scan waits on the disk (~0.6 s off the command)
         warm = threading.Thread(target=importlib.import_module, args=("tunelab.analyze.drift_plots",), daemon=True)
         warm.start()
-    result = scan(paths, progress=progress)
+    result = scan(paths, progress=progress, signs=signs)
     doc = report(result)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -718,12 +806,27 @@ def summary(rep: DriftReport) -> list[str]:
         lines.append(f"UNet blocks moving most, [{a}] vs [{b}]: " + ", ".join(f"{g} {v:.4g}" for v, g in ranked))
     lines.append(f"tensors moving most, [{a}] vs [{b}] (L2, relative):")
     lines += [f"  {key}  {l2:.4g}  {rel:.3g}" for key, l2, rel in top_tensors(rep.result, rep.pair)]
+    if "sign_agreement" in doc:
+        lines.append(_signs_line(doc, a, b))
     p = rep.result.problems
     lines.append("problems: none" if not p.count() else
                  f"problems: {len(p.missing)} keys missing somewhere, {len(p.shape_mismatch)} shape mismatches, "
                  f"{len(p.non_finite)} non-finite tensors (listed under \"problems\" in drift.json)")
     lines.append("wrote: " + ", ".join(str(w) for w in rep.written))
     return lines
+
+
+def _signs_line(doc: dict, a: int, b: int) -> str:
+    """Sign agreement for the chosen pair, or for [1] vs the last model when the pair includes
+    model 0 (whose move from itself has no sign)."""
+    n = len(doc["ml"])
+    if min(a, b) == 0:
+        if n < 3:
+            return "sign agreement: needs two models besides [0] (the moves are counted from [0])"
+        a, b = 1, n - 1
+    cells = [f"{g} {m[a][b]:.3f}" for g, m in doc["sign_agreement"]["components"].items() if m[a][b] is not None]
+    return (f"sign agreement of the moves from [0], [{a}] vs [{b}] (0.5 unrelated, 1 same way): "
+            + (", ".join(cells) or "nothing moved in both"))
 
 
 def _fmt_cell(v: float | None, rel: float | None) -> str:
