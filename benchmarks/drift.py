@@ -1,7 +1,7 @@
 """Benchmark: `tunelab drift` on N full-size SDXL-shaped checkpoints, against reading the same
 files with `cat`, in the same run.
 
-    .venv/bin/python benchmarks/drift.py [--n 4] [--arch sdxl] [--dtype fp16] [--dir /tmp/tunelab-bench/drift] [--keep]
+    .venv/bin/python benchmarks/drift.py [--n 4] [--arch sdxl] [--dtype fp16] [--dir /tmp/tunelab-bench/drift] [--keep] [--signs]
 
 1. Generates N checkpoints with `tunelab model new --arch ARCH --seed i --dtype DTYPE` (random
    weights; the drift figures mean nothing, the work - read every byte, compare every key - is
@@ -87,11 +87,11 @@ def timed_cat(paths: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
 
 
-def timed_drift(paths: list[Path], out: Path) -> tuple[float, float, int, str]:
+def timed_drift(paths: list[Path], out: Path, extra: list[str]) -> tuple[float, float, int, str]:
     """(wall seconds, CPU seconds, peak RSS bytes, stdout) of one `tunelab drift` process, read cold."""
     evict(paths)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*tunelab_exe(), "drift", *map(str, paths), "--out", str(out)],
+    proc = subprocess.Popen([*tunelab_exe(), "drift", *map(str, paths), "--out", str(out), *extra],
                             stdout=subprocess.PIPE, text=True)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tunelab-bench/drift"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints for a rerun")
     ap.add_argument("--rounds", type=int, default=3, help="cat/drift alternations (medians are reported)")
+    ap.add_argument("--signs", action="store_true", help="run `tunelab drift --signs` (sign agreement too)")
     args = ap.parse_args()
 
     n = fit_n(args.n, args.arch, args.dir)
@@ -124,7 +125,7 @@ def main() -> None:
             for r in range(args.rounds):
                 cats.append(timed_cat(paths))
                 print(f"cat:   {cats[-1][0]:.1f} s ({total / cats[-1][0] / 1e9:.2f} GB/s), CPU {cats[-1][1]:.1f} s", flush=True)
-                wall, cpu, rss, stdout = timed_drift(paths, Path(tmp) / "out")
+                wall, cpu, rss, stdout = timed_drift(paths, Path(tmp) / "out", ["--signs"] if args.signs else [])
                 drifts.append((wall, cpu, rss))
                 print(f"drift: {wall:.1f} s ({total / wall / 1e9:.2f} GB/s), CPU {cpu:.1f} s, peak RSS {rss / GIB:.2f} GiB "
                       f"(1-min load {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)", flush=True)
@@ -138,7 +139,7 @@ def main() -> None:
     rss = max(d[2] for d in drifts)
     cat_med, drift_med = statistics.median(c[0] for c in cats), statistics.median(d[0] for d in drifts)
     neighbours = [drifts[i][0] / cats[j][0] for i in range(len(drifts)) for j in (i, i + 1)]
-    figures = {"n": n, "arch": args.arch, "dtype": args.dtype, "total_bytes": total, "largest_tensor_bytes": largest,
+    figures = {"n": n, "signs": args.signs, "arch": args.arch, "dtype": args.dtype, "total_bytes": total, "largest_tensor_bytes": largest,
                "cat_s": [c[0] for c in cats], "drift_s": [d[0] for d in drifts], "drift_cpu_s": [d[1] for d in drifts],
                "peak_rss_bytes": rss, "target_rss_bytes": target_rss, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     print(f"peak RSS {rss / GIB:.2f} GiB vs target {target_rss / GIB:.2f} GiB (2 GiB + {n} x {largest / 1e6:.1f} MB): "

@@ -597,7 +597,8 @@ def drift(
     signs: Annotated[bool, typer.Option(
         "--signs", help="Also measure sign agreement: of the weights two models both moved away from the first "
                         "file, the share they moved the same way (0.5 unrelated, 1 same direction; what TIES "
-                        "merging elects on). About doubles the CPU work.")] = False,
+                        "merging elects on). About doubles the arithmetic: 4 full-size SDXL files took "
+                        "1.9x the time of reading them instead of 1.5x on 2 cores.")] = False,
 ) -> None:
     """How far did the weights move? L2 distance between every pair of checkpoints, per component (te0, te1, unet, vae, other), UNet block (EMB, IN00-IN08, M00, OUT00-OUT08, FINAL) and layer kind (self-/cross-attention, other).
 
