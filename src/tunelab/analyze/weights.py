@@ -511,7 +511,10 @@ def scan(paths: Iterable[str | Path], progress: bool = True, compute_threads: in
 
 @dataclass(frozen=True)
 class GroupDrift:
-    """Sums over the tensors of one group (a component, a UNet block, a kind, or everything)."""
+    """Sums over the tensors of one group (a component, a UNet block, a kind, or everything).
+
+    Every array may carry leading dimensions: `tensor_figures` keeps one (N, N) matrix per tensor
+    in a (T, N, N) stack instead of summing, and the same formulas below apply to each."""
 
     name: str
     n_tensors: int
@@ -527,31 +530,30 @@ class GroupDrift:
         """L2 distances; NaN for a pair that shared no tensor."""
         out = np.sqrt(self.d2)
         out[self.compared == 0] = np.nan
-        np.fill_diagonal(out, 0.0)
+        diag = np.arange(out.shape[-1])
+        out[..., diag, diag] = 0.0
         return out
 
     def relative(self) -> np.ndarray:
         """‖θ_i − θ_j‖ / ‖θ_a‖ with a = min(i, j): relative to the model given first."""
-        n = self.n2.shape[0]
+        n = self.n2.shape[-1]
         upper = np.triu(np.ones((n, n), dtype=bool))
-        first = np.where(upper, self.n2, self.n2.T)
+        first = np.where(upper, self.n2, _t(self.n2))
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(first > 0, self.distance() / np.sqrt(first), np.nan)
 
     def cosine_models(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            denom = 2.0 * np.sqrt(self.n2 * self.n2.T)
-            out = np.where(denom > 0, (self.n2 + self.n2.T - self.d2) / denom, np.nan)
+            denom = 2.0 * np.sqrt(self.n2 * _t(self.n2))
+            out = np.where(denom > 0, (self.n2 + _t(self.n2) - self.d2) / denom, np.nan)
         out[self.compared == 0] = np.nan
         return np.clip(out, -1.0, 1.0)
 
     def cosine_deltas(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            denom = np.sqrt(self.dn * self.dn.T)
+            denom = np.sqrt(self.dn * _t(self.dn))
             out = np.where(denom > 0, self.dd / denom, np.nan)
-        out[0, :] = np.nan  # θ_0 − θ_0 = 0 has no direction
-        out[:, 0] = np.nan
-        return np.clip(out, -1.0, 1.0)
+        return np.clip(_no_row_0(out), -1.0, 1.0)  # θ_0 − θ_0 = 0 has no direction
 
     def sign_agreement(self) -> np.ndarray:
         """Of the positions where both i and j moved away from model 0, the share where they moved
@@ -560,10 +562,18 @@ class GroupDrift:
         if self.agree is None:
             return np.full(self.d2.shape, np.nan)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.where(self.both > 0, self.agree / self.both, np.nan)
-        out[0, :] = np.nan
-        out[:, 0] = np.nan
-        return out
+            return _no_row_0(np.where(self.both > 0, self.agree / self.both, np.nan))
+
+
+def _t(m: np.ndarray) -> np.ndarray:
+    """Transpose of the last two axes (of one matrix or of a stack)."""
+    return np.swapaxes(m, -1, -2)
+
+
+def _no_row_0(m: np.ndarray) -> np.ndarray:
+    m[..., 0, :] = np.nan
+    m[..., :, 0] = np.nan
+    return m
 
 
 def group(name: str, tensors: list[TensorDrift], n: int) -> GroupDrift:
@@ -571,24 +581,30 @@ def group(name: str, tensors: list[TensorDrift], n: int) -> GroupDrift:
     if not tensors:
         z = np.zeros((n, n))
         return GroupDrift(name, 0, z, z, z.astype(int), z, z)
+    terms = _per_tensor(tensors)
+    return GroupDrift(name, len(tensors), *(None if a is None else a.sum(0) for a in terms))
+
+
+def _per_tensor(tensors: list[TensorDrift]) -> tuple[np.ndarray | None, ...]:
+    """GroupDrift's fields (after name and count) for each tensor alone, as (T, N, N) stacks."""
     sq = np.stack([t.sq for t in tensors])  # (T, N, N)
     norm2 = np.stack([t.norm2 for t in tensors])  # (T, N)
     ok = np.isfinite(sq)
-    d2 = np.where(ok, sq, 0.0).sum(0)
-    n2 = np.where(ok, np.nan_to_num(norm2)[:, :, None], 0.0).sum(0)
+    d2 = np.where(ok, sq, 0.0)
+    n2 = np.where(ok, np.nan_to_num(norm2)[:, :, None], 0.0)
     # Deltas against model 0 from distances alone: ⟨d_i, d_j⟩ = (‖d_i‖² + ‖d_j‖² − ‖d_i − d_j‖²) / 2.
     s0 = np.nan_to_num(sq[:, 0, :])  # (T, N) ‖θ_i − θ_0‖²
     ok3 = ok & ok[:, 0, :, None] & ok[:, 0, None, :]
     inner = (s0[:, :, None] + s0[:, None, :] - np.nan_to_num(sq)) / 2.0
-    dd = np.where(ok3, inner, 0.0).sum(0)
-    dn = np.where(ok3, s0[:, :, None], 0.0).sum(0)
+    dd = np.where(ok3, inner, 0.0)
+    dn = np.where(ok3, s0[:, :, None], 0.0)
     agree = both = None
     if tensors[0].agree is not None:
         counted = np.stack([t.both for t in tensors])
         seen = np.isfinite(counted)
-        agree = np.where(seen, np.stack([t.agree for t in tensors]), 0.0).sum(0)
-        both = np.where(seen, counted, 0.0).sum(0)
-    return GroupDrift(name, len(tensors), d2, n2, ok.sum(0), dd, dn, agree, both)
+        agree = np.where(seen, np.stack([t.agree for t in tensors]), 0.0)
+        both = np.where(seen, counted, 0.0)
+    return d2, n2, ok.astype(int), dd, dn, agree, both
 
 
 def _grouped(tensors: list[TensorDrift], n: int, label, order: list[str]) -> dict[str, GroupDrift]:
@@ -673,29 +689,13 @@ def write_pairs_csv(doc: dict, path: Path) -> None:
 
 def tensor_figures(result: DriftScan) -> dict[str, np.ndarray]:
     """Every metric of every tensor at once, as (T, N, N) arrays (NaN where a pair was not
-    compared): the per-tensor case of `GroupDrift`'s formulas, vectorised over the tensors."""
+    compared): `GroupDrift`'s formulas over one-tensor groups, vectorised over the tensors."""
     n = len(result.models)
     if not result.tensors:
         return {m: np.zeros((0, n, n)) for m in TENSOR_METRICS}
-    sq = np.stack([t.sq for t in result.tensors])  # (T, N, N)
-    norm2 = np.stack([t.norm2 for t in result.tensors])  # (T, N)
-    upper = np.triu(np.ones((n, n), dtype=bool))
-    first = np.where(upper, norm2[:, :, None], norm2[:, None, :])  # ‖θ_a‖², a = min(i, j)
-    s0 = sq[:, 0, :]  # ‖θ_i − θ_0‖²
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(first > 0, np.sqrt(sq / first), np.nan)
-        cos_m = (norm2[:, :, None] + norm2[:, None, :] - sq) / (2.0 * np.sqrt(norm2[:, :, None] * norm2[:, None, :]))
-        cos_d = (s0[:, :, None] + s0[:, None, :] - sq) / (2.0 * np.sqrt(s0[:, :, None] * s0[:, None, :]))
-    cos_d[:, 0, :] = np.nan  # θ_0 − θ_0 has no direction
-    cos_d[:, :, 0] = np.nan
-    signs = np.full(sq.shape, np.nan)
-    if result.signs:
-        both = np.stack([t.both for t in result.tensors])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            signs = np.where(both > 0, np.stack([t.agree for t in result.tensors]) / both, np.nan)
-        signs[:, 0, :] = signs[:, :, 0] = np.nan
-    return {"l2": np.sqrt(sq), "relative": relative, "cosine_models": np.clip(cos_m, -1.0, 1.0),
-            "cosine_deltas": np.clip(cos_d, -1.0, 1.0), "sign_agreement": signs}
+    each = GroupDrift("tensors", len(result.tensors), *_per_tensor(result.tensors))
+    return {"l2": each.distance(), "relative": each.relative(), "cosine_models": each.cosine_models(),
+            "cosine_deltas": each.cosine_deltas(), "sign_agreement": each.sign_agreement()}
 
 
 TENSOR_METRICS = ("l2", "relative", "cosine_models", "cosine_deltas", "sign_agreement")
