@@ -45,21 +45,24 @@ def load(path: Path, weights: torch.dtype):
 
 
 def step_fn(comps, batch: int, train_te: bool):
-    """One training step's forward/backward on random inputs (shapes of SDXL at 1024^2)."""
-    unet, te1, te2 = comps.unet, comps.text_encoder_1, comps.text_encoder_2
-    ids = torch.randint(0, 49407, (batch, 77), device="cuda")
+    """One training step's forward/backward on random inputs (shapes of SDXL at 1024^2), through
+    the trainer's own forward (train/step.py), with token ids drawn at random (no tokenizer)."""
+    from tunelab.models.text import Conditioning, encode_chunked
+    from tunelab.train.objectives import NoisedBatch
+    from tunelab.train.step import predict
+
+    ids = torch.randint(0, 49407, (batch, 1, 77), device="cuda")  # (B, chunks, 77)
     latents = torch.randn(batch, 4, 128, 128, device="cuda")
     t = torch.randint(0, 1000, (batch,), device="cuda")
     time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device="cuda", dtype=torch.float32)
+    noised = NoisedBatch(latents, t, latents, t.float())
 
     def run():
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(True):
             with torch.set_grad_enabled(train_te):
-                h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
-                o2 = te2(ids, output_hidden_states=True)
-                context = torch.cat([h1, o2.hidden_states[-2]], dim=-1)
-            pred = unet(latents, t, encoder_hidden_states=context,
-                        added_cond_kwargs={"text_embeds": o2.text_embeds, "time_ids": time_ids}).sample
+                h1, h2, pooled = encode_chunked((comps.text_encoder_1, comps.text_encoder_2), ids, ids)
+                cond = Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled, 1, [0] * batch)
+            pred = predict(comps.unet, noised, cond, time_ids)
             loss = torch.nn.functional.mse_loss(pred.float(), latents)
         loss.backward()
     return run

@@ -68,33 +68,35 @@ lr_text_encoder_2 = 1e-5
 
 
 def tunelab_rate(setup, batches, steps: int, batch: int) -> float:
-    from tunelab.train.trainer import _optimizer_step
+    from tunelab.train.trainer import optimizer_step
 
-    _optimizer_step(setup, batches)  # warm-up
+    optimizer_step(setup, batches)  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
-        _optimizer_step(setup, batches)
+        optimizer_step(setup, batches)
     return steps * batch / (time.perf_counter() - t)
 
 
 def bare_rate(comps, tokenizers, data: list[dict], steps: int, batch: int) -> float:
-    from tunelab.models.text import encode_prompts, time_ids
+    """The same forward (train/step.py's conditioning + predict), with nothing around it: fixed
+    schedule, plain MSE, a bare AdamW; no accelerate, objective object, loss settings or logging."""
+    from tunelab.train.objectives import NoisedBatch
+    from tunelab.train.step import StepModels, TextSettings, conditioning, micro_conditioning, predict
 
+    models = StepModels.of(comps, tokenizers)
     params = [p for m in (comps.unet, comps.text_encoder_1, comps.text_encoder_2) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, foreach=True)  # the same kernel as tunelab's
     ac = torch.linspace(0.9991, 0.0047, 1000)  # a fixed schedule: the bare loop needs no scheduler object
     gen = torch.Generator().manual_seed(0)
+    text = TextSettings(trains=True)
 
     def step(b: dict) -> None:
         x0 = b["latents"] * comps.vae.config.scaling_factor
-        cond = encode_prompts(tokenizers, (comps.text_encoder_1, comps.text_encoder_2), b["prompt"])
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        ids = time_ids(b["original_size_hw"].tolist(), b["crop_top_left"].tolist(), b["target_size_hw"].tolist())
-        pred = comps.unet(noisy, t, encoder_hidden_states=cond.context,
-                          added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
+        noised = NoisedBatch(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, a.flatten())
+        pred = predict(models.unet, noised, conditioning(models, b["prompt"], text), micro_conditioning(b, "cpu"))
         torch.nn.functional.mse_loss(pred.float(), noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -117,13 +119,13 @@ def main() -> None:
     from tunelab.models.arch import build_components
     from tunelab.models.text import load_tokenizers
     from tunelab.train.parts import select_trainable
-    from tunelab.train.trainer import _batches, _setup
+    from tunelab.train.trainer import batches as batch_stream, setup as build_setup
 
     root = Path(tempfile.mkdtemp(prefix="tunelab-bench-train-"))
     index, latents = build_world(root, n=max(64, args.batch * 8))
     cfg = load_config(write_run(root, index, latents, args.batch, args.steps))
-    setup = _setup(cfg, False, None, False)
-    batches = _batches(setup, 0, 0)
+    setup = build_setup(cfg)
+    batches = batch_stream(setup, 0, 0)
     data = [b for _, _, b in (next(batches) for _ in range(8))]
     comps = build_components("toy", seed=cfg.run.seed)
     select_trainable(comps, cfg.train.parts, cfg.optim)

@@ -99,6 +99,7 @@ class ObjectiveSection(_Section):
     flow_logit_mean: float = Field(0.0, description="Rectified flow: mean of the logit-normal timestep distribution.")
     flow_logit_std: float = Field(1.0, gt=0.0, description="Rectified flow: std of the logit-normal timestep distribution.")
     flow_shift: float = Field(3.0, gt=0.0, description="Rectified flow: timestep shift (higher = noisier timesteps).")
+    convert_base: bool = Field(False, description="Train another prediction than the base's on purpose (e.g. an epsilon base into v + zero-terminal SNR); without it such a run is refused. Checkpoints always say what the run trained.")
 
 
 class LossSection(_Section):
@@ -114,6 +115,7 @@ class SaveSection(_Section):
     every_n_epochs: int = Field(1, ge=0, description="Save a checkpoint every N epochs; 0 = off.")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="dtype of saved checkpoints (fp16 is what UIs expect).")
     keep_last: int = Field(0, ge=0, description="Keep only the newest N step/epoch checkpoints; 0 = keep all.")
+    keep_states: int = Field(2, ge=1, description="Training states (for resume, each about 3x the model in size) kept; the newest always stays.")
 
 
 class LogSection(_Section):

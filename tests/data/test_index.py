@@ -190,3 +190,21 @@ def test_repeated_table_ids_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TunelabError, match="duplicate keys"):
         build_index([f"table:{tmp_path / 's.parquet'},template={{id}}.png"], tmp_path / "x.parquet", progress=False)
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_index_digest_follows_what_training_would_see(tmp_path: Path) -> None:
+    from tunelab.data.index import index_digest
+
+    root = tmp_path / "imgs"
+    for name, size in (("a", (1024, 512)), ("b", (512, 1024)), ("c", (768, 768))):
+        write_image(root / f"{name}.png", size)
+    first = tmp_path / "one.parquet"
+    build_index([f"folder:{root}"], first, progress=False)
+    build_index([f"folder:{root}"], tmp_path / "two.parquet", progress=False)
+    assert index_digest(first) == index_digest(tmp_path / "two.parquet")  # the same images: the same index
+    (root / "c.txt").write_text("fixed, tags")  # a caption fix changes what is said, not which batches come
+    build_index([f"folder:{root}"], tmp_path / "tags.parquet", progress=False)
+    assert index_digest(tmp_path / "tags.parquet") == index_digest(first)
+    write_image(root / "c.png", (1024, 512))  # same name, another shape: another bucket
+    build_index([f"folder:{root}"], tmp_path / "three.parquet", progress=False)
+    assert index_digest(tmp_path / "three.parquet") != index_digest(first)

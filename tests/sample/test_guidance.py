@@ -52,11 +52,12 @@ class _Uncond:
 def test_cfgpp_scheduler_reduces_to_plain_sampler(kind, pred):
     """With uncond == guided, CFG++ is exactly the ordinary sampler; otherwise it is not."""
     from tunelab.models.arch import scheduler_config
-    from tunelab.sample.pipeline import Prediction, make_scheduler
+    from tunelab.models.prediction import PredictionRecord, canonical_type
+    from tunelab.sample.pipeline import make_scheduler
 
     base = scheduler_config("toy")
-    plain = make_scheduler(kind, base, Prediction(pred))
-    pp = make_scheduler(f"{kind} CFG++", base, Prediction(pred))
+    plain = make_scheduler(kind, base, PredictionRecord(canonical_type(pred)))
+    pp = make_scheduler(f"{kind} CFG++", base, PredictionRecord(canonical_type(pred)))
     assert isinstance(pp, G._CFGPPMixin) and pp.config.prediction_type == pred
     x, out = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 2, 2)
     for s in (plain, pp):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.prediction import PredictionRecord
 from tunelab.sample.pipeline import (
-    SAMPLERS, Prediction, SampleSettings, build_pipeline, generate, load_vae, make_scheduler, resolve_sampler,
+    SAMPLERS, SampleSettings, build_pipeline, generate, load_vae, make_scheduler, resolve_sampler,
 )
 
 BASE = SampleSettings(prompt="red (circle:1.2)", seed=11, steps=3, cfg=5.0)
@@ -75,7 +76,7 @@ def test_sampler_names():
 def test_vpred_ztsnr_checkpoint_is_sampled_as_such(sample_components, toy_tokenizers):
     comps = dataclasses.replace(sample_components, extras={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     model = build_pipeline(comps, toy_tokenizers)
-    assert model.prediction == Prediction("v_prediction", True)
+    assert model.prediction == PredictionRecord("v", True)
     for name in ("Euler", "DDIM", "UniPC", "Euler CFG++"):
         sch = make_scheduler(name, model.scheduler_config, model.prediction)
         assert sch.config.prediction_type == "v_prediction" and sch.config.timestep_spacing == "trailing"
@@ -85,7 +86,7 @@ def test_vpred_ztsnr_checkpoint_is_sampled_as_such(sample_components, toy_tokeni
     assert _guidance(BASE, model, False).rescale == 0.7  # CFG rescale on by default for ztsnr
     lat = generate(model, dataclasses.replace(BASE, steps=2), output_type="latent").image
     assert torch.isfinite(lat).all()
-    eps = make_scheduler("Euler", model.scheduler_config, Prediction())
+    eps = make_scheduler("Euler", model.scheduler_config, PredictionRecord())
     assert eps.config.prediction_type == "epsilon" and eps.config.timestep_spacing == "leading"
 
 

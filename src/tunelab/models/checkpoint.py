@@ -12,6 +12,7 @@ the caller passes allow_pickle=True, and even then are read with `torch.load(wei
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from collections import Counter
@@ -25,6 +26,7 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.models import keys as K
 from tunelab.models.arch import ARCHES, MODELSPEC_ARCH, Components, build_components, load_arch
+from tunelab.models.prediction import PredictionRecord
 from tunelab.models.safetensors_io import DTYPES, Header, TensorSpec, read_header, write_streaming
 
 log = logging.getLogger(__name__)
@@ -208,12 +210,6 @@ def build_metadata(
     return meta
 
 
-def _prediction(comps: Components) -> str:
-    if "v_pred" in comps.extras:
-        return "v"
-    return comps.metadata.get("modelspec.prediction_type", "epsilon")
-
-
 def save_checkpoint(
     comps: Components,
     path: str | Path,
@@ -221,9 +217,16 @@ def save_checkpoint(
     title: str | None = None,
     training: Mapping[str, Any] | None = None,
     progress: Callable[[TensorSpec], None] | None = None,
+    prediction: PredictionRecord | None = None,
 ) -> Path:
-    """Write `comps` as an SGM single-file checkpoint (atomically; floating tensors cast to dtype)."""
+    """Write `comps` as an SGM single-file checkpoint (atomically; floating tensors cast to dtype).
+
+    `prediction` stamps a prediction record (markers + metadata) into the file; by default the
+    components' own record (what the file they came from said) is kept."""
     path = Path(path)
+    record = prediction or PredictionRecord.of(comps)
+    extras, record_meta = dict(comps.extras), {}
+    record.stamp(extras, record_meta)
     target = parse_dtype(dtype)
     modules = comps.modules()
     rules = [r for r in K.build_rules(modules, comps.unet.config, comps.vae.config) if r.sgm not in comps.absent]
@@ -238,10 +241,10 @@ def save_checkpoint(
     shapes = {r.sgm: K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names]) for r in rules}
     specs = [TensorSpec(r.sgm, shapes[r.sgm], target if state[r.component][r.names[0]].is_floating_point()
                         else state[r.component][r.names[0]].dtype) for r in rules]
-    for name, t in comps.extras.items():  # kept exactly as the source file had them
+    for name, t in extras.items():  # kept exactly as the source file had them (markers: the record's)
         tensors[name] = lambda t=t: t
         specs.append(TensorSpec(name, tuple(t.shape), t.dtype))
-    meta = build_metadata(comps.arch, dtype, title or path.stem, _prediction(comps), training)
+    meta = build_metadata(comps.arch, dtype, title or path.stem, record.type, training) | record_meta
     write_streaming(path, specs, lambda s: tensors[s.name](), meta, progress)
     return path
 
@@ -303,6 +306,9 @@ def import_diffusers(folder: str | Path, dtype: torch.dtype | None = None) -> Co
     te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw)
     shapes = {K.UNET + "input_blocks.0.0.weight": tuple(unet.conv_in.weight.shape), K.UNET + "label_emb.0.0.weight": (0,)}
     comps = Components(detect_arch(shapes, {}, str(folder)), unet, vae, te1, te2)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():  # the folder's prediction record lives in its scheduler config
+        PredictionRecord.of_diffusers_scheduler(json.loads(sched.read_text())).stamp(comps.extras, comps.metadata)
     for m in comps.modules().values():
         m.eval()
         if dtype is not None:
@@ -317,6 +323,9 @@ def export_diffusers(comps: Components, folder: str | Path, dtype: str = "fp16")
     for name, sub in DIFFUSERS_PARTS.items():
         module = comps.modules()[name]
         module.to(dtype=target).save_pretrained(folder / sub, safe_serialization=True)
+    config = PredictionRecord.of(comps).scheduler_config(load_arch(comps.arch).scheduler)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 

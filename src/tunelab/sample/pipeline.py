@@ -3,7 +3,8 @@
 Reused: diffusers' `StableDiffusionXLPipeline` (latents, time ids, scheduler loop, VAE decode)
 and `StableDiffusionXLImg2ImgPipeline` (hires fix) built from the *same* module objects (no copy),
 and diffusers' schedulers. Written here: the A1111 sampler names -> scheduler table, the
-v-prediction / zero-terminal-SNR settings read from the checkpoint's markers, VAE override
+scheduler settings of the checkpoint's prediction record (models/prediction.py; flow
+samples with a flow-matching Euler), VAE override
 loading, and `generate()`, which encodes prompts itself (A1111 weights, long prompts: see
 prompts.py), then calls the pipeline with `prompt_embeds` and a `GuidedUNet` in place of the UNet
 (guidance.py), so CFG, CFG++, PAG and SEG are ours while everything else is the pipeline's.
@@ -25,6 +26,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models.arch import Components, load_arch
+from tunelab.models.prediction import PredictionRecord
 from tunelab.sample import guidance as G
 from tunelab.sample.prompts import encode_pair
 
@@ -63,31 +65,20 @@ def canonical_sampler(name: str) -> str:
     return next(s for s in ALL_SAMPLERS if s.lower() == name.strip().lower())
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """How the model was trained to predict, from the checkpoint's markers (`v_pred`, `ztsnr`)."""
-
-    type: str = "epsilon"  # or "v_prediction"
-    ztsnr: bool = False  # zero terminal SNR: rescaled betas, trailing timesteps
-
-    @classmethod
-    def of(cls, comps: Components) -> "Prediction":
-        meta = comps.metadata.get("modelspec.prediction_type", "epsilon")
-        v = "v_pred" in comps.extras or meta in ("v", "v_prediction", "v-prediction")
-        return cls("v_prediction" if v else "epsilon", "ztsnr" in comps.extras)
-
-
-def make_scheduler(sampler: str, base_config: dict[str, Any], pred: Prediction = Prediction()):
-    """A fresh diffusers scheduler for an A1111 sampler name, on the model's noise schedule."""
+def make_scheduler(sampler: str, base_config: dict[str, Any], pred: PredictionRecord = PredictionRecord()):
+    """A fresh diffusers scheduler for an A1111 sampler name, on the model's noise schedule and
+    prediction record (models/prediction.py)."""
     import diffusers
 
     name, cfg_pp = resolve_sampler(sampler)
+    if pred.type == "flow":
+        return _flow_scheduler(sampler, name, cfg_pp, pred)
     cls_name, settings = SAMPLERS[name]
     cls = getattr(diffusers, cls_name)
     if cfg_pp:
         cls = G.DDIMCFGPPScheduler if name == "DDIM" else G.EulerCFGPPScheduler
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    config.update(settings, prediction_type=pred.type)
+    config.update(settings, prediction_type=pred.diffusers_name)
     if pred.ztsnr:
         # "Common Diffusion Noise Schedules and Sample Steps are Flawed": rescaled betas and
         # timesteps that start at the last training step.
@@ -97,6 +88,15 @@ def make_scheduler(sampler: str, base_config: dict[str, Any], pred: Prediction =
     if pred.ztsnr and "rescale_betas_zero_snr" in dropped:
         raise TunelabError(f"sampler {sampler!r} cannot sample zero-terminal-SNR models; use Euler, DDIM or UniPC")
     return cls(**{k: v for k, v in config.items() if k in accepted})
+
+
+def _flow_scheduler(sampler: str, name: str, cfg_pp: bool, pred: PredictionRecord):
+    if name != "Euler" or cfg_pp:
+        raise TunelabError(f"sampler {sampler!r} cannot sample a rectified-flow model; use Euler "
+                           "(the flow-matching Euler sampler, as ComfyUI's ModelSamplingSD3 + euler)")
+    from tunelab.sample.flow import FlowEulerScheduler
+
+    return FlowEulerScheduler(num_train_timesteps=1000, shift=pred.flow_shift if pred.flow_shift is not None else 1.0)
 
 
 # --- building -------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class SamplingModel:
     img2img: Any  # StableDiffusionXLImg2ImgPipeline (same modules)
     tokenizers: tuple[Any, Any]
     scheduler_config: dict[str, Any]
-    prediction: Prediction
+    prediction: PredictionRecord
     name: str = "model"
     hash: str | None = None
     vae_name: str | None = None
@@ -126,7 +126,7 @@ def build_pipeline(comps: Components, tokenizers: tuple[Any, Any], vae: torch.nn
     """Pipelines over `comps`' own modules (nothing is copied or downloaded)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    pred = Prediction.of(comps)
+    pred = PredictionRecord.of(comps)
     base = dict(load_arch(comps.arch).scheduler)
     parts = dict(vae=vae or comps.vae, text_encoder=comps.text_encoder_1, text_encoder_2=comps.text_encoder_2,
                  tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=comps.unet,
@@ -137,8 +137,8 @@ def build_pipeline(comps: Components, tokenizers: tuple[Any, Any], vae: torch.nn
                                                force_zeros_for_empty_prompt=False, add_watermarker=False)
     for p in (pipe, img2img):
         p.set_progress_bar_config(disable=True)  # the grid shows one bar over cells instead
-    if pred.type != "epsilon" or pred.ztsnr:
-        log.info("%s: %s%s", name, pred.type, " + zero-terminal SNR" if pred.ztsnr else "")
+    if pred != PredictionRecord():
+        log.info("%s: %s", name, pred.describe())
     return SamplingModel(pipe, img2img, tokenizers, base, pred, name, model_hash, vae_name)
 
 

@@ -2,8 +2,8 @@
 
 One row per scalar per optimizer step (never per micro-step): `loss` is the mean over the step's
 micro-batches and processes; learning rates are logged per parameter group as `lr/<group>` with
-the group's real name. The Parquet table has the columns `step` (int64), `tag` (string), `value`
-(float64), `wall_time` (float64) — the schema `tunelab loss` reads. On resume, rows logged after the
+the group's real name. The Parquet table's schema is `tunelab.run.METRICS_SCHEMA` (what `tunelab
+loss` and the report read). On resume, rows logged after the
 resumed state (by a run that was killed later) are dropped from the table, and tensorboard is told
 to purge them (`purge_step`), so curves never show a step twice.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
+from tunelab.run import METRICS_SCHEMA as SCHEMA  # the run layout owns the schema
 
-SCHEMA = pa.schema([("step", pa.int64()), ("tag", pa.string()), ("value", pa.float64()), ("wall_time", pa.float64())])
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:

@@ -3,14 +3,18 @@
 The order things are wired in (and why):
   1. read and validate the run file (before anything heavy loads);
   2. start accelerate, derive the gradient accumulation from the *real* world size;
-  3. open the run directory: a complete saved state there means "resume";
-  4. load the model (base checkpoint, --init-from, or the toy preset) and tokenizers;
+  3. open the run directory: a complete saved state there means "resume"; check it matches the
+     run file and the dataset index (fingerprint, effective batch, index digest);
+  4. check the base's prediction record against the run's [objective] (file header only), then
+     load the model (base checkpoint, --init-from, or the toy preset) and tokenizers, and stamp
+     the run's prediction record on it (what grids and checkpoints then say);
   5. freeze what does not train (train/parts.py) — before wrapping, so DDP never builds gradient
      buckets for frozen parameters and the optimizer never sees them;
   6. build the optimizer and LR schedule from the trainable parameter groups;
   7. wrap the trainable modules with accelerate (DDP / DeepSpeed / FSDP by launch config);
   8. register the LR schedule for checkpointing; load the saved state when resuming;
-  9. loop: one optimizer step = `accumulation` micro-batches per process; log; save.
+  9. loop: one optimizer step = `accumulation` micro-batches per process (train/step.py does
+     each micro-batch's math); log; save; fire the loop events (train/callbacks.py).
 
 Determinism: noise and timesteps come from a generator seeded by (seed, epoch, global batch
 position), captions from (seed, epoch, row), the sample order from the sampler's (seed, epoch): a
@@ -27,40 +31,79 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
-from tunelab.train.state import RunDir, check_resume, load_state, prune_checkpoints, save_state
+from tunelab.models.prediction import PredictionRecord
+from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name
+from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
+from tunelab.train.state import check_resume, load_state, save_state
+from tunelab.train.step import StepModels, TextSettings, batch_seed, training_loss
+
+if TYPE_CHECKING:
+    from tunelab.data.loader import BucketBatchSampler, IndexTable
+    from tunelab.models.arch import Components
+    from tunelab.train.objectives import Objective
+    from tunelab.train.parts import TrainablePlan
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class TrainData:
+    """The training split, its sampler and loader, and the step counts they give."""
+
+    index: "IndexTable"
+    sampler: "BucketBatchSampler"
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    digest: str  # the index's identity (data/index.py index_digest), checked on resume
+
+
+@dataclass
+class Training:
+    """What `prepare` builds once the model is frozen where it should be: optimizer, schedule,
+    the wrapped modules and the objective."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    objective: "Objective"
+    models: StepModels  # the modules each micro-batch calls (DDP / compiled wrappers where training)
+    trainable: list[torch.nn.Module]  # wrapped modules that train (no_sync targets)
+    params: list[torch.nn.Parameter]  # every trainable parameter, for the gradient norm
+
+
+@dataclass
 class Setup:
-    """Everything the loop needs, built once."""
+    """Everything the loop needs, built once by `setup`."""
 
     cfg: RunConfig
-    accelerator: Any
+    accelerator: Any  # accelerate.Accelerator; None for --dry-run
     run: RunDir
+    world_size: int
     accumulation: int
-    comps: Any
-    tokenizers: tuple
-    plan: Any
-    index: Any = None
-    sampler: Any = None
-    loader: Any = None
-    objective: Any = None
-    optimizer: Any = None
-    lr_scheduler: Any = None
-    trainable: list = field(default_factory=list)  # wrapped modules that train
-    wrapped: dict = field(default_factory=dict)  # component name -> its wrapped (DDP/compiled) module
-    params: list = field(default_factory=list)  # every trainable parameter, for the gradient norm
-    steps_per_epoch: int = 0
-    total_steps: int = 0
-    resume: dict = field(default_factory=dict)
+    comps: "Components"
+    tokenizers: tuple[Any, Any]
+    plan: "TrainablePlan"
+    prediction: PredictionRecord  # what the run trains (stamped into every checkpoint)
+    base_prediction: PredictionRecord  # what the base predicted
+    progress: Progress
+    resume_from: Path | None = None  # the state resumed from, if any
+    data: TrainData | None = None  # None only for a dry run before the index exists
+    training: Training | None = None  # None for a dry run
+    callbacks: Callbacks = field(default_factory=Callbacks)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.world_size * self.cfg.train.batch_size * self.accumulation
+
+    @property
+    def total_steps(self) -> int:
+        return self.data.total_steps if self.data else 0
 
 
 @dataclass
@@ -71,15 +114,18 @@ class TrainResult:
     skipped_nonfinite: int
 
 
-def train(run_file: str | Path, allow_config_change: bool = False, init_from: str | Path | None = None,
-          dry_run: bool = False) -> TrainResult | None:
-    cfg = load_config(run_file)  # 1
-    s = _setup(cfg, allow_config_change, init_from, dry_run)  # 2-8
+def train(run: RunConfig | str | Path, allow_config_change: bool = False, init_from: str | Path | None = None,
+          dry_run: bool = False, callbacks: Callbacks | None = None) -> TrainResult | None:
+    """Train (or resume) the run a run file describes; `dry_run` prints the banner and stops."""
+    cfg = run if isinstance(run, RunConfig) else load_config(run)  # 1
+    s = setup(cfg, allow_config_change, init_from, dry_run)  # 2-8
+    if callbacks is not None:
+        s.callbacks = callbacks
     for line in banner(s):
         log.info("%s", line)
     if dry_run:
         return None
-    return _loop(s)  # 9
+    return loop(s)  # 9
 
 
 # --- setup --------------------------------------------------------------------------------------------
@@ -98,38 +144,75 @@ def _accelerator(cfg: RunConfig):
     return acc
 
 
-def _setup(cfg: RunConfig, allow_change: bool, init_from, dry_run: bool) -> Setup:
+def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Path | None = None,
+          dry_run: bool = False) -> Setup:
+    """Steps 2-8 of the module docstring: everything `loop` needs (on a dry run: no weights,
+    no accelerator, no optimizer)."""
+    from tunelab.train.parts import select_trainable
+
     acc = _accelerator(cfg) if not dry_run else None
     world = acc.num_processes if acc else (cfg.train.expect_world_size or 1)
+    _check_world(cfg, world)
+    accumulation = cfg.accumulation_for(world)
+    run = RunDir(Path(cfg.run.output_dir))
+    state = run.latest_state()  # 3: resume? checked against the run file and the data first
+    resume = run.read_trainer_info(state) if state is not None else None
+    data = _data(cfg, acc, world, accumulation)
+    if resume is not None:
+        _check_effective_batch(cfg, resume, world, allow_config_change)
+        check_resume(resume, cfg.fingerprint(), allow_config_change, data.digest if data else None,
+                     len(data.sampler.rows) if data else None)
+    source = str(init_from) if init_from else cfg.model.base
+    prediction, base_prediction = check_prediction(cfg, source)  # 4: from the header, before any weight
+    comps, toks = load_model(cfg, init_from, meta=dry_run)
+    prediction.stamp(comps.extras, comps.metadata)  # live grids and checkpoints say what the run trains
+    plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5
+    progress = _progress_from(resume, world * cfg.train.batch_size * accumulation)
+    s = Setup(cfg, acc, run, world, accumulation, comps, toks, plan, prediction, base_prediction, progress,
+              resume_from=state, data=data, callbacks=default_callbacks(cfg))
+    if dry_run:
+        return s
+    s.training = _prepare(s)  # 6-8
+    if state is not None:
+        load_state(acc, run, state)
+        log.info("resuming %s from step %d (epoch %d)", run.path, resume.step, resume.epoch)
+        if resume.fingerprint != cfg.fingerprint():
+            _adopt_new_schedule(s)
+    return s
+
+
+def _check_world(cfg: RunConfig, world: int) -> None:
     if cfg.train.expect_world_size and world != cfg.train.expect_world_size:
         raise TunelabError(
             f"train.expect_world_size is {cfg.train.expect_world_size} but {world} process(es) were launched; "
             "launch the expected number (accelerate launch --num_processes N) or change the setting"
         )
-    run = RunDir(Path(cfg.run.output_dir))
-    state = run.latest_state()
-    resume: dict = {}
-    if state is not None:
-        from tunelab.train.state import read_trainer_info
 
-        resume = read_trainer_info(state) | {"path": str(state)}
-        _check_effective_batch(cfg, resume, world, allow_change)
-        check_resume(resume, cfg.fingerprint(), allow_change)
-    comps, toks = _load_model(cfg, init_from, meta=dry_run)
-    from tunelab.train.parts import select_trainable
 
-    plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5: requires_grad set; frozen params out of every group
-    s = Setup(cfg, acc, run, cfg.accumulation_for(world), comps, toks, plan, resume=resume)
-    _data(s, world)
-    if dry_run:
-        return s
-    _prepare(s)
-    if state is not None:
-        load_state(acc, state)
-        log.info("resuming %s from step %d (epoch %d)", run.path, resume["step"], resume["epoch"])
-        if resume["fingerprint"] != cfg.fingerprint():
-            _adopt_new_schedule(s)
-    return s
+def _progress_from(resume: TrainerInfo | None, effective_batch: int) -> Progress:
+    if resume is None:
+        return Progress(effective_batch=effective_batch)
+    return Progress(resume.step, resume.epoch, resume.position, resume.skipped_nonfinite, effective_batch)
+
+
+def check_prediction(cfg: RunConfig, source: str) -> tuple[PredictionRecord, PredictionRecord]:
+    """(the run's record, the base's record); refuses a run whose [objective] contradicts its
+    base unless `objective.convert_base` says the conversion is meant. Reads headers only.
+    The toy preset built in code is random and predicts nothing yet: any objective fits it."""
+    from tunelab.models.prediction import base_record
+
+    mine = PredictionRecord.from_objective(cfg.objective)
+    base = mine if source == "toy" else base_record(source)
+    same = (base.type, base.ztsnr) == (mine.type, mine.ztsnr)
+    if not same and not cfg.objective.convert_base:
+        ob = cfg.objective
+        match = f"objective.prediction = {base.type!r}" + (", objective.zero_terminal_snr = true" if base.ztsnr else "")
+        raise TunelabError(
+            f"the base {source} predicts {base.describe()}, but the run file trains {mine.describe()} "
+            f"(objective.prediction = {ob.prediction!r}, zero_terminal_snr = {str(ob.zero_terminal_snr).lower()}); "
+            f"set {match} to continue the base as it is, or set objective.convert_base = true to convert it on purpose"
+        )
+    return mine, base
 
 
 def _adopt_new_schedule(s: Setup) -> None:
@@ -137,30 +220,32 @@ def _adopt_new_schedule(s: Setup) -> None:
     schedule; continue with the run file's (weights and optimizer moments are kept)."""
     from tunelab.train.optim import ScheduleMultiplier, param_groups
 
+    t = s.training
     fresh = {g["name"]: g["lr"] for g in param_groups(s.plan, s.cfg.optim)}
     o = s.cfg.optim
     fn = ScheduleMultiplier(o.schedule, o.warmup_steps, s.total_steps)
-    sched = s.lr_scheduler
+    sched = t.lr_scheduler
     sched.lr_lambdas = [fn] * len(sched.lr_lambdas)
-    for i, group in enumerate(s.optimizer.param_groups):
+    for i, group in enumerate(t.optimizer.param_groups):
         sched.base_lrs[i] = group["initial_lr"] = fresh[group["name"]]
         group["lr"] = fresh[group["name"]] * fn(sched.last_epoch)
         group["weight_decay"] = o.weight_decay
     log.warning("settings changed since the saved state; continuing with the run file's learning rates and schedule")
 
 
-def _check_effective_batch(cfg: RunConfig, resume: dict, world: int, allow_change: bool) -> None:
+def _check_effective_batch(cfg: RunConfig, resume: TrainerInfo, world: int, allow_change: bool) -> None:
     accum = cfg.accumulation_for(world)
     eff = world * cfg.train.batch_size * accum
-    if resume.get("effective_batch", eff) != eff and not allow_change:
+    if resume.effective_batch != eff and not allow_change:
         raise TunelabError(
-            f"this run was trained with an effective batch of {resume['effective_batch']} and would resume with {eff} "
+            f"this run was trained with an effective batch of {resume.effective_batch} and would resume with {eff} "
             f"({world} process(es) x batch {cfg.train.batch_size} x accumulation {accum}); launch the same number "
             "of processes, use train.target_effective_batch, or pass --allow-config-change"
         )
 
 
-def _load_model(cfg: RunConfig, init_from, meta: bool):
+def load_model(cfg: RunConfig, init_from: str | Path | None = None, meta: bool = False):
+    """(components, tokenizers) of the run's base (or `init_from`); `meta` builds shapes only."""
     from tunelab.models.arch import build_components
     from tunelab.models.checkpoint import detect_arch, load_checkpoint
     from tunelab.models.safetensors_io import read_header
@@ -182,37 +267,37 @@ def _load_model(cfg: RunConfig, init_from, meta: bool):
     return comps, toks
 
 
-def _data(s: Setup, world: int) -> None:
+def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | None:
+    from tunelab.data.index import index_digest
     from tunelab.data.loader import BucketBatchSampler, TrainDataset, collate, open_index
 
-    cfg = s.cfg
     if not cfg.data.index or not Path(cfg.data.index).exists():
-        if s.accelerator is None:
-            return  # dry run before the index exists: the banner says so
+        if acc is None:
+            return None  # dry run before the index exists: the banner says so
         raise TunelabError(f"data.index = {cfg.data.index!r} does not exist; build it with `tunelab data index`")
-    s.index = open_index(cfg.data.index)
-    rows = s.index.rows_in_split("train")
-    rank = s.accelerator.process_index if s.accelerator else 0
-    s.sampler = BucketBatchSampler(s.index.bucket_ids()[rows], cfg.train.batch_size, seed=cfg.run.seed,
-                                   rank=rank, world_size=world, rows=rows)
-    s.steps_per_epoch = len(s.sampler) // s.accumulation
-    if s.steps_per_epoch == 0:
+    index = open_index(cfg.data.index)
+    rows = index.rows_in_split("train")
+    sampler = BucketBatchSampler(index.bucket_ids()[rows], cfg.train.batch_size, seed=cfg.run.seed,
+                                 rank=acc.process_index if acc else 0, world_size=world, rows=rows)
+    steps_per_epoch = len(sampler) // accumulation
+    if steps_per_epoch == 0:
         raise TunelabError(
-            f"the dataset gives {len(s.sampler)} batch(es) per process per epoch, fewer than one optimizer step "
-            f"({s.accumulation} micro-batches); lower train.batch_size / accumulation or add data"
+            f"the dataset gives {len(sampler)} batch(es) per process per epoch, fewer than one optimizer step "
+            f"({accumulation} micro-batches); lower train.batch_size / accumulation or add data"
         )
-    s.total_steps = cfg.train.max_steps or cfg.train.epochs * s.steps_per_epoch
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     latents = None
     if cfg.data.latents:
         from tunelab.data.latents import LatentStore
 
         latents = LatentStore(cfg.data.latents)
-    dataset = TrainDataset(s.index, cfg.data.captions, seed=cfg.run.seed, latents=latents)
-    s.loader = torch.utils.data.DataLoader(dataset, batch_sampler=s.sampler, collate_fn=collate,
-                                           num_workers=cfg.train.dataloader_workers)
+    dataset = TrainDataset(index, cfg.data.captions, seed=cfg.run.seed, latents=latents)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.train.dataloader_workers)
+    return TrainData(index, sampler, loader, steps_per_epoch, total, index_digest(cfg.data.index))
 
 
-def _prepare(s: Setup) -> None:
+def _prepare(s: Setup) -> Training:
     """6-8: optimizer and schedule from trainable groups; wrap trainable modules; checkpoint hooks."""
     from tunelab.models.arch import load_arch
     from tunelab.train.objectives import Objective
@@ -220,7 +305,7 @@ def _prepare(s: Setup) -> None:
 
     cfg, acc, comps = s.cfg, s.accelerator, s.comps
     weight_dtype = torch.bfloat16 if cfg.train.full_bf16 else torch.float32
-    for name, module in comps.modules().items():
+    for module in comps.modules().values():
         trains = any(p.requires_grad for p in module.parameters())
         # Frozen modules may live in the autocast dtype to save memory; trained ones in weight_dtype.
         dtype = weight_dtype if trains or acc.mixed_precision == "no" else _autocast_dtype(acc)
@@ -230,17 +315,18 @@ def _prepare(s: Setup) -> None:
         module.train(trains)
         if trains and cfg.train.gradient_checkpointing:
             _enable_checkpointing(module)
-    s.optimizer = build_optimizer(s.plan, cfg.optim)
-    s.lr_scheduler = build_scheduler(s.optimizer, cfg.optim, s.total_steps)
-    names = [n for n in ("unet", "text_encoder_1", "text_encoder_2") if any(p.requires_grad for p in getattr(comps, n).parameters())]
-    wrapped = acc.prepare(*[getattr(comps, n) for n in names], s.optimizer)
-    s.trainable, s.optimizer = list(wrapped[:-1]), wrapped[-1]
-    s.params = [p for m in s.trainable for p in m.parameters() if p.requires_grad]
-    s.wrapped = dict(zip(names, s.trainable))
-    acc.register_for_checkpointing(s.lr_scheduler)
-    if cfg.train.compile and "unet" in s.wrapped:
-        s.wrapped["unet"] = torch.compile(s.wrapped["unet"])
-    s.objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset)
+    optimizer = build_optimizer(s.plan, cfg.optim)
+    lr_scheduler = build_scheduler(optimizer, cfg.optim, s.total_steps)
+    names = [n for n in ("unet", "text_encoder_1", "text_encoder_2")
+             if any(p.requires_grad for p in getattr(comps, n).parameters())]
+    *trainable, optimizer = acc.prepare(*[getattr(comps, n) for n in names], optimizer)
+    wrapped = dict(zip(names, trainable))
+    acc.register_for_checkpointing(lr_scheduler)
+    if cfg.train.compile and "unet" in wrapped:
+        wrapped["unet"] = torch.compile(wrapped["unet"])
+    objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset)
+    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
+    return Training(optimizer, lr_scheduler, objective, StepModels.of(comps, s.tokenizers, wrapped), trainable, params)
 
 
 def _autocast_dtype(acc) -> torch.dtype:
@@ -262,31 +348,34 @@ def banner(s: Setup) -> list[str]:
     from tunelab.train.parts import banner_rows
 
     cfg, t = s.cfg, s.cfg.train
-    world = s.accelerator.num_processes if s.accelerator else (t.expect_world_size or 1)
-    eff = world * t.batch_size * s.accumulation
-    lines = [f"run {cfg.run.name!r} -> {s.run.path}" + (f"  (resuming at step {s.resume['step']})" if s.resume else ""),
+    resuming = f"  (resuming at step {s.progress.step})" if s.resume_from else ""
+    lines = [f"run {cfg.run.name!r} -> {s.run.path}{resuming}",
              f"model {cfg.model.base} ({s.comps.arch}), text encoders {t.parts.text_encoder}, UNet {t.parts.unet}",
-             f"world size {world} x batch {t.batch_size} x accumulation {s.accumulation} = effective batch {eff}"]
-    if s.sampler is not None:
-        n, hist = len(s.sampler.rows), _bucket_line(s)
-        lines += [f"dataset {n:,} images (train split), {hist}",
-                  f"steps per epoch {s.steps_per_epoch:,}, total steps {s.total_steps:,} "
-                  f"({s.total_steps * eff:,} samples)"]
+             f"world size {s.world_size} x batch {t.batch_size} x accumulation {s.accumulation} = "
+             f"effective batch {s.effective_batch}"]
+    if s.data is not None:
+        lines += [f"dataset {len(s.data.sampler.rows):,} images (train split), {_bucket_line(s.data)}",
+                  f"steps per epoch {s.data.steps_per_epoch:,}, total steps {s.total_steps:,} "
+                  f"({s.total_steps * s.effective_batch:,} samples)"]
     else:
         lines.append(f"dataset: data.index {cfg.data.index!r} is not built yet (tunelab data index)")
     lines.append("trainable parameters:")
     lines += [f"  {row}" for row in banner_rows(s.plan)]
-    lines.append(f"optimizer {cfg.optim.name}, LR unet {cfg.optim.lr_unet:g} / te1 {cfg.optim.lr_text_encoder_1:g} / "
-                 f"te2 {cfg.optim.lr_text_encoder_2:g}, schedule {cfg.optim.schedule}; objective {cfg.objective.prediction}, "
-                 f"loss {cfg.loss.type}; precision {t.mixed_precision}{' (bf16 weights)' if t.full_bf16 else ''}")
+    o = cfg.optim
+    lines.append(f"optimizer {o.name}, LR unet {o.lr_unet:g} / te1 {o.lr_text_encoder_1:g} / te2 {o.lr_text_encoder_2:g}, "
+                 f"schedule {o.schedule}; loss {cfg.loss.type}; precision {t.mixed_precision}"
+                 f"{' (bf16 weights)' if t.full_bf16 else ''}")
+    mine, base = s.prediction, s.base_prediction
+    converting = f" (converting the base's {base.describe()})" if (mine.type, mine.ztsnr) != (base.type, base.ztsnr) else ""
+    lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     return lines
 
 
-def _bucket_line(s: Setup) -> str:
+def _bucket_line(data: TrainData) -> str:
     import numpy as np
 
-    ids = s.index.bucket_ids()[s.sampler.rows]
-    buckets = s.index.buckets
+    ids = data.index.bucket_ids()[data.sampler.rows]
+    buckets = data.index.buckets
     counts = np.bincount(ids, minlength=len(buckets))
     used = [(int(c), tuple(buckets[i])) for i, c in enumerate(counts) if c]
     return f"{len(used)} buckets: " + ", ".join(f"{w}x{h} {c}" for c, (w, h) in sorted(used, reverse=True)[:6])
@@ -295,17 +384,17 @@ def _bucket_line(s: Setup) -> str:
 # --- the loop --------------------------------------------------------------------------------------------
 
 
-def _batches(s: Setup, start_epoch: int, start_position: int) -> Iterator[tuple[int, int, dict | None]]:
+def batches(s: Setup, start_epoch: int, start_position: int) -> Iterator[tuple[int, int, dict | None]]:
     """(epoch, global batch position, batch) for this process, continuing across epochs."""
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    sampler, loader = s.data.sampler, s.data.loader
     epoch, position = start_epoch, start_position
     while True:
-        s.sampler.set_epoch(epoch)
-        s.sampler.position = position  # a resumed epoch continues at its next unused batch
-        per_epoch = len(s.sampler)
-        usable = per_epoch // s.accumulation * s.accumulation  # whole optimizer steps only
+        sampler.set_epoch(epoch)
+        sampler.position = position  # a resumed epoch continues at its next unused batch
+        usable = len(sampler) // s.accumulation * s.accumulation  # whole optimizer steps only
         consumed = position // world
-        for batch in s.loader:
+        for batch in loader:
             if consumed >= usable:
                 break
             yield epoch, consumed * world + rank, batch
@@ -313,62 +402,74 @@ def _batches(s: Setup, start_epoch: int, start_position: int) -> Iterator[tuple[
         epoch, position = epoch + 1, 0
 
 
-def _loop(s: Setup) -> TrainResult:
+def loop(s: Setup) -> TrainResult:
+    """Step 9: train until total_steps, saving and firing the loop events."""
     from tunelab.train.metrics import MetricsLogger
 
-    acc, cfg, run = s.accelerator, s.cfg, s.run
-    step, epoch = s.resume.get("step", 0), s.resume.get("epoch", 0)
+    acc, cfg, run, p = s.accelerator, s.cfg, s.run, s.progress
     if acc.is_main_process:
         run.make()
         save_resolved(cfg, run.config)
-    metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=step)
-    eff = acc.num_processes * cfg.train.batch_size * s.accumulation
-    batches = _batches(s, epoch, s.resume.get("position", 0))
-    bar = _progress(acc, s.total_steps, step)
-    position, smooth = s.resume.get("position", 0), None
-    skipped, streak, last_ckpt, t0 = s.resume.get("skipped_nonfinite", 0), 0, None, time.perf_counter()
-    while step < s.total_steps:
-        loss, finite, grad_norm, (epoch, position) = _optimizer_step(s, batches)
-        if not finite:
-            skipped, streak = skipped + 1, streak + 1
-            _nonfinite_guard(s, streak, skipped)
+    metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=p.step)
+    ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps)
+    data = batches(s, p.epoch, p.position)
+    bar = _progress_bar(acc, s.total_steps, p.step)
+    start_step, streak, last_ckpt, smooth, t0 = p.step, 0, None, None, time.perf_counter()
+    s.callbacks.fire(Event.START, ctx)
+    while p.step < s.total_steps:
+        result = optimizer_step(s, data)
+        p.epoch, p.position = result.next_epoch, result.next_position
+        if not result.finite:
+            p.skipped_nonfinite, streak = p.skipped_nonfinite + 1, streak + 1
+            _nonfinite_guard(s, streak)
             continue
-        step, streak = step + 1, 0
-        rate = eff * (step - s.resume.get("step", 0)) / (time.perf_counter() - t0)
-        scalars = {"loss": loss, "grad_norm": grad_norm, "img_per_s": rate, "effective_batch": eff,
-                   "samples_seen": step * eff, "nonfinite_skipped": skipped}
-        scalars |= {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(s.optimizer.param_groups)}
-        if step % cfg.log.every_n_steps == 0:
-            metrics.log(step, scalars)
-        smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss  # the bar's loss: an EMA
+        p.step, streak = p.step + 1, 0
+        rate = p.effective_batch * (p.step - start_step) / (time.perf_counter() - t0)
+        if p.step % cfg.log.every_n_steps == 0:
+            metrics.log(p.step, _scalars(s, result, rate))
+        smooth = result.loss if smooth is None else 0.98 * smooth + 0.02 * result.loss  # the bar's loss: an EMA
         bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.2f}", epoch=epoch)
-        saved = _maybe_save(s, step, epoch, position, skipped, metrics, eff, epoch_ended=position == 0)
-        last_ckpt = saved or last_ckpt
-        if cfg.grid.every_n_steps and step % cfg.grid.every_n_steps == 0 and step < s.total_steps:
-            _render_grid(s, step, metrics)
+        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.2f}", epoch=p.epoch)
+        last_ckpt = _maybe_save(s, ctx, epoch_ended=p.position == 0) or last_ckpt
+        s.callbacks.fire(Event.STEP, ctx)
     bar.close()
-    last_ckpt = _finish(s, step, epoch, position, skipped, metrics, eff) or last_ckpt
-    return TrainResult(step, step * eff, last_ckpt, skipped)
+    last_ckpt = _finish(s, ctx) or last_ckpt
+    return TrainResult(p.step, p.samples_seen, last_ckpt, p.skipped_nonfinite)
 
 
-def _progress(acc, total: int, initial: int):
+def _scalars(s: Setup, result: "StepResult", rate: float) -> dict[str, float]:
+    p = s.progress
+    scalars = {"loss": result.loss, "grad_norm": result.grad_norm, "img_per_s": rate,
+               "effective_batch": p.effective_batch, "samples_seen": p.samples_seen,
+               "nonfinite_skipped": p.skipped_nonfinite}
+    groups = s.training.optimizer.param_groups
+    return scalars | {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
+
+
+def _progress_bar(acc, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not acc.is_main_process,
                 dynamic_ncols=True)
 
 
-def _optimizer_step(s: Setup, batches) -> tuple[float, bool, float, tuple[int, int]]:
-    """`accumulation` micro-batches, one optimizer step (skipped if any loss was not finite).
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean over the step's micro-batches and processes
+    finite: bool  # False: some loss was NaN/inf and the step was skipped
+    grad_norm: float
+    next_epoch: int  # where the next step's data starts (position 0: this step finished an epoch)
+    next_position: int
 
-    Returns the mean loss, whether it was finite, the gradient norm, and where the next step's data
-    starts: (epoch, global batch position), position 0 meaning this step finished an epoch."""
-    acc, total, bad = s.accelerator, 0.0, 0
+
+def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> StepResult:
+    """`accumulation` micro-batches from `data` (see `batches`), then one optimizer step,
+    skipped if any loss was not finite."""
+    acc, t, total, bad = s.accelerator, s.training, 0.0, 0
     for micro in range(s.accumulation):
-        epoch, position, batch = next(batches)
+        epoch, position, batch = next(data)
         last = micro == s.accumulation - 1
-        with _no_sync(acc, s.trainable, enabled=not last), acc.autocast():
+        with _no_sync(acc, t.trainable, enabled=not last), acc.autocast():
             loss = _micro_loss(s, batch, epoch, position)
         # A NaN/inf loss still goes through backward (every process must take part in DDP's
         # all-reduce); its gradients are thrown away below with the whole step.
@@ -379,17 +480,26 @@ def _optimizer_step(s: Setup, batches) -> tuple[float, bool, float, tuple[int, i
     finite = flags[1].item() == 0
     grad_norm = _clip(s) if finite else float("nan")
     if finite:
-        s.optimizer.step()
-        s.lr_scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
     mean_loss = flags[0].item() / (s.accumulation * acc.num_processes)
-    return mean_loss, finite, grad_norm, _next_start(s, epoch, position)
+    return StepResult(mean_loss, finite, grad_norm, *_next_start(s, epoch, position))
+
+
+def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
+    t, cfg = s.training, s.cfg
+    if batch is None:  # every image of the batch was unreadable (logged to the rejects file)
+        return sum(p.sum() for p in t.params) * 0.0  # still a graph: DDP needs every process's backward
+    gen = torch.Generator(device="cpu").manual_seed(batch_seed(cfg.run.seed, epoch, position))
+    text = TextSettings(cfg.model.max_chunks, cfg.model.clip_skip, trains=cfg.train.parts.text_encoder != "off")
+    return training_loss(t.models, batch, t.objective, cfg.loss, text, gen, s.accelerator.device)
 
 
 def _next_start(s: Setup, epoch: int, position: int) -> tuple[int, int]:
     world = s.accelerator.num_processes
     consumed = position // world + 1  # batches this process has used in `epoch`
-    if consumed >= len(s.sampler) // s.accumulation * s.accumulation:
+    if consumed >= len(s.data.sampler) // s.accumulation * s.accumulation:
         return epoch + 1, 0
     return epoch, consumed * world
 
@@ -403,61 +513,18 @@ def _no_sync(acc, modules, enabled: bool):
         yield
 
 
-def _zero_loss(s: Setup) -> torch.Tensor:
-    return sum(p.sum() for p in s.params) * 0.0
-
-
 def _clip(s: Setup) -> float:
     """Clip to train.max_grad_norm (0 = off) and return the total gradient norm (logged)."""
+    params = s.training.params
     if s.cfg.train.max_grad_norm > 0:
-        return float(s.accelerator.clip_grad_norm_(s.params, s.cfg.train.max_grad_norm))
-    grads = [p.grad for p in s.params if p.grad is not None]
+        return float(s.accelerator.clip_grad_norm_(params, s.cfg.train.max_grad_norm))
+    grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
-    from tunelab.models.text import encode_prompts, time_ids
-    from tunelab.train.losses import compute_loss
-
-    if batch is None:  # every image of the batch was unreadable (logged to the rejects file)
-        return _zero_loss(s)
-    dev, comps, cfg = s.accelerator.device, s.comps, s.cfg
-    gen = torch.Generator(device="cpu").manual_seed(_batch_seed(cfg.run.seed, epoch, position))
-    latents = _latents(s, batch).to(dev)  # (B, 4, H/8, W/8), scaled
-    te_trains = cfg.train.parts.text_encoder != "off"
-    with torch.set_grad_enabled(te_trains):
-        te1 = s.wrapped.get("text_encoder_1", comps.text_encoder_1)
-        te2 = s.wrapped.get("text_encoder_2", comps.text_encoder_2)
-        cond = encode_prompts(s.tokenizers, (te1, te2), batch["prompt"], cfg.model.max_chunks, cfg.model.clip_skip)
-    noisy, timesteps, target, snr = s.objective.sample(latents, gen)
-    ids = time_ids(batch["original_size_hw"].tolist(), batch["crop_top_left"].tolist(),
-                   batch["target_size_hw"].tolist()).to(dev)  # (B, 6)
-    unet = s.wrapped.get("unet", comps.unet)
-    pred = unet(noisy, timesteps, encoder_hidden_states=cond.context,
-                added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
-    return compute_loss(pred.float(), target.float(), cfg.loss, cfg.objective.prediction, timesteps, snr).mean()
-
-
-def _batch_seed(seed: int, epoch: int, position: int) -> int:
-    # Splitmix-style mixing: nearby (epoch, position) pairs get unrelated streams.
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) % 2**64
-    x ^= x >> 31
-    return x % 2**63
-
-
-def _latents(s: Setup, batch: dict) -> torch.Tensor:
-    vae = s.comps.vae
-    scale = vae.config.scaling_factor
-    if "latents" in batch:  # cached: unscaled distribution means
-        return batch["latents"].float() * scale
-    with torch.no_grad():
-        pixels = batch["pixels"].to(s.accelerator.device, dtype=next(vae.parameters()).dtype)
-        return vae.encode(pixels).latent_dist.mean.float() * scale
-
-
-def _nonfinite_guard(s: Setup, streak: int, skipped: int) -> None:
+def _nonfinite_guard(s: Setup, streak: int) -> None:
     limit = s.cfg.train.max_nonfinite_steps
-    log.warning("loss was not finite; step skipped (%d in a row, %d in total)", streak, skipped)
+    log.warning("loss was not finite; step skipped (%d in a row, %d in total)", streak, s.progress.skipped_nonfinite)
     if streak >= limit:
         last = s.run.latest_state()
         raise TunelabError(
@@ -470,74 +537,55 @@ def _nonfinite_guard(s: Setup, streak: int, skipped: int) -> None:
 # --- saving ----------------------------------------------------------------------------------------------
 
 
-def _render_grid(s: Setup, step: int, metrics) -> None:
-    """[grid]: prompts across, seeds down, from the live weights (rank 0; the others wait)."""
-    g, acc = s.cfg.grid, s.accelerator
-    if not g.prompts:
-        return
-    if acc.is_main_process:
-        from tunelab.sample.grid import Axis, GridSpec, render_grid_from_components
-        from tunelab.sample.pipeline import SampleSettings
-
-        base = SampleSettings(negative=g.negative, steps=g.steps, cfg=g.cfg, sampler=g.sampler,
-                              clip_skip=s.cfg.model.clip_skip, pag_scale=g.pag_scale, seg_scale=g.seg_scale,
-                              max_chunks=s.cfg.model.max_chunks, seed=g.seeds[0])
-        spec = GridSpec(base=base, prompts=list(g.prompts), x=Axis("prompt", list(g.prompts)),
-                        y=Axis("seed", list(g.seeds)) if len(g.seeds) > 1 else None)
-        result = render_grid_from_components(s.comps, s.tokenizers, spec, s.run.samples, step)
-        metrics.log_image("grid", result.grid, step)
-        log.info("grid at step %d: %s", step, result.grid)
-    acc.wait_for_everyone()
+def _maybe_save(s: Setup, ctx: LoopContext, epoch_ended: bool) -> Path | None:
+    """Checkpoint + training state every N steps and/or every N epochs (`epoch` = where the next
+    step starts, so after the last step of epoch 3 it is 4 and the file is `epoch-0004`)."""
+    cfg, p = s.cfg.save, s.progress
+    by_step = cfg.every_n_steps > 0 and p.step % cfg.every_n_steps == 0
+    by_epoch = epoch_ended and cfg.every_n_epochs > 0 and p.epoch % cfg.every_n_epochs == 0
+    if not (by_step or by_epoch) or p.step == s.total_steps:
+        return None  # the final step is saved by _finish
+    path = _write_checkpoint(s, epoch_name(p.epoch) if by_epoch else step_name(p.step), ctx)
+    _write_state(s)
+    ctx.metrics.flush()
+    return path
 
 
-def _training_info(s: Setup, step: int, epoch: int, eff: int) -> dict[str, Any]:
-    o = s.cfg.optim
-    return {"steps": step, "epoch": epoch, "effective_batch": eff, "learning_rate": o.lr_unet,
+def _finish(s: Setup, ctx: LoopContext) -> Path | None:
+    path = _write_checkpoint(s, "last", ctx)
+    _write_state(s)
+    s.callbacks.fire(Event.END, ctx)
+    ctx.metrics.close()
+    if s.accelerator.is_main_process:
+        log.info("done: %d steps, %d samples; checkpoint %s", s.progress.step, s.progress.samples_seen, path)
+    return path
+
+
+def _training_info(s: Setup) -> dict[str, Any]:
+    o, p = s.cfg.optim, s.progress
+    return {"steps": p.step, "epoch": p.epoch, "effective_batch": p.effective_batch, "learning_rate": o.lr_unet,
             "text_encoder_lr1": o.lr_text_encoder_1, "text_encoder_lr2": o.lr_text_encoder_2,
             "optimizer": o.name, "run": s.cfg.run.name}
 
 
-def _maybe_save(s: Setup, step: int, epoch: int, position: int, skipped: int, metrics, eff: int,
-                epoch_ended: bool) -> Path | None:
-    """Checkpoint + training state every N steps and/or every N epochs (`epoch` = where the next
-    step starts, so after the last step of epoch 3 it is 4 and the file is `epoch-0004`)."""
-    cfg = s.cfg.save
-    by_step = cfg.every_n_steps > 0 and step % cfg.every_n_steps == 0
-    by_epoch = epoch_ended and cfg.every_n_epochs > 0 and epoch % cfg.every_n_epochs == 0
-    if not (by_step or by_epoch) or step == s.total_steps:
-        return None  # the final step is saved by _finish
-    path = _write_checkpoint(s, f"epoch-{epoch:04d}" if by_epoch else f"step-{step:08d}", step, epoch, eff)
-    _write_state(s, step, epoch, position, skipped, eff)
-    metrics.flush()
-    return path
-
-
-def _finish(s: Setup, step: int, epoch: int, position: int, skipped: int, metrics, eff: int) -> Path | None:
-    path = _write_checkpoint(s, "last", step, epoch, eff)
-    _write_state(s, step, epoch, position, skipped, eff)
-    _render_grid(s, step, metrics)
-    metrics.close()
-    if s.accelerator.is_main_process:
-        log.info("done: %d steps, %d samples; checkpoint %s", step, step * eff, path)
-    return path
-
-
-def _write_checkpoint(s: Setup, name: str, step: int, epoch: int, eff: int) -> Path | None:
+def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
     from tunelab.models.checkpoint import save_checkpoint
 
     acc = s.accelerator
     acc.wait_for_everyone()
     path = None
     if acc.is_main_process:
-        path = save_checkpoint(s.comps, s.run.checkpoints / f"{name}.safetensors", dtype=s.cfg.save.dtype,
-                               title=f"{s.cfg.run.name} {name}", training=_training_info(s, step, epoch, eff))
-        prune_checkpoints(s.run, s.cfg.save.keep_last)
+        path = save_checkpoint(s.comps, s.run.checkpoint_path(name), dtype=s.cfg.save.dtype,
+                               title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction)
+        s.run.prune_checkpoints(s.cfg.save.keep_last)
     acc.wait_for_everyone()
+    ctx.checkpoint = path
+    s.callbacks.fire(Event.CHECKPOINT, ctx)
     return path
 
 
-def _write_state(s: Setup, step: int, epoch: int, position: int, skipped: int, eff: int) -> None:
-    info = {"step": step, "epoch": epoch, "position": position, "samples_seen": step * eff, "effective_batch": eff,
-            "skipped_nonfinite": skipped, "fingerprint": s.cfg.fingerprint(),
-            "world_size": s.accelerator.num_processes}
-    save_state(s.accelerator, s.run, step, info)
+def _write_state(s: Setup) -> None:
+    p = s.progress
+    info = TrainerInfo(p.step, p.epoch, p.position, p.samples_seen, p.effective_batch, p.skipped_nonfinite,
+                       s.cfg.fingerprint(), s.accelerator.num_processes, s.data.digest, len(s.data.sampler.rows))
+    save_state(s.accelerator, s.run, info, keep=s.cfg.save.keep_states)
