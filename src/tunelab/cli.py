@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -83,6 +84,48 @@ def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
+# --- one convention for every command --------------------------------------------------------------
+# Outputs are `--out/-o`, inputs are positional, one option name per thing (docs/architecture.md,
+# "Command-line conventions"). A renamed spelling keeps working for one release: it is declared as a
+# hidden parameter beside the new one, and `_renamed` takes its value with a one-line warning.
+
+T = TypeVar("T")
+
+
+def _deprecated(old: str, new: str) -> None:
+    typer.echo(f"warning: {old} is deprecated; use {new} (the old spelling goes in the next release)", err=True)
+
+
+def _renamed(ctx: typer.Context, new: str, value: T | None, old: str, old_value: T | None,
+             missing: str | None = None) -> T | None:
+    """The value of option `new`, or of its deprecated spelling `old` (warning on stderr).
+
+    `missing`: the option is required; the error to give when neither spelling was used."""
+    if old_value is not None:
+        if _given(ctx, new):
+            raise TunelabError(f"{old} is the old spelling of {new}; give only {new}")
+        _deprecated(old, new)
+        value = old_value
+    if value is None and missing is not None:
+        raise TunelabError(f"missing option {new}: {missing}")
+    return value
+
+
+def _old_positional(ctx: typer.Context) -> str | None:
+    """The positional argument a command used to take, left in `ctx.args` (its command allows
+    extra arguments, so the old spelling parses without showing in the usage line)."""
+    if len(ctx.args) > 1:
+        raise TunelabError(f"unexpected arguments: {' '.join(ctx.args)}")
+    return ctx.args[0] if ctx.args else None
+
+
+def _given(ctx: typer.Context, option: str) -> bool:
+    """Whether `option` was typed rather than left at its default. (By the source's name: typer
+    0.2x carries its own copy of click, so the enum class depends on the version.)"""
+    name = next(p.name for p in ctx.command.params if option in p.opts)
+    return ctx.get_parameter_source(name).name == "COMMANDLINE"
+
+
 # --- model ---------------------------------------------------------------------------------------
 
 ArchOpt = typer.Option(help="Architecture preset: 'toy' (tiny, for tests and demos) or 'sdxl' (full size).")
@@ -91,7 +134,7 @@ DtypeOpt = typer.Option(help="Floating-point dtype of the written tensors: fp32,
 
 @model_app.command("new")
 def model_new(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the .safetensors file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .safetensors file.")],
     arch: Annotated[str, ArchOpt] = "toy",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same file.")] = 0,
     dtype: Annotated[str, DtypeOpt] = "fp16",
@@ -109,17 +152,20 @@ def model_new(
 
 @model_app.command("inspect")
 def model_inspect(
+    ctx: typer.Context,
     file: Annotated[Optional[Path], typer.Argument(help="A .safetensors checkpoint (only its header is read).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Describe a preset instead of a file (nothing is allocated): toy or sdxl.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Describe an architecture preset instead of a file (nothing is allocated): toy or sdxl.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON, including every key with its shape.")] = False,
+    preset: Annotated[Optional[str], typer.Option("--preset", hidden=True)] = None,  # deprecated: --arch
 ) -> None:
     """Show a checkpoint's architecture, dtype, parameter counts per component and UNet block,
     metadata, and any missing or unexpected keys."""
     from tunelab.models.checkpoint import inspect_file, inspect_preset
 
-    if (file is None) == (preset is None):
-        raise TunelabError("give either a FILE or --preset toy|sdxl")
-    report = inspect_file(file) if file is not None else inspect_preset(preset)
+    arch = _renamed(ctx, "--arch", arch, "--preset", preset)
+    if (file is None) == (arch is None):
+        raise TunelabError("give either a FILE or --arch toy|sdxl")
+    report = inspect_file(file) if file is not None else inspect_preset(arch)
     if as_json:
         _print_json(report)
     else:
@@ -127,12 +173,15 @@ def model_inspect(
 
 
 def _format_inspect(r: dict) -> str:
+    from tunelab.models.vocab import label as vocab_label
+
     lines = [f"{r.get('file') or 'preset ' + r['preset']}",
              f"  architecture  {r['arch'] or 'unknown'}" + (f"  ({r['problem']})" if r.get("problem") else ""),
              f"  dtype         {r['dtype']}",
+             *([f"  prediction    {r['prediction']}"] if r.get("prediction") else []),
              f"  tensors       {r['tensors']:,}",
              f"  parameters    {r['parameters']:,}"]
-    lines += [f"    {name:<13} {n:>15,}" for name, n in r["per_component"].items()]
+    lines += [f"    {vocab_label(name):<13} {n:>15,}" for name, n in r["per_component"].items()]
     if r["per_unet_block"]:
         lines.append("  UNet blocks   " + "  ".join(f"{b} {n / 1e6:.1f}M" for b, n in r["per_unet_block"].items()))
     for label, key in (("missing (required)", "missing_required"), ("absent (optional)", "absent_optional"),
@@ -147,7 +196,7 @@ def _format_inspect(r: dict) -> str:
 @model_app.command("convert")
 def model_convert(
     src: Annotated[Path, typer.Argument(help="A .safetensors SGM file, a diffusers folder, or (with --allow-pickle) a .ckpt.")],
-    out: Annotated[Path, typer.Option("--out", help="Output: a .safetensors file, or a folder with --to diffusers.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: a .safetensors file, or a folder with --to diffusers.")],
     to: Annotated[str, typer.Option(help="Output format: 'sgm' (single file) or 'diffusers' (folder).")] = "sgm",
     dtype: Annotated[str, DtypeOpt] = "fp16",
     allow_pickle: Annotated[bool, typer.Option(help="Read pickle checkpoints (.ckpt/.pt/.bin). Only for files you trust: unpickling can run code.")] = False,
@@ -187,10 +236,14 @@ def config_check(
     'did you mean'), impossible combinations; then print the derived numbers."""
     from tunelab.config import load_config
 
+    from tunelab.models.prediction import conversion_note
+    from tunelab.train.trainer import check_prediction
+
     cfg = load_config(run_file)
     world = world_size or cfg.train.expect_world_size or 1
     if cfg.train.expect_world_size and world_size and world_size != cfg.train.expect_world_size:
         raise TunelabError(f"train.expect_world_size is {cfg.train.expect_world_size} but --world-size is {world_size}")
+    mine, base = check_prediction(cfg, cfg.model.base)  # the base's header only: refuses a contradicting objective
     accum = cfg.accumulation_for(world)
     t = cfg.train
     typer.echo(f"{run_file}: OK")
@@ -199,7 +252,7 @@ def config_check(
     typer.echo(f"  effective batch {world * t.batch_size * accum} = {world} process(es) x batch {t.batch_size} x accumulation {accum}")
     typer.echo(f"  trains         text encoders: {t.parts.text_encoder}   UNet: {t.parts.unet}   "
                f"LRs unet {cfg.optim.lr_unet:g} / te1 {cfg.optim.lr_text_encoder_1:g} / te2 {cfg.optim.lr_text_encoder_2:g}")
-    typer.echo(f"  objective      {cfg.objective.prediction}{' + zero-terminal SNR' if cfg.objective.zero_terminal_snr else ''}, loss {cfg.loss.type}")
+    typer.echo(f"  objective      {mine.describe()}{conversion_note(mine, base)}, loss {cfg.loss.type}")
     for label, value in (("model.base", cfg.model.base), ("data.index", cfg.data.index)):
         if value and value != "toy" and not Path(value).exists():
             typer.echo(f"  note: {label} = {value!r} does not exist yet")
@@ -234,10 +287,11 @@ _SOURCE_HELP = (
 )
 
 
-@data_app.command("index")
+@data_app.command("index", context_settings={"allow_extra_args": True})  # the old positional OUT
 def data_index(
-    out: Annotated[Path, typer.Argument(help="The index file to write (Parquet), e.g. data/index.parquet.")],
+    ctx: typer.Context,
     source: Annotated[list[str], typer.Option("--source", "-s", help=_SOURCE_HELP)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The index file to write (Parquet), e.g. data/index.parquet.", show_default=False)] = None,
     where_tag: Annotated[
         Optional[list[str]], typer.Option("--where-tag", help="Keep only images having this tag (repeat for AND).")
     ] = None,
@@ -251,7 +305,7 @@ def data_index(
 ) -> None:
     """Build the dataset index: one Parquet row per image with its size, tags, caption and bucket.
 
-    Example: tunelab data index data/index.parquet -s folder:./images,prefix=mine/ -s
+    Example: tunelab data index --out data/index.parquet -s folder:./images,prefix=mine/ -s
     'table:posts.parquet,tar={id % 1000:04d}.tar,root=./shards,prefix=danbooru/'
     Unreadable or missing images go to INDEX.rejects.jsonl; the bucket histogram to INDEX.buckets.txt.
     """
@@ -260,6 +314,9 @@ def data_index(
     from tunelab.data.buckets import BucketConfig
     from tunelab.data.index import IndexOptions, build_index
 
+    old_out = _old_positional(ctx)
+    out = _renamed(ctx, "--out", out, "the positional OUT", Path(old_out) if old_out is not None else None,
+                   missing="the index file to write, e.g. --out data/index.parquet")
     try:
         buckets = BucketConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step)
     except ValidationError as err:
@@ -327,10 +384,12 @@ def data_cache(
 
 @data_app.command("verify")
 def data_verify(
+    ctx: typer.Context,
     index: Annotated[Path, typer.Argument(help="The index the cache was built from.")],
-    cache: Annotated[Path, typer.Option("--cache", "-c", help="Folder of latent shards.")],
+    latents: Annotated[Optional[Path], typer.Option("--latents", help="Folder of latent shards (what `tunelab data cache --out` wrote).", show_default=False)] = None,
     repair: Annotated[bool, typer.Option(help="Re-encode corrupt and missing entries (needs --model).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Checkpoint (or 'toy') whose VAE re-encodes, for --repair.")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", "-c", hidden=True)] = None,  # deprecated: --latents
 ) -> None:
     """Check every cached entry's checksum and find missing ones; --repair fixes them.
 
@@ -338,12 +397,13 @@ def data_verify(
     """
     from tunelab.data.latents import repair_cache, verify_cache
 
-    report = verify_cache(index, cache)
+    latents = _renamed(ctx, "--latents", latents, "--cache", cache, missing="the folder of latent shards, e.g. --latents data/latents")
+    report = verify_cache(index, latents)
     typer.echo(report.text())
     if repair and not report.ok:
         if model is None:
             raise TunelabError("--repair re-encodes images: give the same --model the cache was built with")
-        report = repair_cache(index, cache, _vae_for(model, "cpu"), report)
+        report = repair_cache(index, latents, _vae_for(model, "cpu"), report)
         typer.echo("after repair: " + report.text())
     if not report.ok:
         raise typer.Exit(1)
@@ -351,19 +411,22 @@ def data_verify(
 
 @data_app.command("preview")
 def data_preview(
+    ctx: typer.Context,
     index: Annotated[Path, typer.Argument(help="The index built by `tunelab data index`.")],
-    n: Annotated[int, typer.Option("--n", help="How many prompts to show.")] = 8,
+    n_prompts: Annotated[int, typer.Option(help="How many prompts to show.")] = 8,
     config: Annotated[Optional[Path], typer.Option(help="A run file: its [data.captions], tokenizers, max_chunks and seed are used.")] = None,
     epoch: Annotated[int, typer.Option(help="Which epoch's random choices to show.")] = 0,
     mode: Annotated[Optional[str], typer.Option(help="Override the caption mode: tags, caption, pick, concat.")] = None,
     tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/, 'toy', or 'hub'.")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks the run allows (1 = 77 tokens).")] = None,
     allow_download: Annotated[bool, typer.Option(help="With --tokenizers hub: fetch SDXL's tokenizers from the Hugging Face hub once (cached).")] = False,
+    n: Annotated[Optional[int], typer.Option("--n", hidden=True)] = None,  # deprecated: --n-prompts
 ) -> None:
     """Show prompts exactly as the model will see them, with token counts and truncation."""
     from tunelab.data.captions import CaptionConfig
     from tunelab.data.preview import preview_prompts, preview_text
 
+    n_prompts = _renamed(ctx, "--n-prompts", n_prompts, "--n", n)
     captions, seed, tok, chunks = CaptionConfig(), 0, "toy", 1
     if config is not None:
         from tunelab.config import load_config
@@ -373,7 +436,7 @@ def data_preview(
     if mode is not None:
         captions = CaptionConfig(**{**captions.model_dump(), "mode": mode})
     chunks = max_chunks or chunks
-    items = preview_prompts(index, captions, n=n, seed=seed, epoch=epoch, tokenizers=tokenizers or tok,
+    items = preview_prompts(index, captions, n=n_prompts, seed=seed, epoch=epoch, tokenizers=tokenizers or tok,
                             max_chunks=chunks, allow_download=allow_download)
     typer.echo(preview_text(items, chunks))
 
@@ -415,6 +478,8 @@ _GRID_HELP = (
     "Prompts use A1111 syntax: (word:1.2), (word), \\[word], BREAK; longer than 75 tokens is fine (--max-chunks). "
     "Samplers: DDIM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, UniPC, and 'DDIM CFG++' / 'Euler CFG++' "
     "(CFG++: the CFG scale is divided by 12.5, as in A1111).\n\n"
+    "A training run: --run RUN_DIR takes the run's checkpoints (by step, last at the end) when none are given, "
+    "and its tokenizers, max chunks, clip skip and caption settings (for --prompt-field training) unless given.\n\n"
     "Writes to --out: one sheet per Z value plus the combined sheet (grid-*.png), every image alone in cells/ "
     "(with A1111 'parameters' infotext; file names carry seed, size, CFG and steps), and grid.json, from which "
     "`tunelab grid --from grid.json` renders the same grid again.\n\n"
@@ -427,13 +492,14 @@ _GRID_HELP = (
 
 @app.command("grid", help=_GRID_HELP)
 def grid(
-    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints: .safetensors files or diffusers folders.", show_default=False)] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints: .safetensors files or diffusers folders (default with --run: the run's).", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A training run's directory (its run.output_dir): default checkpoints, tokenizers, max chunks, clip skip and caption settings.", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line (# comments).")] = None,
     empty_prompt: Annotated[bool, typer.Option("--empty-prompt", help="Add the empty prompt (unconditional generation).")] = False,
     from_index: Annotated[Optional[Path], typer.Option(help="Draw prompts at random (seeded by --seed) from this dataset index.")] = None,
     n_prompts: Annotated[int, typer.Option(help="How many prompts to draw from --from-index.")] = 4,
-    prompt_field: Annotated[str, typer.Option(help="What to draw from the index: tags, caption, or training (the trainer's default caption mode).")] = "tags",
+    prompt_field: Annotated[str, typer.Option(help="What to draw from the index: tags, caption, or training (prompts as the trainer builds them: the run's [data.captions] with --run, else the defaults).")] = "tags",
     index_split: Annotated[Optional[str], typer.Option(help="Draw only from this split of the index, e.g. holdout.")] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt (A1111 syntax).")] = "",
     uncond: Annotated[str, typer.Option(help="Unconditional branch when the negative prompt is empty: 'empty' (encode the empty string, as A1111) or 'zeros' (all-zero embeddings).")] = "empty",
@@ -446,7 +512,7 @@ def grid(
     sampler: Annotated[str, typer.Option(help="A1111 sampler name.")] = "Euler",
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's resolution).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's resolution).")] = None,
-    clip_skip: Annotated[int, typer.Option(help="Text-encoder layer from the end (2 = SDXL's native penultimate layer).")] = 2,
+    clip_skip: Annotated[Optional[int], typer.Option(help="Text-encoder layer from the end (2 = SDXL's native penultimate layer). Default: the run's with --run, else 2.", show_default=False)] = None,
     pag_scale: Annotated[float, typer.Option(help="Perturbed-attention guidance scale (0 = off; the field uses 1).")] = 0.0,
     pag_layers: Annotated[str, typer.Option(help="Self-attention layers PAG perturbs: mid, down.N, up.N, up.N.M (comma-separated).")] = "mid",
     seg_scale: Annotated[float, typer.Option(help="Smoothed-energy guidance scale (0 = off; the paper uses 3).")] = 0.0,
@@ -457,9 +523,9 @@ def grid(
     hires_steps: Annotated[int, typer.Option(help="Hires schedule length (0 = --steps); about steps x denoise of them run.")] = 0,
     hires_upscaler: Annotated[str, typer.Option(help="latent (A1111's 'Latent', bilinear) or lanczos (decode, resize, re-encode).")] = "latent",
     guidance_rescale: Annotated[Optional[float], typer.Option(help="CFG rescale phi (default: 0.7 for zero-terminal-SNR models, else 0).")] = None,
-    max_chunks: Annotated[int, typer.Option(help="75-token chunks a prompt may use (3 = 225 tokens).")] = 3,
+    max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks a prompt may use (3 = 225 tokens). Default: the run's with --run, else 3.", show_default=False)] = None,
     vae: Annotated[Optional[Path], typer.Option(help="VAE override: a VAE .safetensors (e.g. sdxl-vae-fp16-fix), a checkpoint, or a diffusers VAE folder.")] = None,
-    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/ (needed for sdxl; toy models use 'toy').")] = None,
+    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/ (needed for sdxl; toy models use 'toy'). Default: the run's with --run.")] = None,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     image_format: Annotated[str, typer.Option("--format", help="png (infotext in a text chunk) or jpg (in EXIF UserComment).")] = "png",
@@ -474,22 +540,60 @@ def grid(
         spec = GridSpec.from_json(from_json)
         spec.device = device if device != "auto" else spec.device
     else:
-        prompts = gather_prompts(prompt or [], prompts_file, empty_prompt, from_index, n_prompts, prompt_field, seed, index_split)
+        fallback = _grid_defaults(run, need_checkpoints=not checkpoints)  # explicit options override the run's
+        clip_skip = fallback.clip_skip if clip_skip is None else clip_skip
+        max_chunks = fallback.max_chunks if max_chunks is None else max_chunks
+        prompts = gather_prompts(prompt or [], prompts_file, empty_prompt, from_index, n_prompts, prompt_field, seed,
+                                 index_split, captions=fallback.captions)
         base = SampleSettings(
             prompt=prompts[0] if prompts else "", negative=negative, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
             width=width, height=height, clip_skip=clip_skip, pag_scale=pag_scale, pag_layers=pag_layers,
             seg_scale=seg_scale, seg_sigma=seg_sigma, freeu=freeu, hires_scale=hires_scale, hires_denoise=hires_denoise,
             hires_steps=hires_steps, hires_upscaler=hires_upscaler, guidance_rescale=guidance_rescale, uncond=uncond,
             max_chunks=max_chunks)
-        spec = GridSpec(base=base, checkpoints=[str(c) for c in checkpoints or []], prompts=prompts,
+        spec = GridSpec(base=base, checkpoints=[str(c) for c in checkpoints or fallback.checkpoints], prompts=prompts,
                         x=Axis.parse(x) if x else None, y=Axis.parse(y) if y else None, z=Axis.parse(z) if z else None,
-                        vae=str(vae) if vae else None, dtype=dtype, device=device, tokenizers=tokenizers,
-                        image_format=image_format)
+                        vae=str(vae) if vae else None, dtype=dtype, device=device,
+                        tokenizers=tokenizers or fallback.tokenizers, image_format=image_format)
     result = render_grid(spec, out, progress=True)
     typer.echo(f"wrote {len(result.cells)} images ({result.loads} checkpoint load(s)) to {result.out_dir}")
     for sheet in result.sheets:
         typer.echo(f"  sheet {sheet}")
     typer.echo(f"  sidecar {result.sidecar}")
+
+
+@dataclass
+class _GridDefaults:
+    """What `tunelab grid` uses where the command line is silent: built in, or a training run's."""
+
+    checkpoints: list[Path] = field(default_factory=list)
+    tokenizers: str | None = None
+    max_chunks: int = 3
+    clip_skip: int = 2
+    captions: Any = None  # a CaptionConfig: how --prompt-field training builds prompts (None = its defaults)
+
+
+def _grid_defaults(run_dir: Path | None, need_checkpoints: bool) -> _GridDefaults:
+    """A run's checkpoints in training order (`last` at the end) and the text settings of its
+    resolved config, so the grid conditions prompts the way training did."""
+    if run_dir is None:
+        return _GridDefaults()
+    from tunelab.config import parse_config
+    from tunelab.run import RunDir
+
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise TunelabError(f"--run {run_dir}: not a run directory (no {run.config.name}); "
+                           "give the run.output_dir of a run that `tunelab train` started")
+    try:
+        cfg = parse_config(json.loads(run.config.read_text()), str(run.config))
+    except json.JSONDecodeError as err:
+        raise TunelabError(f"{run.config}: not valid JSON ({err}); `tunelab train` rewrites it on the next start") from None
+    checkpoints = [c.path for c in run.checkpoint_files()]
+    if need_checkpoints and not checkpoints:
+        raise TunelabError(f"--run {run_dir}: no checkpoints in {run.checkpoints} yet; give checkpoints, or wait for the first save")
+    m = cfg.model
+    return _GridDefaults(checkpoints, m.tokenizers, m.max_chunks, m.clip_skip, cfg.data.captions)
 
 
 @app.command("probe")
@@ -549,7 +653,7 @@ def loss_cmd(
     batch: Annotated[Optional[list[int]], typer.Option(help="Effective batch (per-GPU batch x GPUs x grad accumulation) for --align images; once, or once per run. Default: the run's `effective_batch` tag.")] = None,
     label: Annotated[Optional[list[str]], typer.Option(help="Legend name per run, in PATH order (default: the run's folder).")] = None,
     log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic loss axis.")] = False,
-    out: Annotated[Path, typer.Option(help="Folder for loss.png, loss.csv and summary.txt.")] = Path("loss-report"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for loss.png, loss.csv and summary.txt.")] = Path("loss-report"),
     list_tags: Annotated[bool, typer.Option("--list-tags", help="Only list each run's tags (value counts) and exit.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also verify every record's payload checksum (slower).")] = False,
 ) -> None:
@@ -589,7 +693,7 @@ def drift(
         help="Two or more .safetensors checkpoints (SGM single files), in the order to compare: "
              "the first is the reference, the rest are e.g. training checkpoints in step order.",
         show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for drift.json, the CSVs and the plots (created if needed).")] = Path("drift"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for drift.json, the CSVs and the plots (created if needed).")] = Path("drift"),
     pair: Annotated[Optional[str], typer.Option(
         help="Two model indices 'I,J' for the per-block bar chart and the 'moved most' lists; "
              "0 is the first file, -1 the last. Default: first,last.")] = None,
@@ -600,7 +704,7 @@ def drift(
                         "merging elects on). About doubles the arithmetic: 4 full-size SDXL files took "
                         "1.9x the time of reading them instead of 1.5x on 2 cores.")] = False,
 ) -> None:
-    """How far did the weights move? L2 distance between every pair of checkpoints, per component (te0, te1, unet, vae, other), UNet block (EMB, IN00-IN08, M00, OUT00-OUT08, FINAL) and layer kind (self-/cross-attention, other).
+    """How far did the weights move? L2 distance between every pair of checkpoints, per component (te1 = CLIP-L, te2 = bigG, unet, vae, other), UNet block (EMB, IN00-IN08, M00, OUT00-OUT08, FINAL) and layer kind (self-/cross-attention, other).
 
     Reads each file once, one tensor at a time, so several full-size models fit in a few GB of RAM. Keys missing from some files, shape mismatches and NaN/Inf values are listed, not fatal.
 
@@ -608,7 +712,7 @@ def drift(
 
     Example: tunelab drift base.safetensors step-1000.safetensors step-2000.safetensors --out drift/
     """
-    from tunelab.analyze.weights import run_drift, summary
+    from tunelab.analyze.drift import run_drift, summary
 
     rep = run_drift(files, out, pair=_parse_pair(pair), plots=plots, progress=sys.stderr.isatty(), signs=signs)
     typer.echo("\n".join(summary(rep)))
@@ -630,23 +734,26 @@ def merge_run(
 
 @toy_app.command("world")
 def toy_world(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write images with .txt tags and .caption captions (kohya layout).")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 64,
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write images with .txt tags and .caption captions (kohya layout).")],
+    n_images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
     concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star).")] = 0.25,
+    n: Annotated[Optional[int], typer.Option("--n", min=1, hidden=True)] = None,  # deprecated: --n-images
 ) -> None:
     """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags and captions."""
     from tunelab.toy.world import make_world
 
-    samples = make_world(out, n=n, seed=seed, concept_share=concept_share)
+    n_images = _renamed(ctx, "--n-images", n_images, "--n", n)
+    samples = make_world(out, n=n_images, seed=seed, concept_share=concept_share)
     typer.echo(f"wrote {len(samples)} images with tags and captions to {out}")
 
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo-out"),
-    n_images: Annotated[int, typer.Option("--n-images", min=4, help="Size of the toy dataset.")] = 48,
-    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps to train.")] = 24,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("demo-out"),
+    n_images: Annotated[int, typer.Option(min=4, help="Number of images in the toy dataset.")] = 48,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps to train.")] = 24,
 ) -> None:
     """Run the whole flow on the built-in toy world (tiny model, synthetic data) on a CPU in about
     a minute: data, index, latent cache, model, training, grid, loss curve, weight drift."""

@@ -51,7 +51,7 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     index: str = Field("", description="Dataset index (Parquet) built by `tunelab data index`.")
-    latents: str = Field("", description="Latent shard folder built by `tunelab data cache`; empty = encode images on the fly.")
+    latents: str = Field("", description="Latent cache folder: shards built by `tunelab data cache`, or kohya's .npz caches as they are (IMAGE.npz / IMAGE_WWWWxHHHH_sdxl.npz beside each image, or KEY.npz in the folder); empty = encode images on the fly.")
     captions: CaptionConfig = Field(default_factory=CaptionConfig)
     buckets: BucketConfig = Field(default_factory=BucketConfig)
 

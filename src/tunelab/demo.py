@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.run import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 24
     log.info("look at: %s (the data), %s (grid from the trained weights), %s (loss curve), %s (weight drift)",
              out / "toy-world.png", paths.get("grid", "-"), paths["loss"], paths["drift"] / "trajectory.png")
     log.info("next: `tunelab model inspect %s`, `tunelab data stats %s`, `tunelab config show --fields`",
-             paths["run"] / "checkpoints" / "last.safetensors", paths["index"])
+             RunDir(paths["run"]).checkpoint_path("last"), paths["index"])
     return paths
 
 
@@ -70,14 +72,15 @@ def _index(out: Path, world: Path) -> Path:
 
 def _model(out: Path, seed: int) -> Path:
     from tunelab.models.checkpoint import inspect_file, load_checkpoint, new_checkpoint, save_checkpoint
+    from tunelab.models.vocab import label
 
     t = _stage("3. base model: a toy SDXL-topology checkpoint (SGM single-file .safetensors)")
     base = new_checkpoint("toy", out / "base.safetensors", seed=seed, dtype="fp32")
     report = inspect_file(base)
     log.info("%s: %s, %s, %d tensors, %s parameters", base.name, report["arch"], report["dtype"], report["tensors"],
              f"{report['parameters']:,}")
-    for comp, n in report["per_component"].items():
-        log.info("  %-6s %12s", comp, f"{n:,}")
+    for comp, n in report["per_component"].items():  # te1 (CLIP-L), te2 (bigG), unet, vae, other
+        log.info("  %-13s %12s", label(comp), f"{n:,}")
     comps = load_checkpoint(base)
     half = save_checkpoint(comps, out / "base-fp16.safetensors", dtype="fp16")
     again = load_checkpoint(base)
@@ -117,25 +120,32 @@ def _prompts(index: Path, seed: int) -> None:
 
 
 def _conditioning(base: Path, index: Path, seed: int) -> None:
+    from tunelab.config import ObjectiveSection
+    from tunelab.models.arch import scheduler_config
     from tunelab.models.checkpoint import load_checkpoint
-    from tunelab.models.text import encode_prompts, load_tokenizers, time_ids
+    from tunelab.models.text import load_tokenizers
+    from tunelab.train.objectives import Objective
+    from tunelab.train.step import StepModels, TextSettings, conditioning, micro_conditioning, predict
 
-    t = _stage("6. SDXL conditioning and one UNet noise prediction")
-    comps = load_checkpoint(base)
-    toks = load_tokenizers("toy")
+    t = _stage("6. SDXL conditioning and one UNet noise prediction (train/step.py: what training runs)")
+    models = StepModels.of(load_checkpoint(base), load_tokenizers("toy"))
     long = ", ".join(["pink star with white stripes on a sky background"] * 12)
     prompts = ["astolfo, pink, star, solo", "car, wrc", "", long]
     with torch.no_grad():
         for max_chunks in (1, 3):
-            cond = encode_prompts(toks, (comps.text_encoder_1, comps.text_encoder_2), prompts, max_chunks=max_chunks)
+            cond = conditioning(models, prompts, TextSettings(max_chunks=max_chunks))
             log.info("  max_chunks=%d: context %s, pooled %s, truncated tokens per prompt %s", max_chunks,
                      tuple(cond.context.shape), tuple(cond.pooled.shape), cond.truncated)
-        ids = time_ids([(64, 64)] * 4, [(0, 0)] * 4, [(64, 64)] * 4)
-        latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(seed))  # (B, 4, H/8, W/8)
-        eps = comps.unet(latents, torch.tensor([999, 500, 250, 1]), encoder_hidden_states=cond.context,
-                         added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
-    log.info("  time ids %s; UNet(latents %s) -> noise prediction %s  [%.1f s]", tuple(ids.shape),
-             tuple(latents.shape), tuple(eps.shape), time.perf_counter() - t)
+        sizes = {"original_size_hw": torch.tensor([(64, 64)] * 4), "crop_top_left": torch.tensor([(0, 0)] * 4),
+                 "target_size_hw": torch.tensor([(64, 64)] * 4)}
+        ids = micro_conditioning(sizes, "cpu")
+        gen = torch.Generator().manual_seed(seed)
+        latents, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)  # (B, 4, H/8, W/8)
+        objective = Objective.from_config(ObjectiveSection(), scheduler_config("toy"))
+        noised = objective.make(latents, noise, torch.tensor([999, 500, 250, 1]))  # fixed noise and timesteps
+        eps = predict(models.unet, noised, cond, ids)
+    log.info("  time ids %s; UNet(x_t %s at t = 999, 500, 250, 1) -> noise prediction %s  [%.1f s]",
+             tuple(ids.shape), tuple(noised.noisy.shape), tuple(eps.shape), time.perf_counter() - t)
 
 
 _RUN = """# written by `tunelab demo`: the toy run (see examples/toy.toml for a commented one)
@@ -182,31 +192,31 @@ def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
     run_file.write_text(_RUN.format(run=out / "run", base=paths["base"], index=paths["index"],
                                     latents=paths["latents"], steps=steps, half=max(1, steps // 2)))
     result = train(run_file)
-    grids = sorted((out / "run" / "samples").glob("step-*/grid*.png"))
+    run = RunDir(out / "run")
+    grids = sorted(run.samples.glob("step-*/grid*.png"))
     if grids:
         paths["grid"] = grids[-1]
     log.info("%d steps, %d samples; checkpoints: %s  [%.0f s]", result.steps, result.samples_seen,
-             ", ".join(p.name for p in sorted((out / "run" / "checkpoints").iterdir())), time.perf_counter() - t)
+             ", ".join(c.path.name for c in run.checkpoint_files()), time.perf_counter() - t)
     log.info("run it again (`tunelab train %s`) and it resumes from the saved state", run_file)
-    return out / "run"
+    return run.path
 
 
 def _loss(out: Path, run: Path) -> Path:
     from tunelab.analyze.loss import analyze_loss, format_summary
 
     _stage("8. loss curve from the run's tensorboard events, with a trend verdict")
-    report = analyze_loss([run / "events"], out_dir=out / "loss", window=4, warmup=0.2)
+    report = analyze_loss([RunDir(run).events], out_dir=out / "loss", window=4, warmup=0.2)
     log.info("%s", format_summary(report))
     return report.files.get("png", out / "loss" / "loss.png")
 
 
 def _drift(out: Path, paths: dict[str, Path]) -> Path:
-    from tunelab.analyze.weights import run_drift, summary
+    from tunelab.analyze.drift import run_drift, summary
 
     _stage("9. weight drift: base -> mid-run -> last, streamed key by key")
-    ckpts = sorted((paths["run"] / "checkpoints").glob("step-*.safetensors"))
-    report = run_drift([paths["base"], *ckpts, paths["run"] / "checkpoints" / "last.safetensors"], out / "drift",
-                       progress=False, signs=True)
+    ckpts = [c.path for c in RunDir(paths["run"]).checkpoint_files()]  # training order, `last` at the end
+    report = run_drift([paths["base"], *ckpts], out / "drift", progress=False, signs=True)
     lines = summary(report)
     for line in lines[:8] + [line for line in lines if line.startswith("sign agreement")]:
         log.info("%s", line)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.analyze import weights
+from tunelab.analyze import drift, drift_groups, drift_math, drift_read, drift_scan, drift_write
 from tunelab.errors import TunelabError
 from tunelab.models import blocks
 
@@ -94,7 +94,7 @@ def _dense(ts) -> tuple[np.ndarray, np.ndarray]:
 def test_pair_sums_give_exact_pair_distances_and_norms():
     gen = torch.Generator().manual_seed(1)
     ts = [torch.randn(1000, generator=gen, dtype=torch.float64) for _ in range(5)]
-    sq, norm2 = weights.pair_sums(ts, chunk=64)
+    sq, norm2 = drift_math.pair_sums(ts, chunk=64)
     ref_sq, ref_norm2 = _dense(ts)
     np.testing.assert_allclose(sq, ref_sq, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(norm2, ref_norm2, rtol=1e-12)
@@ -106,7 +106,7 @@ def test_low_precision_inputs_sum_in_float32_within_1e5(dtype):
     """Differences of 16-bit values are exact in float32; only the sums round (~1e-6 measured)."""
     gen = torch.Generator().manual_seed(2)
     ts = [(torch.randn(300_001, generator=gen) * 0.05).to(dtype) for _ in range(4)]
-    sq, norm2 = weights.pair_sums(ts)
+    sq, norm2 = drift_math.pair_sums(ts)
     ref_sq, ref_norm2 = _dense(ts)
     np.testing.assert_allclose(sq, ref_sq, rtol=1e-5)
     np.testing.assert_allclose(norm2, ref_norm2, rtol=1e-5)
@@ -115,8 +115,8 @@ def test_low_precision_inputs_sum_in_float32_within_1e5(dtype):
 def test_chunking_does_not_change_the_result():
     gen = torch.Generator().manual_seed(2)
     ts = [torch.randn(37, 11, generator=gen).half() for _ in range(3)]
-    whole = weights.pair_sums(ts, chunk=1 << 20)
-    for a, b in zip(weights.pair_sums(ts, chunk=5), whole):  # 5 does not divide 407: a short last chunk
+    whole = drift_math.pair_sums(ts, chunk=1 << 20)
+    for a, b in zip(drift_math.pair_sums(ts, chunk=5), whole):  # 5 does not divide 407: a short last chunk
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -126,8 +126,8 @@ def test_two_threads_give_the_same_sums():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 100_003, generator=gen).half()  # odd length: uneven halves, short last chunk
     with ThreadPoolExecutor(2) as pool:
-        split = weights.pair_sums(x, chunk=4096, workers=pool)
-    for a, b, ref in zip(split, weights.pair_sums(x, chunk=4096), _dense(list(x))):
+        split = drift_math.pair_sums(x, chunk=4096, workers=pool)
+    for a, b, ref in zip(split, drift_math.pair_sums(x, chunk=4096), _dense(list(x))):
         np.testing.assert_allclose(a, b, rtol=1e-6)
         np.testing.assert_allclose(a, ref, rtol=1e-5)
 
@@ -159,10 +159,10 @@ def test_sign_counts_are_exact(dtype):
     assert 0 < ref_agree[1, 2] < ref_both[1, 2]
     with ThreadPoolExecutor(2) as pool:
         for kwargs in ({"chunk": 4096}, {"chunk": 4096, "workers": pool}, {}):
-            sq, norm2, agree, both = weights.pair_sums(ts, signs=True, **kwargs)
+            sq, norm2, agree, both = drift_math.pair_sums(ts, signs=True, **kwargs)
             np.testing.assert_array_equal(agree, ref_agree)
             np.testing.assert_array_equal(both, ref_both)
-            for got, plain in zip((sq, norm2), weights.pair_sums(ts, **kwargs)):  # signs change nothing else
+            for got, plain in zip((sq, norm2), drift_math.pair_sums(ts, **kwargs)):  # signs change nothing else
                 np.testing.assert_array_equal(got, plain)
 
 
@@ -179,7 +179,7 @@ def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
     two = (one + torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-6).to(dtype)
     ts = [base, one, two]
     ref, _ = _dense(ts)
-    sq, _ = weights.pair_sums(ts)
+    sq, _ = drift_math.pair_sums(ts)
     assert math.sqrt(sq[1, 2]) == pytest.approx(math.sqrt(ref[1, 2]), rel=rel)
     assert math.sqrt(sq[0, 2]) == pytest.approx(math.sqrt(ref[0, 2]), rel=rel)
     raw = torch.stack(ts).double() @ torch.stack(ts).double().T  # what the naive method would use
@@ -198,9 +198,9 @@ def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_scan_matches_dense_computation_for_every_group(tmp_path, dtype):
     paths = write_models(tmp_path, 4, dtype)
-    doc = weights.report(weights.scan(paths, progress=False))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False))
     assert doc["ml"] == [p.name for p in paths]
-    assert list(doc["dm"]) == ["te0", "te1", "unet", "vae", "other", "all"]
+    assert list(doc["dm"]) == ["te1", "te2", "unet", "vae", "other", "all"]
     for name in doc["dm"]:
         member = (lambda k: True) if name == "all" else (lambda k, c=name: blocks.component_of(k) == c)
         ref = dense_group(paths, member)
@@ -220,17 +220,17 @@ def test_files_of_different_dtypes_compare_exactly(tmp_path):
     fp16 = write_models(tmp_path, 2, torch.float16)
     wide = tmp_path / "m1-fp32.safetensors"
     save_file({k: v.float() for k, v in load_file(fp16[1]).items()}, wide)  # same values, wider dtype
-    a = weights.report(weights.scan(fp16, progress=False))
-    b = weights.report(weights.scan([fp16[0], wide], progress=False))
+    a = drift_write.report(drift_scan.scan(fp16, progress=False))
+    b = drift_write.report(drift_scan.scan([fp16[0], wide], progress=False))
     assert a["dm"] == b["dm"]
 
 
 def test_reused_read_buffers_never_leak_values_between_keys(tmp_path, monkeypatch):
     """Many keys of equal and nearly equal sizes and no read-ahead beyond the next key, so the
     reader recycles its buffers all the time."""
-    monkeypatch.setattr(weights, "READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr(drift_read, "READ_AHEAD_BYTES", 0)
     taken = {"new": 0, "reused": 0}
-    rows = weights._Reader._rows
+    rows = drift_read.Reader._rows
 
     def counting_rows(self, n, nbytes):
         spares = len(self.spare)
@@ -238,7 +238,7 @@ def test_reused_read_buffers_never_leak_values_between_keys(tmp_path, monkeypatc
         taken["reused" if len(self.spare) < spares else "new"] += 1
         return out
 
-    monkeypatch.setattr(weights._Reader, "_rows", counting_rows)
+    monkeypatch.setattr(drift_read.Reader, "_rows", counting_rows)
     gen = torch.Generator().manual_seed(5)
     shapes = {f"model.diffusion_model.input_blocks.{i}.0.w{j}": (64, 32 + (i + j) % 3) for i in range(9) for j in range(4)}
     base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
@@ -246,7 +246,7 @@ def test_reused_read_buffers_never_leak_values_between_keys(tmp_path, monkeypatc
     for m in range(3):
         paths.append(tmp_path / f"r{m}.safetensors")
         save_file({k: (v + 0.1 * m * torch.randn(v.shape, generator=gen)).half() for k, v in base.items()}, paths[-1])
-    doc = weights.report(weights.scan(paths, progress=False))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False))
     assert taken["reused"] > taken["new"], taken
     for name, m in doc["blocks"].items():
         ref = dense_group(paths, lambda k: blocks.unet_block_of(k) == name)
@@ -255,7 +255,7 @@ def test_reused_read_buffers_never_leak_values_between_keys(tmp_path, monkeypatc
 
 def test_groups_present_in_the_files_only(tmp_path):
     paths = write_models(tmp_path, 2)
-    doc = weights.report(weights.scan(paths, progress=False))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False))
     assert list(doc["blocks"]) == ["EMB", "IN00", "IN04", "M00", "OUT02", "FINAL"]
     assert list(doc["kinds"]) == ["self-attention", "cross-attention", "other"]
     assert doc["tensors"]["components"]["all"] == len(KEYS)
@@ -264,7 +264,7 @@ def test_groups_present_in_the_files_only(tmp_path):
 
 def test_identical_files_are_at_distance_zero(tmp_path):
     (p,) = write_models(tmp_path, 1)
-    doc = weights.report(weights.scan([p, p], progress=False))
+    doc = drift_write.report(drift_scan.scan([p, p], progress=False))
     assert doc["dm"]["all"] == [[0.0, 0.0], [0.0, 0.0]]
     assert doc["ml"] == [str(p), str(p)]  # same name twice: the paths tell them apart
     assert doc["cosine_models"]["components"]["all"][0][1] == pytest.approx(1.0)
@@ -285,7 +285,7 @@ def _break(i: int, sd: dict) -> None:
 
 def test_missing_mismatched_and_non_finite_tensors_are_listed(tmp_path):
     paths = write_models(tmp_path, 3, edit=_break)
-    doc = weights.report(weights.scan(paths, progress=False))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False))
     p = doc["problems"]
     assert {(e["key"], tuple(e["missing_in"])) for e in p["missing"]} == {
         ("model.diffusion_model.out.2.bias", ("m1.safetensors",)),
@@ -310,10 +310,10 @@ def test_missing_mismatched_and_non_finite_tensors_are_listed(tmp_path):
 def test_per_tensor_figures_equal_one_tensor_groups(tmp_path):
     """tensors.csv's vectorised figures against `group` over each tensor alone, with missing,
     mismatched and non-finite tensors among them."""
-    result = weights.scan(write_models(tmp_path, 3, edit=_break), progress=False, signs=True)
-    figures = weights.tensor_figures(result)
+    result = drift_scan.scan(write_models(tmp_path, 3, edit=_break), progress=False, signs=True)
+    figures = drift_groups.tensor_figures(result)
     for k, t in enumerate(result.tensors):
-        g = weights.group(t.key, [t], 3)
+        g = drift_groups.group(t.key, [t], 3)
         compared = g.compared.astype(bool)
         for name, ref in (("l2", g.distance()), ("relative", g.relative()),
                           ("cosine_models", g.cosine_models()), ("cosine_deltas", g.cosine_deltas()),
@@ -325,7 +325,7 @@ def test_per_tensor_figures_equal_one_tensor_groups(tmp_path):
 def test_sign_agreement_per_group_against_dense(tmp_path):
     """Counted over the tensors that models 0, i and j all hold intact, with the same shape."""
     paths = write_models(tmp_path, 4, edit=_break)
-    doc = weights.report(weights.scan(paths, progress=False, signs=True))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False, signs=True))
     sds = [load_file(p) for p in paths]
     for name, m in doc["sign_agreement"]["components"].items():
         agree, both = np.zeros((4, 4)), np.zeros((4, 4))
@@ -344,7 +344,7 @@ def test_sign_agreement_per_group_against_dense(tmp_path):
             ref = np.where(both > 0, agree / both, np.nan)
         ref[0, :] = ref[:, 0] = np.nan
         np.testing.assert_allclose(_m(m), ref, rtol=1e-12, err_msg=name)
-    assert "sign_agreement" not in weights.report(weights.scan(paths, progress=False))  # only when asked
+    assert "sign_agreement" not in drift_write.report(drift_scan.scan(paths, progress=False))  # only when asked
 
 
 def test_a_group_no_pair_shares_is_null_not_zero(tmp_path):
@@ -353,7 +353,7 @@ def test_a_group_no_pair_shares_is_null_not_zero(tmp_path):
             del sd["first_stage_model.decoder.conv_in.weight"]
 
     paths = write_models(tmp_path, 2, edit=split)
-    doc = weights.report(weights.scan(paths, progress=False))
+    doc = drift_write.report(drift_scan.scan(paths, progress=False))
     assert doc["dm"]["vae"] == [[0.0, None], [None, 0.0]]
 
 
@@ -372,15 +372,15 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     }
     for expected, args in cases.items():
         with pytest.raises(TunelabError, match=expected):
-            weights.scan(args, progress=False)
+            drift_scan.scan(args, progress=False)
 
 
 @pytest.mark.parametrize(("pair", "n", "expected"), [(None, 4, (0, 3)), ((1, -1), 4, (1, 3)), ((2, 0), 3, (2, 0))])
 def test_resolve_pair(pair, n, expected):
-    assert weights.resolve_pair(pair, n) == expected
+    assert drift.resolve_pair(pair, n) == expected
 
 
 @pytest.mark.parametrize("pair", [(0, 4), (-5, 1), (2, 2), (1, -3)])
 def test_resolve_pair_rejects(pair):
     with pytest.raises(TunelabError, match="--pair"):
-        weights.resolve_pair(pair, 4)
+        drift.resolve_pair(pair, 4)

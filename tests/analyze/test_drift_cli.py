@@ -23,7 +23,7 @@ def test_drift_command_writes_json_csv_and_plots(tmp_path, cli):
 
     doc = json.loads((out / "drift.json").read_text())
     assert doc["ml"] == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
-    assert list(doc["dm"]) == ["te0", "te1", "unet", "vae", "other", "all"]
+    assert list(doc["dm"]) == ["te1", "te2", "unet", "vae", "other", "all"]
     for name, m in doc["dm"].items():
         assert len(m) == 3 and all(len(row) == 3 for row in m)
         assert all(m[i][i] == 0 for i in range(3))
@@ -54,15 +54,15 @@ def test_drift_command_writes_json_csv_and_plots(tmp_path, cli):
 
 
 def test_summary_lists_problems(tmp_path):
-    from tunelab.analyze import weights
+    from tunelab.analyze import drift
 
     def drop(i, sd):
         if i == 1:
             sd["model.diffusion_model.out.2.bias"] = torch.full((4,), float("nan"), dtype=torch.float16)
 
     paths = write_models(tmp_path, 2, edit=drop)
-    rep = weights.run_drift(paths, tmp_path / "o", plots=False, progress=False)
-    text = "\n".join(weights.summary(rep))
+    rep = drift.run_drift(paths, tmp_path / "o", plots=False, progress=False)
+    text = "\n".join(drift.summary(rep))
     assert "1 non-finite tensors" in text and "[0] m0.safetensors" in text
     assert rep.doc["problems"]["non_finite"] == [{"key": "model.diffusion_model.out.2.bias",
                                                  "model": "m1.safetensors", "count": 4}]

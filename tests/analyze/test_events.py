@@ -28,21 +28,28 @@ from tunelab.errors import TunelabError
 from tests.analyze.fixtures import FIXTURES, KOHYA  # noqa: E402,F401
 
 
-def _accumulator(path: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0}, purge_orphaned_data=False)
+def _accumulator(path: Path, purge: bool = False) -> ea.EventAccumulator:
+    acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0}, purge_orphaned_data=purge)
     acc.Reload()
     return acc
 
 
-def _assert_same_as_tensorboard(path: Path, ours: events.Scalars) -> None:
-    """Every scalar, step and wall time equal, tag by tag, in the same order."""
-    acc = _accumulator(path)
+def _assert_same_as_tensorboard(path: Path, ours: events.Scalars, purge: bool = False) -> None:
+    """Every scalar, step and wall time equal, tag by tag, in the same order.
+
+    `purge`: tensorboard's restart purge on (its default), for the files of a restarted run. Then
+    only simple-value scalars are compared: this accumulator leaves its `tensors` store (TF2-style
+    scalars) out of `_Purge`, which we do not copy (see `events._purge_orphans`).
+    """
+    acc = _accumulator(path, purge)
     expected: dict[str, list] = {t: acc.Scalars(t) for t in acc.Tags()["scalars"]}
     for t in acc.Tags()["tensors"]:
         rows = [(e.step, e.wall_time, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(t)]
-        if all(a.size == 1 and a.dtype.kind in "fiub" for _, _, a in rows):
+        if all(a.size == 1 and a.dtype.kind in "fiub" for _, _, a in rows) and not purge:
             expected[t] = [ea.ScalarEvent(w, s, float(a.reshape(-1)[0])) for s, w, a in rows]
-    assert set(ours.tags) == set(expected)
+    expected = {t: evs for t, evs in expected.items() if evs}  # a tag whose values were all purged
+    assert set(ours.tags) - set(expected) <= (set(acc.Tags()["tensors"]) if purge else set())
+    assert set(expected) <= set(ours.tags)
     for tag, evs in expected.items():
         got = ours.series[tag]
         assert got.step.dtype == np.int64 and got.value.dtype == np.float64 and got.wall_time.dtype == np.float64
@@ -64,6 +71,8 @@ def test_kohya_file_matches_tensorboard(kohya_file: Path) -> None:
     assert len(ours.series["loss"]) == 15_560
     assert ours.series["loss"].step.max() == 3890
     assert ours.series["loss"].value.mean() == pytest.approx(0.1075, abs=5e-4)
+    # Still every value: kohya's log has no restart marker (no SessionLog.START) and its steps never
+    # go back, so tensorboard's restart purge (applied by the reader) drops nothing from it.
     _assert_same_as_tensorboard(kohya_file, ours)
 
 
@@ -220,3 +229,148 @@ def test_pick_loss_tag() -> None:
 def test_unknown_tag_in_scalars_has_hint(kohya_file: Path) -> None:
     with pytest.raises(TunelabError, match="Did you mean 'lr/unet'"):
         read_event_file(kohya_file).get("lr/unet2")
+
+
+# --- restarts: tensorboard's purge of orphaned values -----------------------------------------------
+#
+# The rule under test is tensorboard's `EventAccumulator._MaybePurgeOrphanedData` in
+# tensorboard/backend/event_processing/event_accumulator.py: with file_version >= 2 a SessionLog.START
+# at step S drops the values read before it with step >= S (`_CheckForRestartAndMaybePurge`); without
+# one, a Summary event whose step goes back drops its tags' earlier values with step >= its step
+# (`_CheckForOutOfOrderStepAndMaybePurge`). Every test compares with that accumulator, purge on.
+
+
+def killed_and_resumed_run(logdir: Path) -> dict[str, dict[int, float]]:
+    """30 steps logged through torch's SummaryWriter the way tunelab's trainer does: the first
+    process saves its state at step 20, logs on to step 24 and is killed while writing a record;
+    the resumed process starts from that state with `purge_step=21` (MetricsLogger passes
+    resume_step + 1) and logs steps 21..30. Returns {tag: {step: value tensorboard shows}}."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def log(writer: SummaryWriter, steps: range, offset: float) -> dict[str, dict[int, float]]:
+        shown: dict[str, dict[int, float]] = {"loss": {}, "lr/unet": {}, "scalar/new-style": {}}
+        for step in steps:
+            wall = 1.7e9 + step + offset
+            for tag, value in (("loss", offset + 1 / step), ("lr/unet", 1e-4 * step)):
+                writer.add_scalar(tag, value, step, walltime=wall)
+                shown[tag][step] = float(np.float32(value))
+            writer.add_scalar("scalar/new-style", offset + step, step, walltime=wall, new_style=True)
+            shown["scalar/new-style"][step] = float(np.float32(offset + step))
+            if step % 10 == 0:
+                writer.add_histogram("weights", np.arange(10.0) * step, step, walltime=wall)
+        writer.close()
+        return shown
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    first = log(SummaryWriter(str(logdir)), range(1, 25), 0.0)
+    (killed,) = logdir.glob("events.*")
+    killed.write_bytes(killed.read_bytes()[:-7])  # SIGKILL in the middle of the last record
+    # Event files are named events.out.tfevents.<unix time>.<host>.<pid>.<n>: two processes, in order.
+    killed.rename(logdir / "events.out.tfevents.1700000000.host.101.0")
+    resumed = log(SummaryWriter(str(logdir), purge_step=21), range(21, 31), 1000.0)
+    (new,) = (p for p in logdir.glob("events.*") if p.name != "events.out.tfevents.1700000000.host.101.0")
+    new.rename(logdir / "events.out.tfevents.1700000100.host.102.0")
+    return {tag: {**{s: v for s, v in first[tag].items() if s <= 20}, **resumed[tag]} for tag in first}
+
+
+def test_killed_and_resumed_run_keeps_one_value_per_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shown = killed_and_resumed_run(tmp_path / "run")
+    (_, files), = discover_runs(tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        ours = read_scalars(files)
+    assert "incomplete record" in caplog.text and "orphaned by a restart dropped" in caplog.text
+    for tag, values in shown.items():
+        got = ours.series[tag]
+        np.testing.assert_array_equal(got.step, np.arange(1, 31), err_msg=tag)  # 30 values, not 34
+        np.testing.assert_array_equal(got.value, [values[s] for s in range(1, 31)], err_msg=tag)
+    assert ours.series["loss"].value[20] == pytest.approx(1000 + 1 / 21)  # step 21: the resumed value
+
+
+def test_killed_and_resumed_run_matches_tensorboard(tmp_path: Path) -> None:
+    killed_and_resumed_run(tmp_path / "run")
+    (_, files), = discover_runs(tmp_path / "run")
+    _assert_same_as_tensorboard(tmp_path / "run", read_scalars(files), purge=True)
+
+
+def test_a_single_file_with_a_restart_marker_is_purged_too(tmp_path: Path) -> None:
+    killed_and_resumed_run(tmp_path)
+    first, second = sorted(tmp_path.glob("events.out.tfevents.17*"))
+    whole = first.read_bytes()
+    _, used = events._frame(whole, np.frombuffer(whole + bytes(16), dtype=np.uint8))  # without the torn record
+    both = tmp_path / "events.out.tfevents.both"
+    both.write_bytes(whole[:used] + second.read_bytes())  # a writer that appended to the same file
+    first.unlink(), second.unlink()
+    ours = read_event_file(both)
+    assert len(ours.series["loss"]) == 30
+    _assert_same_as_tensorboard(both, ours, purge=True)
+
+
+def _event(step: int, wall: float, **what) -> bytes:
+    from tensorboard.compat.proto import event_pb2
+
+    return event_pb2.Event(step=step, wall_time=wall, **what).SerializeToString()
+
+
+def _write_records(path: Path, payloads: list[bytes]) -> None:
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    with open(path, "wb") as fh:
+        writer = RecordWriter(fh)
+        for p in payloads:
+            writer.write(p)
+
+
+def _random_restarted_run(rng: np.random.Generator, logdir: Path) -> None:
+    """1-3 files of random events: steps that go back, file versions 2 / 1 / none (also mid-file),
+    SessionLog START and CHECKPOINT events, several values per event, histograms, step 0."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    logdir.mkdir(parents=True)
+    wall, step = 1.7e9, 0
+    for f in range(int(rng.integers(1, 4))):
+        payloads = []
+        head = rng.choice(["v2", "v1", "none"], p=[0.5, 0.2, 0.3])
+        if head != "none":
+            payloads.append(_event(0, wall, file_version=f"brain.Event:{head[1]}"))
+        for _ in range(int(rng.integers(20, 60))):
+            wall += 1.0
+            step = max(0, step + int(rng.choice([1, 1, 1, 0, -3, -7]))) if rng.random() > 0.05 else 0
+            kind = rng.choice(["scalar", "scalar", "scalar", "two", "histo", "start", "checkpoint", "version"])
+            if kind == "start" or kind == "checkpoint":
+                status = event_pb2.SessionLog.START if kind == "start" else event_pb2.SessionLog.CHECKPOINT
+                payloads.append(_event(step, wall, session_log=event_pb2.SessionLog(status=status)))
+            elif kind == "version":
+                payloads.append(_event(step, wall, file_version=f"brain.Event:{rng.choice([1, 2])}"))
+            elif kind == "histo":
+                histo = summary_pb2.HistogramProto(min=0, max=1, num=1, sum=1, bucket_limit=[1], bucket=[1])
+                payloads.append(_event(step, wall, summary=summary_pb2.Summary(value=[
+                    summary_pb2.Summary.Value(tag="h", histo=histo)])))
+            else:
+                tags = rng.choice(["a", "b", "c"], size=2 if kind == "two" else 1, replace=rng.random() < 0.2)
+                values = [summary_pb2.Summary.Value(tag=str(t), simple_value=float(rng.random())) for t in tags]
+                payloads.append(_event(step, wall, summary=summary_pb2.Summary(value=values)))
+        _write_records(logdir / f"events.out.tfevents.{1700000000 + f}.host", payloads)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_restarts_match_tensorboard(tmp_path: Path, seed: int) -> None:
+    _random_restarted_run(np.random.default_rng(seed), tmp_path / "run")
+    (_, files), = discover_runs(tmp_path / "run")
+    _assert_same_as_tensorboard(tmp_path / "run", read_scalars(files), purge=True)
+
+
+def test_out_of_order_steps_without_file_version(tmp_path: Path) -> None:
+    """No file_version: a step going back purges the later values of that event's tags only."""
+    from tensorboard.compat.proto import summary_pb2
+
+    def scalar(tag: str, step: int, value: float) -> bytes:
+        return _event(step, 1.7e9 + value, summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=tag, simple_value=value)]))
+
+    path = tmp_path / "events.out.tfevents.1.host"
+    _write_records(path, [scalar("a", s, s) for s in range(1, 6)] + [scalar("b", s, 10 + s) for s in range(1, 6)]
+                   + [scalar("a", 3, 33.0), scalar("a", 4, 44.0)])
+    ours = read_event_file(path)
+    np.testing.assert_array_equal(ours.series["a"].value, [1, 2, 33, 44])  # a: 3, 4, 5 of the first pass purged
+    np.testing.assert_array_equal(ours.series["b"].value, [11, 12, 13, 14, 15])  # b untouched
+    _assert_same_as_tensorboard(path, ours, purge=True)

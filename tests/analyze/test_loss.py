@@ -195,3 +195,16 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([str(TUNELAB), "loss", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ")
+
+
+def test_killed_and_resumed_run_gives_one_loss_per_step(tmp_path: Path) -> None:
+    """`tunelab loss` on the events folder of a run killed after step 24 and resumed from step 20:
+    30 steps of one value each (it used to count 34), the resumed values for steps 21-24."""
+    from tests.analyze.test_events import killed_and_resumed_run
+
+    shown = killed_and_resumed_run(tmp_path / "events")
+    report = analyze_loss([tmp_path / "events"], window=5)
+    steps = report.runs[0].steps
+    np.testing.assert_array_equal(steps.step, np.arange(1, 31))
+    np.testing.assert_array_equal(steps.count, np.ones(30))
+    np.testing.assert_array_equal(steps.value, [shown["loss"][s] for s in range(1, 31)])

@@ -24,7 +24,7 @@ def test_index_then_stats(tmp_path: Path) -> None:
         (tmp_path / "imgs" / f"{i}.txt").write_text("astolfo, pink_hair" if i < 4 else "solo")
     (tmp_path / "imgs" / "bad.png").write_bytes(b"")
     out = tmp_path / "idx.parquet"
-    res = _run("data", "index", str(out), "--source", f"folder:{tmp_path / 'imgs'},prefix=mine/",
+    res = _run("data", "index", "--out", str(out), "--source", f"folder:{tmp_path / 'imgs'},prefix=mine/",
                "--where-tag", "pink hair", "--holdout", "0.25")
     assert res.returncode == 0, res.stderr
     assert "4 images, 1 rejected" in res.stdout and "mean aspect error" in res.stdout
@@ -38,9 +38,9 @@ def test_index_then_stats(tmp_path: Path) -> None:
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    res = _run("data", "index", str(tmp_path / "x.parquet"), "--source", "imgs")
+    res = _run("data", "index", "--out", str(tmp_path / "x.parquet"), "--source", "imgs")
     assert res.returncode == 2 and res.stderr.startswith("error: source 'imgs'") and "Traceback" not in res.stderr
-    res = _run("data", "index", str(tmp_path / "x.parquet"), "--source", f"folder:{tmp_path}", "--min-side", "250")
+    res = _run("data", "index", "--out", str(tmp_path / "x.parquet"), "--source", f"folder:{tmp_path}", "--min-side", "250")
     assert res.returncode == 2 and "bucket options" in res.stderr
     res = _run("data", "stats", str(tmp_path / "missing.parquet"))
     assert res.returncode == 2 and "tunelab data index" in res.stderr
@@ -52,7 +52,7 @@ def _small_index(tmp_path: Path) -> Path:
         (tmp_path / "imgs" / f"{i}.txt").write_text(", ".join(f"tag_{j}" for j in range(10 + 30 * i)))
         (tmp_path / "imgs" / f"{i}.caption").write_text(f"picture number {i}")
     out = tmp_path / "idx.parquet"
-    res = _run("data", "index", str(out), "-s", f"folder:{tmp_path / 'imgs'}",
+    res = _run("data", "index", "--out", str(out), "-s", f"folder:{tmp_path / 'imgs'}",
                "--resolution", "64", "--min-side", "32", "--max-side", "128", "--step", "32")
     assert res.returncode == 0, res.stderr
     return out
@@ -65,7 +65,7 @@ def test_preview_shows_prompts_tokens_and_truncation(tmp_path: Path) -> None:
 
     index = _small_index(tmp_path)
     # In-process: a subprocess would import transformers again (the index step above is the e2e one).
-    res = CliRunner().invoke(app, ["data", "preview", str(index), "--n", "5", "--mode", "concat", "--max-chunks", "1"])
+    res = CliRunner().invoke(app, ["data", "preview", str(index), "--n-prompts", "5", "--mode", "concat", "--max-chunks", "1"])
     assert res.exit_code == 0, res.output
     assert "picture number 0" in res.output and "TE1" in res.output
     assert "TRUNCATED" in res.output and "fits" in res.output
@@ -79,13 +79,13 @@ def test_cache_verify_repair_cli(tmp_path: Path) -> None:
     res = _run("data", "cache", str(index), "--out", str(cache), "--model", "toy", "--shard-size", "2")
     assert res.returncode == 0, res.stderr
     assert "encoded 5" in res.stdout
-    assert _run("data", "verify", str(index), "--cache", str(cache)).returncode == 0
+    assert _run("data", "verify", str(index), "--latents", str(cache)).returncode == 0
     shard = sorted(cache.glob("shard-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
-    res = _run("data", "verify", str(index), "--cache", str(cache))
+    res = _run("data", "verify", str(index), "--latents", str(cache))
     assert res.returncode == 1 and "1 unreadable shards" in res.stdout
-    res = _run("data", "verify", str(index), "--cache", str(cache), "--repair")
+    res = _run("data", "verify", str(index), "--latents", str(cache), "--repair")
     assert res.returncode == 2 and "--model" in res.stderr
-    res = _run("data", "verify", str(index), "--cache", str(cache), "--repair", "--model", "toy")
+    res = _run("data", "verify", str(index), "--latents", str(cache), "--repair", "--model", "toy")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "after repair: " in res.stdout and "0 missing" in res.stdout.split("after repair: ")[1]

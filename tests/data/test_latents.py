@@ -1,4 +1,5 @@
-"""Latent shards with the toy VAE: cache, checksums, verify + repair, resume after a kill; kohya .npz."""
+"""Latent shards with the toy VAE: cache, checksums, verify + repair, resume after a kill; kohya .npz
+folders, and `open_latents` telling the layouts apart."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from tunelab.data.index import IndexOptions, build_index
 from tunelab.data.latents import (
     KohyaNpzLatents,
     LatentStore,
+    _write_shard,
     cache_latents,
+    open_latents,
     repair_cache,
     verify_cache,
 )
@@ -163,3 +166,117 @@ def test_kohya_npz_read_as_is(tmp_path: Path) -> None:
     assert src.get("nope") is None
     with pytest.raises(TunelabError, match="re-cache"):
         src.get("img3")
+
+
+# --- kohya folders through open_latents ---------------------------------------------------------------
+# kohya's format (sd-scripts library/strategy_base.py `save_latents_to_disk`, strategy_sd.py
+# `get_latents_npz_path`): np.savez with `latents` float32 (4, H/8, W/8), `original_size` [w, h],
+# `crop_ltrb` [l, t, r, b]; named IMAGE.npz (older) or IMAGE_WWWWxHHHH_sdxl.npz (original size).
+
+
+def _kohya_npz(path: Path, rec: dict, seed: int) -> np.ndarray:
+    bw, bh = rec["bucket_width"], rec["bucket_height"]
+    lat = np.random.default_rng(seed).standard_normal((4, bh // 8, bw // 8)).astype(np.float32)
+    np.savez(path, latents=lat, original_size=np.array([rec["width"], rec["height"]]),
+             crop_ltrb=np.array([seed % 3, 2 * (seed % 3), bw, bh]), latents_flipped=lat[:, :, ::-1])
+    return lat
+
+
+def _kohya_beside_images(index: Path) -> tuple[IndexTable, dict[str, np.ndarray]]:
+    """An .npz beside every image, half in the old naming and half in the sized one."""
+    table = IndexTable(index)
+    written = {}
+    for i, rec in enumerate(table.records(range(len(table)))):
+        stem = os.path.splitext(rec["path"])[0]
+        name = f"{stem}.npz" if i % 2 else f"{stem}_{rec['width']:04d}x{rec['height']:04d}_sdxl.npz"
+        written[rec["key"]] = _kohya_npz(Path(name), rec, i)
+    return table, written
+
+
+def test_open_latents_trains_from_kohya_npz_beside_the_images(tmp_path: Path) -> None:
+    table, written = _kohya_beside_images(_index(tmp_path, n=9))
+    source = open_latents(tmp_path / "imgs", table)
+    assert isinstance(source, KohyaNpzLatents)
+    ds = TrainDataset(table, CaptionConfig(), latents=source)
+    sampler = BucketBatchSampler(table.bucket_ids(), 3, shuffle=False)
+    seen = 0
+    for items in sampler:
+        batch = collate([ds[item] for item in items])
+        assert batch["latents"].dtype == torch.float32 and batch["latents"].shape[0] == 3
+        for key, lat, size, crop in zip(batch["key"], batch["latents"], batch["original_size_hw"], batch["crop_top_left"]):
+            np.testing.assert_array_equal(lat.numpy(), written[key])
+            rec = next(r for r in table.records(range(len(table))) if r["key"] == key)
+            assert tuple(size.tolist()) == (rec["height"], rec["width"])  # (h, w) from kohya's [w, h]
+            i = list(written).index(key)
+            assert tuple(crop.tolist()) == (2 * (i % 3), i % 3)  # (top, left) from kohya's ltrb
+            seen += 1
+    assert seen == 9
+
+
+def test_open_latents_kohya_folder_by_key_and_tunelab_shards(tmp_path: Path) -> None:
+    table = IndexTable(_index(tmp_path, n=4))
+    cache = tmp_path / "kohya"  # kohya's fine-tuning layout: image_dir/KEY.npz, away from the images
+    cache.mkdir()
+    for i, rec in enumerate(table.records(range(len(table)))):
+        _kohya_npz(cache / f"{rec['key']}.npz", rec, i)
+    assert isinstance(open_latents(cache, table), KohyaNpzLatents)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rec = table.records([0])[0]
+    lat = np.zeros((4, rec["bucket_height"] // 8, rec["bucket_width"] // 8), dtype=np.float16)
+    _write_shard(shards, 0, {rec["key"]: (lat, {"original_size": [64, 64], "crop_ltrb": [0, 0, 64, 64]})})
+    store = open_latents(shards, table)
+    assert isinstance(store, LatentStore) and store.get(rec["key"]).latents.shape == lat.shape
+    with pytest.raises(TunelabError, match="tunelab data cache"):
+        TrainDataset(table, latents=store)[(0, 1)]  # not in any shard: LatentStore's own message
+
+
+def test_kohya_size_in_the_name_is_the_header_size(tmp_path: Path) -> None:
+    """kohya names files by the image header's size; the index has the displayed (EXIF-rotated) one."""
+    rotated = {"key": "a", "path": str(tmp_path / "a.jpg"), "offset": None, "width": 600, "height": 800,
+               "bucket_width": 64, "bucket_height": 96}
+    np.savez(tmp_path / "a_0800x0600_sdxl.npz", latents=np.zeros((4, 12, 8), np.float32))
+    assert KohyaNpzLatents(tmp_path).find("a", rotated) == tmp_path / "a_0800x0600_sdxl.npz"
+    assert KohyaNpzLatents(tmp_path).get("a", rotated).original_size == (64, 96)  # no size stored: the latents'
+
+
+def test_open_latents_refuses_what_it_cannot_use(tmp_path: Path) -> None:
+    index = _index(tmp_path, n=4)
+    table = IndexTable(index)
+    recs = table.records(range(len(table)))
+    with pytest.raises(TunelabError, match="is not a folder.*shard-.*safetensors.*_sdxl.npz"):
+        open_latents(tmp_path / "nope", table)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TunelabError, match="is empty: expected tunelab latent shards"):
+        open_latents(tmp_path / "empty", table)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(TunelabError, match="holds no latent caches"):
+        open_latents(tmp_path / "other", table)
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    for rec in recs:
+        _kohya_npz(sd / f"{rec['key']}_{rec['width']:04d}x{rec['height']:04d}_sd.npz", rec, 0)
+    with pytest.raises(TunelabError, match="SD 1.x/2.x .*_sd.npz"):
+        open_latents(sd, table)
+    unlike = tmp_path / "unlike"
+    unlike.mkdir()
+    _kohya_npz(unlike / "something_else.npz", recs[0], 0)
+    with pytest.raises(TunelabError, match="none named like the index's images"):
+        open_latents(unlike, table)
+
+    part = tmp_path / "part"
+    part.mkdir()
+    for i, rec in enumerate(recs[:-1]):  # the last image was never cached
+        _kohya_npz(part / f"{rec['key']}.npz", rec, i)
+    with pytest.raises(TunelabError, match=f"1 of 4 sampled images have no .npz.*{recs[-1]['key']}"):
+        open_latents(part, table)
+    with pytest.raises(TunelabError, match="--cache_latents_to_disk"):  # the dataset says the same mid-epoch
+        TrainDataset(table, latents=KohyaNpzLatents(part))[(0, len(recs) - 1)]
+
+    other_buckets = tmp_path / "buckets"
+    other_buckets.mkdir()
+    for i, rec in enumerate(recs):
+        _kohya_npz(other_buckets / f"{rec['key']}.npz", {**rec, "bucket_width": 96, "bucket_height": 96}, i)
+    with pytest.raises(TunelabError, match="96x96 bucket.*bucket settings kohya cached with"):
+        open_latents(other_buckets, table)

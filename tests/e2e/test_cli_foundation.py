@@ -43,7 +43,7 @@ def test_model_new_inspect_and_json(tmp_path):
 
 
 def test_inspect_sdxl_preset_allocates_nothing():
-    report = json.loads(run_cli("model", "inspect", "--preset", "sdxl", "--json").stdout)
+    report = json.loads(run_cli("model", "inspect", "--arch", "sdxl", "--json").stdout)
     assert report["per_component"]["unet"] == 2_567_463_684
     assert report["tensors"] == 2513
     assert {"key": "model.diffusion_model.input_blocks.0.0.weight", "shape": [320, 4, 3, 3], "dtype": "F32"} in report["keys"]
@@ -101,7 +101,7 @@ def test_stages_not_yet_built_say_so(tmp_path):
 
 
 def test_toy_world(tmp_path):
-    run_cli("toy", "world", "--out", tmp_path / "w", "--n", "6", "--seed", "1")
+    run_cli("toy", "world", "--out", tmp_path / "w", "--n-images", "6", "--seed", "1")
     assert len(list((tmp_path / "w").glob("*.png"))) == 6
     assert len(list((tmp_path / "w").glob("*.caption"))) == 6
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,79 @@ def test_sheet_labels_wrap_and_never_clip():
     cell = Image.new("RGB", (64, 64))
     sheet = draw_sheet([[cell, cell]], ["x one", "x two"], ["y label"], title="title", min_cell=256)
     assert sheet.size[0] > 2 * 256 and sheet.size[1] > 256  # cells enlarged, room for labels
+
+
+# --- `tunelab grid --run`: defaults from a training run ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real 2-step toy run (~10 s): checkpoints step-1 and last, a config with non-default text
+    settings (max_chunks 2, clip_skip 1, captions in 'caption' mode) that the grid must pick up."""
+    from tunelab.data.buckets import BucketConfig
+    from tunelab.data.index import IndexOptions, build_index
+    from tunelab.toy.world import make_world
+    from tunelab.train.trainer import train
+
+    root = tmp_path_factory.mktemp("run")
+    make_world(root / "images", n=6, seed=0)
+    index = root / "index.parquet"
+    build_index([f"folder:{root / 'images'}"], index,
+                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)))
+    run_file = root / "run.toml"
+    run_file.write_text(
+        f'[run]\noutput_dir = "{root / "run"}"\n[model]\nbase = "toy"\nmax_chunks = 2\nclip_skip = 1\n'
+        f'[data]\nindex = "{index}"\n[data.captions]\nmode = "caption"\n'
+        '[train]\nbatch_size = 2\nmax_steps = 2\nmixed_precision = "no"\ngradient_checkpointing = false\n'
+        '[save]\nevery_n_steps = 1\nevery_n_epochs = 0\ndtype = "fp32"\n')
+    train(run_file)
+    return root / "run", index
+
+
+def _grid_cli(*args) -> dict:
+    """`tunelab grid ARGS` in-process (the subprocess path is tests/sample/test_cli.py's); the spec written."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["grid", *map(str, args)])
+    assert res.exit_code == 0, res.output
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "grid.json").read_text())["spec"]
+
+
+def test_grid_of_a_run_takes_its_checkpoints_and_text_settings(tmp_path, tiny_run):
+    from tunelab.data.captions import CaptionConfig
+    from tunelab.sample.prompts import prompts_from_index
+
+    run, index = tiny_run
+    spec = _grid_cli("--run", run, "--from-index", index, "--n-prompts", 2, "--prompt-field", "training",
+                     "--steps", 1, "--out", tmp_path / "g")
+    ckpts = run / "checkpoints"
+    assert spec["checkpoints"] == [str(ckpts / "step-00000001.safetensors"), str(ckpts / "last.safetensors")]
+    assert spec["tokenizers"] == "toy" and spec["base"]["max_chunks"] == 2 and spec["base"]["clip_skip"] == 1
+    # prompts built the way training built them: the run's caption mode, not the default (tags)
+    seed = spec["base"]["seed"]
+    assert spec["prompts"] == prompts_from_index(index, 2, seed, "training", CaptionConfig(mode="caption"))
+    assert spec["prompts"] != prompts_from_index(index, 2, seed, "training", None)
+    assert all(p.startswith("A picture of") for p in spec["prompts"])
+
+    # explicit options still win
+    spec = _grid_cli(ckpts / "last.safetensors", "--run", run, "--max-chunks", 1, "--clip-skip", 2, "-p", "red star",
+                     "--steps", 1, "--out", tmp_path / "h")
+    assert spec["checkpoints"] == [str(ckpts / "last.safetensors")]
+    assert spec["base"]["max_chunks"] == 1 and spec["base"]["clip_skip"] == 2
+
+
+def test_grid_run_must_be_a_run(tmp_path, tiny_run):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["grid", "--run", str(tmp_path), "-p", "x", "--out", str(tmp_path / "g")])
+    assert isinstance(res.exception, TunelabError) and "not a run directory (no config.json)" in str(res.exception)
+    empty = tmp_path / "fresh"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.json").write_text((tiny_run[0] / "config.json").read_text())
+    res = CliRunner().invoke(app, ["grid", "--run", str(empty), "-p", "x", "--out", str(tmp_path / "g")])
+    assert isinstance(res.exception, TunelabError) and "no checkpoints" in str(res.exception)

@@ -8,6 +8,7 @@ import torch
 
 from tunelab.config import OptimSection, PartsSection
 from tunelab.errors import TunelabError
+from tunelab.models import vocab
 from tunelab.train import parts as P
 
 SDXL_UNET = 2_567_463_684
@@ -58,7 +59,7 @@ def test_toy_presets_shrink_in_order(toy):
 
 def test_te_modes_on_sdxl(sdxl_meta):
     te1_total = 123_060_480
-    # TE1's layer 11 (7,087,872) and final norm (1,536) never train and are not counted
+    # te1's (CLIP-L) layer 11 (7,087,872) and final norm (1,536) never train and are not counted
     te1_trained = te1_total - 7_087_872 - 1_536
     on = P.select_trainable(sdxl_meta, PartsSection(text_encoder="on"))
     assert on.components["text_encoder_1"].n_trained == te1_trained
@@ -77,14 +78,14 @@ def test_te_modes_flags_and_gradients(toy):
     last = toy.text_encoder_1.config.num_hidden_layers - 1
     assert frozen1 == {n for n in te1 if n.startswith((f"encoder.layers.{last}.", "final_layer_norm."))
                        or n.startswith((f"text_model.encoder.layers.{last}.", "text_model.final_layer_norm."))}
-    assert frozen1 and all(_trains(toy.text_encoder_2).values())  # TE2's last layer / norm / projection train
+    assert frozen1 and all(_trains(toy.text_encoder_2).values())  # te2's last layer / norm / projection train
     assert not any(_trains(toy.vae).values())
     trained_names = {n for n, _ in plan.components["text_encoder_1"].trained}
     assert trained_names.isdisjoint(frozen1)
-    # TE2's fused attention: q, k and v all map to the one SGM in_proj key
+    # te2's (bigG) fused attention: q, k and v all map to the one SGM in_proj key
     sgm = dict(plan.components["text_encoder_2"].trained)
     assert sgm["text_model.encoder.layers.0.self_attn.k_proj.weight"].endswith("resblocks.0.attn.in_proj_weight")
-    # gradients flow where expected (SDXL's conditioning: penultimate states + TE2's pooled projection)
+    # gradients flow where expected (SDXL's conditioning: penultimate states + te2's pooled projection)
     ids = torch.tensor([[1, 5, 7, 2]])
     out1 = toy.text_encoder_1(ids, output_hidden_states=True)
     out2 = toy.text_encoder_2(ids, output_hidden_states=True)
@@ -100,10 +101,13 @@ def test_te_modes_flags_and_gradients(toy):
     assert all(_trains(toy.unet).values())
 
 
-def test_encoder_with_zero_lr_stays_frozen(toy):
-    plan = P.select_trainable(toy, PartsSection(text_encoder="on"), OptimSection(lr_text_encoder_1=0, lr_text_encoder_2=1e-5))
+def test_encoder_with_zero_lr_stays_frozen(toy, caplog):
+    with caplog.at_level("INFO", logger="tunelab.train.parts"):
+        plan = P.select_trainable(toy, PartsSection(text_encoder="on"),
+                                  OptimSection(lr_text_encoder_1=0, lr_text_encoder_2=1e-5))
     assert plan.components["text_encoder_1"].n_trained == 0 and plan.param_groups["text_encoder_1"] == []
     assert plan.components["text_encoder_2"].n_trained > 0
+    assert "te1 (CLIP-L) stays frozen: optim.lr_text_encoder_1 is 0" in caplog.text
 
 
 def test_include_and_exclude_patterns(toy):
@@ -130,13 +134,49 @@ def test_block_lr_names():
              "output_blocks.2.2.conv.weight": "OUT02", "output_blocks.8.0.out_layers.3.bias": "OUT08",
              "out.2.weight": "OUT"}
     assert {k: P.block_lr_name(k) for k in cases} == cases
+    assert P.BLOCK_LR_NAMES is vocab.KOHYA_BLOCKS
+
+
+def _old_block_lr_name(rel_key: str) -> str | None:
+    """parts.py's hand-written placement before the ids moved to models/vocab.py (kohya's sdxl_train:
+    0 embeddings, 1 + input index, 10 + middle index, 13 + output index, 22 out)."""
+    head, _, rest = rel_key.partition(".")
+    if head in ("time_embed", "label_emb"):
+        return "BASE"
+    if head == "out":
+        return "OUT"
+    index = int(rest.split(".", 1)[0]) if rest[:1].isdigit() else -1
+    if head == "input_blocks" and 0 <= index <= 8:
+        return f"IN{index:02d}"
+    if head == "middle_block" and 0 <= index <= 2:
+        return f"MID{index:02d}"
+    if head == "output_blocks" and 0 <= index <= 8:
+        return f"OUT{index:02d}"
+    return None
+
+
+def test_block_lr_names_unchanged_on_every_sdxl_key():
+    from sd_mecha.extensions import model_configs
+
+    unet = [k.removeprefix("model.diffusion_model.") for k in model_configs.resolve("sdxl-sgm").keys()
+            if k.startswith("model.diffusion_model.")]
+    placed = {k: P.block_lr_name(k) for k in unet}
+    assert placed == {k: _old_block_lr_name(k) for k in unet}
+    assert set(placed.values()) == set(vocab.KOHYA_BLOCKS)  # all 23 groups exist on SDXL
+
+
+@pytest.mark.parametrize("rel", ["input_blocks.9.0.op.weight", "middle_block.3.weight", "some_future_layer.weight"])
+def test_block_lr_name_refuses_non_sdxl_keys(rel):
+    assert _old_block_lr_name(rel) is None
+    with pytest.raises(TunelabError, match="has no kohya block-LR id; train.parts.block_lrs needs an SDXL-layout UNet"):
+        P.block_lr_name(rel)
 
 
 def test_block_lrs_make_groups_and_freeze(toy):
     lrs = [1.0] * 23
-    lrs[P.BLOCK_LR_NAMES.index("IN04")] = 0.0  # freezes input_blocks.4
-    lrs[P.BLOCK_LR_NAMES.index("OUT")] = 2.0
-    lrs[P.BLOCK_LR_NAMES.index("MID01")] = 0.5
+    lrs[vocab.kohya_index("in4")] = 0.0  # freezes input_blocks.4
+    lrs[vocab.kohya_index(22)] = 2.0  # OUT
+    lrs[vocab.kohya_index("MID01")] = 0.5
     plan = P.select_trainable(toy, PartsSection(block_lrs=lrs))
     assert "IN04" not in plan.unet_blocks
     assert not any(s.startswith("model.diffusion_model.input_blocks.4.") for _, s in plan.components["unet"].trained)
@@ -152,4 +192,5 @@ def test_block_lrs_make_groups_and_freeze(toy):
 def test_banner_rows(sdxl_meta):
     rows = P.banner_rows(P.select_trainable(sdxl_meta, PartsSection(unet="unet63")))
     assert rows[0].split() == ["unet", "1,629,562,564", "/", "2,567,463,684", "(63.47", "%)"]
-    assert [r.split()[0] for r in rows] == ["unet", "text_encoder_1", "text_encoder_2", "vae", "all"]
+    assert [r[:15].rstrip() for r in rows] == ["unet", "te1 (CLIP-L)", "te2 (bigG)", "vae", "all"]
+    assert rows[1] == "te1 (CLIP-L)                0 /   123,060,480 (0.00 %)"  # text_encoder = off

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.train.test_trainer import world, write_run  # noqa: F401 - `world` is a fixture
+from tests.train.conftest import write_run
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord
@@ -102,6 +102,8 @@ def test_an_objective_that_contradicts_the_base_is_refused_before_any_weight_loa
         train(cfg)
     assert "predicts epsilon" in str(err.value) and "objective.prediction = 'epsilon'" in str(err.value)
     assert not (tmp_path / "c").exists()
+    checked = run_cli("config", "check", tmp_path / "c.toml", check=False)  # `config check` says the same
+    assert checked.returncode == 2 and "objective.convert_base = true" in checked.stderr
 
 
 def test_a_rebuilt_index_is_refused_on_resume(tmp_path):

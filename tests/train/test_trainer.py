@@ -12,55 +12,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli, tunelab_cli
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """24 toy images (3 buckets: 9 + 8 + 7) and their index."""
-    from tunelab.data.buckets import BucketConfig
-    from tunelab.data.index import IndexOptions, build_index
-    from tunelab.toy.world import make_world
-
-    root = tmp_path_factory.mktemp("world")
-    make_world(root / "images", n=24, seed=0)
-    opts = IndexOptions(buckets=BucketConfig(resolution=80, min_side=32, max_side=128, step=32))
-    build_index([f"folder:{root / 'images'}"], root / "index.parquet", opts)
-    return root / "index.parquet"
-
-
-def write_run(path: Path, index: Path, out: Path, **sections) -> Path:
-    """A toy run file; `sections` override {section: {key: value}} (dotted sections allowed)."""
-    base = {
-        "run": {"name": "t", "output_dir": str(out), "seed": 3},
-        "model": {"base": "toy", "max_chunks": 2},
-        "data": {"index": str(index)},
-        "train": {"batch_size": 2, "grad_accumulation": 1, "max_steps": 6, "mixed_precision": "no",
-                  "gradient_checkpointing": False},
-        "train.parts": {"text_encoder": "on"},
-        "optim": {"lr_unet": 1e-4, "lr_text_encoder_1": 1e-5, "lr_text_encoder_2": 1e-5},
-        "save": {"every_n_steps": 2, "every_n_epochs": 0, "dtype": "fp32"},
-    }
-    for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return repr(v)
+from tests.train.conftest import write_run
 
 
 def _same_tensors(a: Path, b: Path, atol: float = 0.0) -> bool:
@@ -170,8 +126,8 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path, worl
 def test_the_toy_example_trains_as_documented(tmp_path):
     """examples/toy.toml, prepared exactly as its header says, in a fresh folder."""
     example = Path(__file__).resolve().parents[2] / "examples" / "toy.toml"
-    run_cli("toy", "world", "--out", "toy-world", "--n", "32", cwd=tmp_path)
-    run_cli("data", "index", "toy-world/index.parquet", "-s", "folder:toy-world", "--resolution", "80",
+    run_cli("toy", "world", "--out", "toy-world", "--n-images", "32", cwd=tmp_path)
+    run_cli("data", "index", "--out", "toy-world/index.parquet", "-s", "folder:toy-world", "--resolution", "80",
             "--min-side", "32", "--max-side", "128", "--step", "32", cwd=tmp_path)
     run_cli("data", "cache", "toy-world/index.parquet", "--out", "toy-world/latents", "--model", "toy", cwd=tmp_path)
     proc = run_cli("train", example, cwd=tmp_path, timeout=900)

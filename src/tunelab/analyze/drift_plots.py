@@ -1,4 +1,4 @@
-"""Plots of a drift report (the JSON document of `tunelab.analyze.weights.report`).
+"""Plots of a drift report (the JSON document of `tunelab.analyze.drift_write.report`).
 
 - `trajectory.png`: distance of every model from the first, in command-line order, one line per
   component; absolute L2 on the left, relative change on the right (components differ by orders
@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from tunelab.models.vocab import label
+
 log = logging.getLogger(__name__)
 
-COLORS = {"te0": "tab:orange", "te1": "tab:red", "unet": "tab:blue", "vae": "tab:green",
+COLORS = {"te1": "tab:orange", "te2": "tab:red", "unet": "tab:blue", "vae": "tab:green",
           "other": "tab:gray", "all": "black"}
 MAX_ANNOTATED = 12  # cell values are written into heatmaps up to this many models
 
@@ -57,7 +59,7 @@ def plot_trajectory(doc: dict, path: Path) -> Path:
     ax_abs, ax_rel = fig.subplots(1, 2)
     for name, m in doc["dm"].items():
         style = dict(color=COLORS.get(name), marker="o", lw=2.2 if name == "all" else 1.6,
-                     ls="--" if name == "all" else "-", label=name)
+                     ls="--" if name == "all" else "-", label=label(name))
         ax_abs.plot(x, _array(m)[0], **style)
         rel = _array(doc["relative"]["components"][name])[0]
         rel[~(rel > 0)] = np.nan  # zero (the start, identical files) cannot sit on a log axis
@@ -94,7 +96,7 @@ def plot_heatmaps(doc: dict, path: Path) -> Path:
         im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis")
         ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=8)
         ax.set_yticks(range(n), [str(i) for i in range(n)], fontsize=8)
-        ax.set_title(name, fontsize=11)
+        ax.set_title(label(name), fontsize=11)
         if annotate:
             top = np.nanmax(d) if np.isfinite(d).any() else 0.0
             for i in range(n):
@@ -146,7 +148,7 @@ def plot_map(doc: dict, path: Path) -> Path:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, name in zip(axes, names):
         d = _array(doc["dm"][name])
-        ax.set_title(name, fontsize=11)
+        ax.set_title(label(name), fontsize=11)
         ax.set_xticks([])
         ax.set_yticks([])
         if not np.isfinite(d).all():

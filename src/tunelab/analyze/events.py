@@ -35,8 +35,13 @@ being written is ignored with a warning.
 
 and is read with pyarrow.
 
-Neither reader drops "orphaned" data after a restart the way `EventAccumulator` can: every
-scalar in the file is returned, in file order per tag.
+Restarts: the event files of one run directory are read as one stream, in name order (=
+creation order, as tensorboard reads them), and values orphaned by a restart are dropped by
+tensorboard's own rule (`EventAccumulator._MaybePurgeOrphanedData`, see `_purge_orphans`): after
+a kill at step 24 and a resume from step 20 with `SummaryWriter(purge_step=21)`, steps 21-24
+keep only the resumed values. The markers that rule needs (file_version, SessionLog.START, the
+steps of non-scalar events) are all records off the fast path, so a run without restarts costs
+nothing extra. `metrics.parquet` needs no purge: the trainer drops the orphaned rows itself.
 """
 
 from __future__ import annotations
@@ -44,13 +49,15 @@ from __future__ import annotations
 import difflib
 import logging
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from tunelab.errors import TunelabError
+from tunelab.run import METRICS, METRICS_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +72,8 @@ LOSS_TAG_PREFERENCE = (
     "train/loss_step",
     "loss_step",
 )
-METRICS_PARQUET = "metrics.parquet"
-PARQUET_COLUMNS = {"step": "int64", "tag": "string", "value": "float64", "wall_time": "float64"}
+METRICS_PARQUET = METRICS  # a run's metrics table (tunelab/run.py owns its name and schema)
+PARQUET_COLUMNS = METRICS_SCHEMA.names
 
 _CHUNK_BYTES = 32 << 20  # bounded memory: framed arrays of one chunk are ~10x its record count
 _PROGRESS_MIN_BYTES = 64 << 20  # below this a file reads in well under a second
@@ -173,11 +180,16 @@ def discover_runs(path: Path) -> list[tuple[Path, list[Path]]]:
 
 
 def read_scalars(files: list[Path], *, verify: bool = False, progress: bool = False) -> Scalars:
-    """Read and concatenate the scalars of one run's files (event files and/or parquet)."""
-    parts = [
-        read_metrics_parquet(f) if f.suffix == ".parquet" else read_event_file(f, verify=verify, progress=progress)
-        for f in files
-    ]
+    """One run's scalars: its event files read together as one stream (`read_event_files`, which
+    applies tensorboard's restart purge across them) and/or metrics tables, concatenated per tag."""
+    files = [Path(f) for f in files]
+    events = [f for f in files if f.suffix != ".parquet"]
+    parts = []
+    for f in files:
+        if f.suffix == ".parquet":
+            parts.append(read_metrics_parquet(f))
+        elif f == events[0]:  # all event files in one place: the first one's
+            parts.append(read_event_files(events, verify=verify, progress=progress))
     if len(parts) == 1:
         return parts[0]
     merged = Scalars(sources=list(files))
@@ -437,7 +449,8 @@ def _decode_fast(arr: np.ndarray, start: np.ndarray, end: np.ndarray) -> dict[st
     tag_len, tag_start = _expect_field(arr, pos, end, 0x0A, ok)
     pos = np.minimum(tag_start + tag_len, end)
     ok &= (arr[pos] == 0x15) & (pos + 5 == end)
-    value = _gather(arr, pos + 1, "<f4").astype(np.float64)
+    with np.errstate(invalid="ignore"):  # bytes of records off the fast path may read as a signalling NaN
+        value = _gather(arr, pos + 1, "<f4").astype(np.float64)
     return {"ok": ok, "wall": wall, "step": step, "value": value, "tag_start": tag_start, "tag_len": tag_len}
 
 
@@ -489,19 +502,32 @@ def _group_tags(arr: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple
     return names, codes.astype(np.int64)
 
 
+class _Marker(NamedTuple):
+    """A record off the fast path, reduced to what tensorboard's restart purge looks at."""
+
+    row: int  # scalar rows read before this record (within its chunk, then within the run)
+    rows: int  # scalar rows this record holds itself
+    step: int
+    summary: bool  # the event carries a Summary (scalars, histograms, images, ...)
+    start: bool  # a SessionLog.START event
+    version: float | None  # its file_version ("brain.Event:2" -> 2.0), parsed by tensorboard's own function
+
+
 def _decode_slow(
     buf: bytes, starts: np.ndarray, lengths: np.ndarray, record_ids: np.ndarray, plugins: dict[str, str]
-) -> list[tuple[int, str, int, float, float]]:
-    """Decode unusual records with tensorboard's protobuf classes: (record id, tag, step, wall, value).
+) -> tuple[list[tuple[int, str, int, float, float]], list[_Marker]]:
+    """Decode unusual records with tensorboard's protobuf classes: scalar rows (record id, tag,
+    step, wall, value), and one marker per record (its `row` still holds the record id).
 
     `plugins` remembers each tag's plugin across chunks: TF2 writers attach the metadata
     naming it ("scalars", "histograms", ...) only to a tag's first value.
     """
     from google.protobuf.message import DecodeError
+    from tensorboard.backend.event_processing.event_util import ParseFileVersion
     from tensorboard.compat.proto import event_pb2
     from tensorboard.util import tensor_util
 
-    rows = []
+    rows, marks = [], []
     for rid, start, length in zip(record_ids.tolist(), starts.tolist(), lengths.tolist()):
         try:
             event = event_pb2.Event.FromString(buf[start + 12 : start + 12 + length])
@@ -509,6 +535,7 @@ def _decode_slow(
             raise TunelabError(
                 f"record at byte {start} is not a tensorboard Event ({err}); is the file corrupt?"
             ) from err
+        before = len(rows)
         for v in event.summary.value:
             if v.metadata.plugin_data.plugin_name:
                 plugins.setdefault(v.tag, v.metadata.plugin_data.plugin_name)
@@ -519,7 +546,12 @@ def _decode_slow(
                 array = tensor_util.make_ndarray(v.tensor)
                 if array.size == 1 and array.dtype.kind in "fiub":
                     rows.append((rid, v.tag, event.step, event.wall_time, float(array.reshape(-1)[0])))
-    return rows
+        marks.append(_Marker(
+            rid, len(rows) - before, event.step, event.HasField("summary"),
+            event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START,
+            ParseFileVersion(event.file_version) if event.HasField("file_version") else None,
+        ))
+    return rows, marks
 
 
 def _decode_chunk(
@@ -531,8 +563,9 @@ def _decode_chunk(
     plugins: dict[str, str],
     verify: bool,
     where: str,
-) -> tuple[np.ndarray, ...]:
-    """(tag id, step, wall time, value) of every scalar in one framed buffer, in file order."""
+) -> tuple[tuple[np.ndarray, ...], list[_Marker]]:
+    """(tag id, step, wall time, value) of every scalar in one framed buffer, in file order, and
+    a marker for every record off the fast path (`row` counted within this buffer)."""
     lengths = np.diff(np.append(starts, used)) - 16
     if verify:
         _check_payload_crcs(arr, starts, lengths, where)
@@ -543,40 +576,177 @@ def _decode_chunk(
     columns = (to_global[codes] if len(codes) else codes, fast["step"][ok], fast["wall"][ok], fast["value"][ok])
     slow_ids = np.flatnonzero(~ok)
     if len(slow_ids) == 0:
-        return columns
-    slow = _decode_slow(buf, starts[slow_ids], lengths[slow_ids], slow_ids, plugins)
-    if not slow:
-        return columns
-    # Put the slow rows back where their records were, so each tag stays in file order.
-    record = np.concatenate([np.flatnonzero(ok), [r[0] for r in slow]])
-    order = np.argsort(record, kind="stable")
-    extra = (
-        np.array([names.setdefault(r[1], len(names)) for r in slow], dtype=np.int64),
-        np.array([r[2] for r in slow], dtype=np.int64),
-        np.array([r[3] for r in slow], dtype=np.float64),
-        np.array([r[4] for r in slow], dtype=np.float64),
-    )
-    return tuple(np.concatenate([a, b])[order] for a, b in zip(columns, extra))
+        return columns, []
+    slow, marks = _decode_slow(buf, starts[slow_ids], lengths[slow_ids], slow_ids, plugins)
+    record = np.flatnonzero(ok)  # the record each row comes from, in row order
+    if slow:
+        # Put the slow rows back where their records were, so each tag stays in file order.
+        record = np.concatenate([record, [r[0] for r in slow]])
+        order = np.argsort(record, kind="stable")
+        extra = (
+            np.array([names.setdefault(r[1], len(names)) for r in slow], dtype=np.int64),
+            np.array([r[2] for r in slow], dtype=np.int64),
+            np.array([r[3] for r in slow], dtype=np.float64),
+            np.array([r[4] for r in slow], dtype=np.float64),
+        )
+        columns = tuple(np.concatenate([a, b])[order] for a, b in zip(columns, extra))
+        record = record[order]
+    rows_before = np.searchsorted(record, [m.row for m in marks]).tolist()
+    return columns, [m._replace(row=r) for m, r in zip(marks, rows_before)]
+
+
+# --- event files: restarts -------------------------------------------------------------------------
+
+_NO_PURGE = np.iinfo(np.int64).max
+
+
+def _purge_orphans(step: np.ndarray, codes: np.ndarray, marks: list[_Marker]) -> np.ndarray | None:
+    """Which rows of a run tensorboard still shows after its restart purges (a boolean mask over
+    the rows in read order), or None when it shows all of them (the usual case: nothing to do).
+
+    The rule is tensorboard's `EventAccumulator._MaybePurgeOrphanedData`
+    (tensorboard/backend/event_processing/event_accumulator.py, tensorboard 2.21), run on every
+    event in read order with `purge_orphaned_data=True`, its default:
+
+    * once a file_version >= 2 was read ("brain.Event:2": every current writer starts each file
+      with it), a SessionLog.START event at step S drops every value read before it whose step
+      is >= S (`_CheckForRestartAndMaybePurge` -> `_Purge(event, by_tags=False)`). torch's
+      `SummaryWriter(purge_step=S)` writes exactly that event at the head of the resumed run's file;
+    * without a file_version (or with an older one), a Summary event whose step is below the most
+      recent step drops the values read before it of its own tags with step >= its step
+      (`_CheckForOutOfOrderStepAndMaybePurge` -> `_Purge(event, by_tags=True)`); the most recent
+      step is set by every other event, so a non-Summary event may also lower it.
+
+    Purges only ever delete, so a row survives iff no later purge covers it: both rules are
+    evaluated for all rows at once, not event by event.
+
+    One deliberate difference: that accumulator keeps TF2-style tensor scalars in a `tensors`
+    store its `_Purge` leaves out (`accumulated_attrs` names scalars, histograms, images, audio
+    only), so their orphans would stay. We purge every scalar series alike, as tensorboard's
+    newer loaders do with tensors (plugin_event_accumulator.py's `_Purge` filters
+    `tensors_by_tag`; RustBoard's reservoir.rs preempts every series). Those loaders differ in
+    other ways not copied here: plugin_event_accumulator ignores a run's first START (so it would
+    keep the orphans of torch's first resume), and RustBoard keeps one point per step per tag
+    (it would drop all but the last of kohya's micro-step losses).
+    """
+    version, v2 = None, []
+    for m in marks:
+        if m.version is not None:
+            version = m.version  # set before the event's own purge check, as tensorboard does
+        v2.append(bool(version and version >= 2))
+    keep = _kept_after_starts(step, [m for m, new in zip(marks, v2) if new and m.start])
+    if marks and all(v2) and marks[0].row == 0:
+        return keep  # every event saw file_version 2: the out-of-order rule never applies
+    # Rows follow the state after the last record before them (rows before the first record: none).
+    state = np.repeat(np.array([False, *v2]), np.diff([0, *(m.row for m in marks), len(step)]))
+    by_order = _kept_after_step_regressions(step, codes, marks, [not v for v in v2], ~state)
+    if by_order is None:
+        return keep
+    return by_order if keep is None else keep & by_order
+
+
+def _kept_after_starts(step: np.ndarray, starts: list[_Marker]) -> np.ndarray | None:
+    """Rows no later START purges: a row survives iff its step is below every later START's step."""
+    if not starts:
+        return None
+    at = np.array([m.row for m in starts], dtype=np.int64)  # nondecreasing: markers come in read order
+    lowest_after = np.minimum.accumulate(np.array([m.step for m in starts], dtype=np.int64)[::-1])[::-1]
+    # Rows [0, at[0]) are followed by all STARTs, rows [at[0], at[1]) by all but the first, ...
+    limit = np.repeat(lowest_after, np.diff(np.concatenate([[0], at])))
+    keep = np.ones(len(step), dtype=bool)
+    keep[: at[-1]] = step[: at[-1]] < limit
+    return None if keep.all() else keep
+
+
+def _kept_after_step_regressions(
+    step: np.ndarray, codes: np.ndarray, marks: list[_Marker], mark_old: list[bool], row_old: np.ndarray
+) -> np.ndarray | None:
+    """Rows no out-of-order purge removes; `mark_old` / `row_old`: the event had no file_version >= 2."""
+    n = len(step)
+    event = np.arange(n)  # rows of one slow record are one event
+    own = np.zeros(n, dtype=bool)
+    for m in marks:
+        if m.rows:
+            event[m.row : m.row + m.rows], own[m.row : m.row + m.rows] = m.row, True
+    fast = np.flatnonzero(row_old & ~own)
+    old = [m for m, o in zip(marks, mark_old) if o]
+    # Events in read order: each slow record goes before the first fast row at or after its row.
+    at = np.searchsorted(fast, np.array([m.row for m in old], dtype=np.int64))
+    order = np.insert(np.arange(len(fast)), at, len(fast) + np.arange(len(old)))  # into (fast rows, old marks)
+    ev_step = np.insert(step[fast], at, np.array([m.step for m in old], dtype=np.int64))
+    summary = np.insert(np.ones(len(fast), dtype=bool), at, np.array([m.summary for m in old], dtype=bool))
+    # most_recent_step after each event: from -1, the running max of Summary steps, reset to the
+    # step of each non-Summary event; an out-of-order Summary event leaves it unchanged.
+    if len(ev_step) == 0:
+        return None
+    recent = np.empty(len(ev_step), dtype=np.int64)
+    resets = np.flatnonzero(~summary).tolist()
+    for a, b in zip([0, *resets], [*resets, len(ev_step)]):
+        if a < b:
+            running = np.maximum.accumulate(ev_step[a:b])
+            recent[a:b] = running if not summary[a] else np.maximum(running, -1)  # a reset, or the start
+    before = np.concatenate([[-1], recent[:-1]])
+    purging = order[np.flatnonzero(summary & (ev_step < before))]  # indices into (fast rows, old marks)
+    if len(purging) == 0:
+        return None
+    limit = np.full(n, _NO_PURGE, dtype=np.int64)  # the step from which a row's event purges its tags
+    rows = fast[purging[purging < len(fast)]]
+    limit[rows] = step[rows]
+    for k in purging[purging >= len(fast)] - len(fast):
+        limit[old[k].row : old[k].row + old[k].rows] = old[k].step
+    keep = np.ones(n, dtype=bool)
+    by_tag = np.argsort(codes, kind="stable")
+    for rows in np.split(by_tag, np.flatnonzero(np.diff(codes[by_tag])) + 1):
+        lim = limit[rows]
+        if (lim == _NO_PURGE).all():
+            continue
+        lowest_after = np.append(np.minimum.accumulate(lim[::-1])[::-1], _NO_PURGE)
+        later = lowest_after[np.searchsorted(event[rows], event[rows], side="right")]  # events after the row's own
+        keep[rows] = (step[rows] < later) | (later == _NO_PURGE)
+    return None if keep.all() else keep
+
+
+# --- event files: reading --------------------------------------------------------------------------
+
+
+def read_event_files(paths: list[Path], *, verify: bool = False, progress: bool = False) -> Scalars:
+    """Every scalar of one run's event files as tensorboard shows it, grouped by tag (read order
+    within a tag).
+
+    The files are one stream in the order given: tensorboard reads a run directory's files in
+    name order, which is creation order (`events.out.tfevents.<unix time>.<host>...`), and
+    `discover_runs` lists them so. Values orphaned by a restart are dropped by tensorboard's
+    rule (`_purge_orphans`), so a run killed after step 24 and resumed from step 20 with
+    `SummaryWriter(purge_step=21)` keeps the resumed values of steps 21-24, once each.
+    """
+    paths = [Path(p) for p in paths]
+    names: dict[str, int] = {}
+    plugins: dict[str, str] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
+    marks: list[_Marker] = []
+    n_rows = 0
+    for path in paths:
+        if not path.is_file():
+            raise TunelabError(f"{path} does not exist or is not a file.")
+        for buf, arr, starts, used, offset in _iter_chunks(path, progress):
+            columns, chunk_marks = _decode_chunk(
+                buf, arr, starts, used, names, plugins, verify, f"{path} (chunk at byte {offset})"
+            )
+            marks += [m._replace(row=m.row + n_rows) for m in chunk_marks]
+            n_rows += len(columns[0])
+            parts.append(columns)
+    if not parts:
+        return Scalars(paths)
+    codes, step, wall, value = (np.concatenate(cols) for cols in zip(*parts))
+    keep = _purge_orphans(step, codes, marks)
+    if keep is not None:
+        log.info("%s: %d values orphaned by a restart dropped, as tensorboard does", paths[-1].parent,
+                 len(keep) - int(keep.sum()))
+        codes, step, wall, value = codes[keep], step[keep], wall[keep], value[keep]
+    log.debug("%s: %d scalars in %d tags", paths[-1], len(codes), len(names))
+    return Scalars(paths, _split_by_tag(codes, list(names), step, wall, value))
 
 
 def read_event_file(path: Path, *, verify: bool = False, progress: bool = False) -> Scalars:
-    """Every scalar of one tensorboard event file, grouped by tag (file order within a tag)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TunelabError(f"{path} does not exist or is not a file.")
-    names: dict[str, int] = {}
-    plugins: dict[str, str] = {}
-    parts = [
-        _decode_chunk(buf, arr, starts, used, names, plugins, verify, f"{path} (chunk at byte {offset})")
-        for buf, arr, starts, used, offset in _iter_chunks(path, progress)
-    ]
-    if not parts:
-        return Scalars([path])
-    codes, step, wall, value = (np.concatenate(cols) for cols in zip(*parts))
-    log.debug("%s: %d scalars in %d tags", path, len(codes), len(names))
-    return Scalars([path], _split_by_tag(codes, list(names), step, wall, value))
-
-
-def iter_tag_counts(scalars: Scalars) -> Iterable[tuple[str, int]]:
-    """(tag, number of values) in first-appearance order, for listings."""
-    return ((tag, len(s)) for tag, s in scalars.series.items())
+    """Every scalar of one tensorboard event file (a run of one file; see `read_event_files`)."""
+    return read_event_files([path], verify=verify, progress=progress)

@@ -10,6 +10,10 @@ when complete, so a killed run leaves only whole shards; a rerun skips every key
 (resume). Under `accelerate launch` process r of n takes rows r, r + n, ...; shard names carry the
 rank so processes never collide.
 
+`open_latents(folder, index)` is what training opens: it tells the two layouts apart (tunelab
+shards, or kohya's `.npz` files named like the images) and checks a sample of the index's rows
+against the folder before the first step.
+
 Hand-written because neither diffusers nor accelerate caches latents; the file format is
 safetensors, the encoder is diffusers' AutoencoderKL (latent_dist.mean: deterministic, so a
 repaired entry equals the original).
@@ -17,6 +21,7 @@ repaired entry equals the original).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -25,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,22 +49,34 @@ from tunelab.errors import TunelabError
 if TYPE_CHECKING:  # torch is imported where it is used: the index side of tunelab runs without it
     import torch
 
+    from tunelab.data.loader import IndexTable
+
 log = logging.getLogger(__name__)
 
 META_KEY = "tunelab.latents"
 SHARD_GLOB = "shard-*.safetensors"
 _COLUMNS = ["key", "path", "offset", "size", "bucket_width", "bucket_height"]
+KOHYA_SDXL_SUFFIX = "_sdxl.npz"  # sd-scripts' SdSdxlLatentsCachingStrategy.SDXL_LATENTS_NPZ_SUFFIX
+KOHYA_SD_SUFFIX = "_sd.npz"  # ... SD_LATENTS_NPZ_SUFFIX: SD 1.x/2.x latents (another VAE), not for SDXL
+_SAMPLE_ROWS = 32  # index rows checked against a kohya folder when it is opened
 
 
 @dataclass
 class LatentEntry:
-    latents: np.ndarray  # (4, H/8, W/8) float16
+    latents: np.ndarray  # (4, H/8, W/8) float16 (tunelab shards) or float32 (kohya .npz)
     original_size: tuple[int, int]  # (w, h) of the image as displayed
     crop_ltrb: tuple[int, int, int, int]  # crop box in resized pixels
 
 
 class LatentSource(Protocol):
-    def get(self, key: str) -> LatentEntry | None: ...
+    """What `TrainDataset` reads latents from. `record` is the image's index row (key, path,
+    width, height, bucket_width, bucket_height, ...), for caches that are found from the image."""
+
+    def get(self, key: str, record: dict | None = None) -> LatentEntry | None: ...
+
+    def missing(self, key: str, record: dict | None = None) -> str:
+        """The error message for an image `get` has nothing for."""
+        ...
 
 
 def checksum(array: np.ndarray) -> str:
@@ -109,7 +127,10 @@ class LatentStore:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def get(self, key: str) -> LatentEntry | None:
+    def missing(self, key: str, record: dict | None = None) -> str:
+        return f"no cached latents for {key!r} in {self.dir}; run `tunelab data cache` (or verify --repair)"
+
+    def get(self, key: str, record: dict | None = None) -> LatentEntry | None:
         shard = self._where.get(key)
         if shard is None:
             return None
@@ -122,21 +143,54 @@ class LatentStore:
 
 
 class KohyaNpzLatents:
-    """kohya's one-`.npz`-per-image cache, read as it is: `ROOT/KEY.npz` (or `KEY_WxH_sdxl.npz`)
-    with `latents` (4, H/8, W/8), `original_size` [w, h], `crop_ltrb` [l, t, r, b]."""
+    """kohya's one-`.npz`-per-image cache, read as it is (sd-scripts `library/strategy_sd.py`,
+    `SdSdxlLatentsCachingStrategy.get_latents_npz_path`, and `library/strategy_base.py`,
+    `save_latents_to_disk` / `_default_load_latents_from_disk`).
+
+    File, in kohya's order of preference: `STEM.npz` (older versions; kept first "for backward
+    compatibility"), then `STEM_WWWWxHHHH_sdxl.npz` with the original image size zero-padded to 4
+    digits. STEM is `ROOT/KEY` (kohya's fine-tuning layout, `image_dir/image_key.npz`) or the image
+    path without its extension (cached beside the images). Keys: `latents` (4, H/8, W/8) float32,
+    `original_size` [w, h], `crop_ltrb` [l, t, r, b] (very old caches have `latents` only);
+    `latents_flipped` and `alpha_mask` are not used.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def _file(self, key: str) -> Path | None:
-        plain = self.root / f"{key}.npz"
-        if plain.exists():
-            return plain
-        sized = sorted(plain.parent.glob(f"{Path(key).name}_*x*_sdxl.npz"))
-        return sized[0] if sized else None
+    def candidates(self, key: str, record: dict | None = None) -> list[Path]:
+        """The files kohya would have written for this image, in the order they are tried."""
+        stems = [self.root / key]
+        if record is not None and record.get("path") and record.get("offset") is None:  # not a tar member
+            beside = Path(os.path.splitext(record["path"])[0])
+            if beside != stems[0]:
+                stems.append(beside)
+        files = [stem.with_name(stem.name + ".npz") for stem in stems]
+        if record is not None and record.get("width") and record.get("height"):
+            w, h = int(record["width"]), int(record["height"])
+            # kohya names the file by the image header's size; the index stores it as displayed
+            # (EXIF rotation applied), so a rotated photo has the two swapped.
+            sizes = [(w, h)] if w == h else [(w, h), (h, w)]
+            files += [stem.with_name(f"{stem.name}_{a:04d}x{b:04d}{KOHYA_SDXL_SUFFIX}") for stem in stems for a, b in sizes]
+        return files
 
-    def get(self, key: str) -> LatentEntry | None:
-        path = self._file(key)
+    def find(self, key: str, record: dict | None = None) -> Path | None:
+        """The first candidate that exists (by key alone: any size in the name), or None."""
+        for path in self.candidates(key, record):
+            if path.is_file():
+                return path
+        if record is None:  # no image size known: any size in the name
+            sized = sorted(self.root.glob(f"{glob.escape(key)}_*x*{KOHYA_SDXL_SUFFIX}"))  # literal key
+            return sized[0] if sized else None
+        return None
+
+    def missing(self, key: str, record: dict | None = None) -> str:
+        tried = ", ".join(str(p) for p in self.candidates(key, record)[:4])
+        return (f"no kohya latents for {key!r} (looked for {tried}); cache every image with sd-scripts "
+                "(--cache_latents_to_disk), or point data.latents at a `tunelab data cache` folder")
+
+    def get(self, key: str, record: dict | None = None) -> LatentEntry | None:
+        path = self.find(key, record)
         if path is None:
             return None
         try:
@@ -146,9 +200,82 @@ class KohyaNpzLatents:
                 crop = tuple(int(v) for v in npz["crop_ltrb"]) if "crop_ltrb" in npz else (0, 0, 0, 0)
         except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
             raise TunelabError(f"{path} is not a readable kohya latent cache ({exc}); delete it and re-cache") from exc
+        if latents.ndim != 3 or latents.shape[0] != 4:
+            raise TunelabError(f"{path}: `latents` has shape {latents.shape}, not SDXL's (4, H/8, W/8); re-cache it")
+        if record is not None and record.get("bucket_width"):
+            want = (int(record["bucket_height"]) // 8, int(record["bucket_width"]) // 8)
+            if latents.shape[1:] != want:
+                raise TunelabError(
+                    f"{path} holds latents of a {latents.shape[2] * 8}x{latents.shape[1] * 8} bucket, but the index "
+                    f"puts {key!r} in {record['bucket_width']}x{record['bucket_height']}: build the index with the "
+                    "bucket settings kohya cached with (resolution, min/max side, step), or re-cache the latents"
+                )
         if size is None:  # old kohya caches: no size stored; the latents' own size is all we know
             size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
         return LatentEntry(latents, size, crop)
+
+
+def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
+    """The latent cache in folder `path` for the images of `index`, whichever tool wrote it.
+
+    * `shard-*.safetensors` at the top: tunelab's shards (`tunelab data cache`) -> `LatentStore`;
+    * otherwise kohya's `.npz` files, found from a sample of the index's training rows (see
+      `KohyaNpzLatents` for the names) -> `KohyaNpzLatents`. Every sampled row must have its
+      file, and the first one is read, so a wrong folder or another bucket setup fails here,
+      before the first step, rather than mid-epoch.
+
+    Anything else (a missing or empty folder, SD 1.x `_sd.npz` caches, `.npz` files named unlike
+    the images) raises a TunelabError naming what was expected.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise TunelabError(f"data.latents = {str(path)!r} is not a folder; {_EXPECTED}, or leave it empty to encode images on the fly")
+    if next(root.glob(SHARD_GLOB), None) is not None:
+        store = LatentStore(root)
+        if len(store) == 0:
+            raise TunelabError(f"{root}: no readable latent shard; run `tunelab data verify --repair`")
+        return store
+    kohya = KohyaNpzLatents(root)
+    records = _sample_records(index)
+    found = [kohya.find(r["key"], r) for r in records]
+    if not any(found):
+        raise TunelabError(_unknown_layout(root, kohya, records[0] if records else None))
+    lacking = [r for r, f in zip(records, found) if f is None]
+    if lacking:
+        raise TunelabError(f"{root} is a kohya latent folder, but {len(lacking)} of {len(records)} sampled images have "
+                           f"no .npz: {kohya.missing(lacking[0]['key'], lacking[0])}")
+    if records:
+        kohya.get(records[0]["key"], records[0])  # readable, SDXL-shaped, the index's bucket
+    log.info("data.latents: kohya .npz caches in %s", root)
+    return kohya
+
+
+_EXPECTED = ("expected tunelab latent shards (shard-*.safetensors, from `tunelab data cache`) or kohya .npz "
+             "latent caches (IMAGE.npz or IMAGE_WWWWxHHHH_sdxl.npz beside each image, or KEY.npz under the folder)")
+
+
+def _sample_records(index: "IndexTable") -> list[dict]:
+    """Up to `_SAMPLE_ROWS` training rows spread evenly over the index."""
+    rows = index.rows_in_split("train")
+    picks = np.unique(np.linspace(0, len(rows) - 1, num=min(len(rows), _SAMPLE_ROWS)).astype(np.int64))
+    return index.records(rows[picks]) if len(rows) else []
+
+
+def _unknown_layout(root: Path, kohya: KohyaNpzLatents, record: dict | None) -> str:
+    """Why a folder is neither layout, with what was looked for."""
+    some = next(islice(root.rglob("*.npz"), 1), None)
+    if some is None:
+        what = "is empty" if next(root.iterdir(), None) is None else "holds no latent caches"
+        return f"{root} {what}: {_EXPECTED}"
+    if some.name.endswith(KOHYA_SD_SUFFIX):
+        return (f"{root} holds kohya latents for SD 1.x/2.x ({some.name}: `{KOHYA_SD_SUFFIX}`), made with another VAE; "
+                f"SDXL needs `{KOHYA_SDXL_SUFFIX}` caches (sd-scripts' sdxl_train.py --cache_latents_to_disk) or "
+                "`tunelab data cache`")
+    if record is None:
+        return f"{root}: the index has no training rows to look its .npz files up for"
+    tried = ", ".join(str(p) for p in kohya.candidates(record["key"], record)[:4])
+    return (f"{root} holds .npz files (e.g. {some.relative_to(root)}) but none named like the index's images: for "
+            f"{record['key']!r} it looked for {tried}; point data.latents at the folder they were cached in")
 
 
 # --- building ---------------------------------------------------------------------------------

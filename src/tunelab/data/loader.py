@@ -249,9 +249,9 @@ class TrainDataset:
                   "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row),
                   "target_size_hw": (rec["bucket_height"], rec["bucket_width"])}
         if self.latents is not None:
-            entry = self.latents.get(rec["key"])
+            entry = self.latents.get(rec["key"], rec)  # the row: kohya's files are found from the image
             if entry is None:
-                raise TunelabError(f"no cached latents for {rec['key']!r}; run `tunelab data cache` (or verify --repair)")
+                raise TunelabError(self.latents.missing(rec["key"], rec))
             w, h = entry.original_size
             left, top = entry.crop_ltrb[:2]
             return {**sample, "latents": torch.from_numpy(entry.latents.astype(np.float32)),

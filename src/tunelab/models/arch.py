@@ -45,14 +45,6 @@ class ArchSpec:
     def resolution(self) -> int:
         return RESOLUTION[self.name]
 
-    @property
-    def context_dim(self) -> int:  # cross-attention width: TE1 hidden + TE2 hidden
-        return self.text_encoder_1["hidden_size"] + self.text_encoder_2["hidden_size"]
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.text_encoder_2["projection_dim"]
-
 
 @dataclass
 class Components:

@@ -2,26 +2,30 @@
 
 Pure functions of the key name (no tensors, no model), so they work on any file of the SGM layout
 (SDXL, the toy preset, SD1-style UNets with more blocks) and on sd-mecha's key lists. Drift
-grouping uses them today; partial-UNet presets and per-block merge ratios use them tomorrow.
+grouping, `model inspect` and kohya block LRs (`train/parts.py`) use them; per-block merge ratios
+tomorrow.
 
-Components (first prefix that matches):
+Components (first prefix that matches; the table and the names users see are `models/vocab.py`):
 
-    te0    conditioner.embedders.0.   CLIP ViT-L text encoder
-    te1    conditioner.embedders.1.   OpenCLIP ViT-bigG text encoder
+    te1    conditioner.embedders.0.   CLIP ViT-L text encoder        label "te1 (CLIP-L)"
+    te2    conditioner.embedders.1.   OpenCLIP ViT-bigG text encoder label "te2 (bigG)"
     unet   model.diffusion_model.
     vae    first_stage_model.
     other  anything else (noise-schedule buffers such as `alphas_cumprod`, `v_pred` flags, ...)
 
+(The field's weight-shift notebook calls the encoders te0 / te1; `vocab.from_notebook` converts.)
+
 UNet blocks, in forward order (`UNET_BLOCKS`: 21 ids for SDXL's 9 input and 9 output blocks):
 
-    EMB          time_embed.*, label_emb.*          (kohya block-LR id 0, "embeddings")
+    EMB          time_embed.*, label_emb.*          (kohya block-LR id 0, "BASE")
     IN00..IN08   input_blocks.N.*                   (kohya 1..9)
-    M00          middle_block.* (all three parts)   (kohya 10..12 split it in three)
+    M00          middle_block.* (all three parts)   (kohya 10..12, MID00..MID02, split it in three)
     OUT00..OUT08 output_blocks.N.*                  (kohya 13..21)
-    FINAL        out.* (final norm and conv)        (kohya 22, "out")
+    FINAL        out.* (final norm and conv)        (kohya 22, "OUT")
 
-kohya's 23 block-LR ids are these 21 with the middle block split into its ResBlock, transformer and
-ResBlock; drift keeps the middle block whole (`M00`), as supermerger and sd-mecha name it.
+kohya's 23 block-LR ids (`kohya_block_of`) are these 21 with the middle block split into its
+ResBlock, transformer and ResBlock; drift keeps the middle block whole (`M00`), as supermerger and
+sd-mecha name it. `block_of(key, scheme)` gives a key's id in any of the three schemes.
 
 `merge_block_of` gives the coarser supermerger/sd-mecha block ids (BASE, IN00.., M00, OUT00..,
 VAE) that sd-mecha's `sdxl-supermerger_blocks` config uses, for per-block merge ratios.
@@ -36,13 +40,11 @@ from __future__ import annotations
 
 import re
 
-COMPONENT_PREFIXES: dict[str, str] = {
-    "te0": "conditioner.embedders.0.",
-    "te1": "conditioner.embedders.1.",
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-}
-COMPONENTS: tuple[str, ...] = ("te0", "te1", "unet", "vae", "other")
+from tunelab.models import vocab
+from tunelab.models.vocab import COMPONENTS, SDXL_INPUT_BLOCKS, SDXL_OUTPUT_BLOCKS, UNET_BLOCKS
+
+# component id -> SGM prefix, from the one table in vocab.py
+COMPONENT_PREFIXES: dict[str, str] = {c.id: c.prefix for c in vocab.COMPONENT_TABLE}
 
 SELF_ATTENTION = "self-attention"
 CROSS_ATTENTION = "cross-attention"
@@ -52,29 +54,21 @@ KINDS: tuple[str, ...] = (SELF_ATTENTION, CROSS_ATTENTION, OTHER)
 EMB = "EMB"
 MIDDLE = "M00"
 FINAL = "FINAL"
-SDXL_INPUT_BLOCKS = 9
-SDXL_OUTPUT_BLOCKS = 9
-# The SDXL block ids in forward order; files with more blocks (SD1: 12 + 12) get IN09.. as well,
-# and `block_order` sorts those correctly too.
-UNET_BLOCKS: tuple[str, ...] = (
-    EMB,
-    *(f"IN{i:02d}" for i in range(SDXL_INPUT_BLOCKS)),
-    MIDDLE,
-    *(f"OUT{i:02d}" for i in range(SDXL_OUTPUT_BLOCKS)),
-    FINAL,
-)
+# UNET_BLOCKS (vocab.py) are the SDXL block ids in forward order; files with more blocks (SD1:
+# 12 + 12) get IN09.. as well, and `block_order` sorts those correctly too.
 
 _UNET = COMPONENT_PREFIXES["unet"]
+_NUMBERED_BLOCKS = frozenset(UNET_BLOCKS) - {EMB, MIDDLE, FINAL}  # IN00-08, OUT00-08: same ids in all schemes
 _BLOCK_RE = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.")
 _ATTN_RE = re.compile(r"\.attn([12])\.")
 
 
 def component_of(key: str) -> str:
-    """`te0` | `te1` | `unet` | `vae` | `other` for an SGM key."""
+    """`te1` (CLIP-L) | `te2` (bigG) | `unet` | `vae` | `other` for an SGM key."""
     for name, prefix in COMPONENT_PREFIXES.items():
         if key.startswith(prefix):
             return name
-    return "other"
+    return vocab.OTHER_COMPONENT
 
 
 def unet_block_of(key: str) -> str | None:
@@ -109,6 +103,29 @@ def kind_of(key: str) -> str:
     return SELF_ATTENTION if m[1] == "1" else CROSS_ATTENTION
 
 
+def kohya_block_of(key: str) -> str | None:
+    """The kohya block-LR id of a key (`BASE`, `IN00`.., `MID00`..`MID02`, `OUT00`.., `OUT`), placed as
+    kohya's sdxl_train places parameters: `middle_block.N` -> MID0N, `out.*` -> OUT. None outside the
+    UNet and for UNet keys an SDXL-layout UNet does not have (IN09, a future layer)."""
+    block = unet_block_of(key)
+    if block == EMB:
+        return "BASE"
+    if block == FINAL:
+        return "OUT"
+    if block == MIDDLE:
+        part = key[len(_UNET) + len("middle_block."):].split(".", 1)[0]
+        return f"MID{int(part):02d}" if part.isdigit() and int(part) < vocab.SDXL_MIDDLE_PARTS else None
+    return block if block in _NUMBERED_BLOCKS else None
+
+
+def block_of(key: str, scheme: str = "unet") -> str | None:
+    """A key's block id in one of the three schemes of `vocab.BLOCK_IDS` (`kohya`, `unet`, `merge`)."""
+    of = {"kohya": kohya_block_of, "unet": unet_block_of, "merge": merge_block_of}
+    if scheme not in of:
+        raise ValueError(f"unknown block scheme {scheme!r}; schemes: {', '.join(of)}")
+    return of[scheme](key)
+
+
 def merge_block_of(key: str) -> str:
     """The supermerger / sd-mecha `sdxl-supermerger_blocks` id of a key.
 
@@ -141,3 +158,8 @@ def block_order(block: str) -> tuple[int, int]:
     if block == FINAL:
         return (4, 0)
     return (5, 0)
+
+
+__all__ = ["COMPONENTS", "COMPONENT_PREFIXES", "KINDS", "UNET_BLOCKS", "SDXL_INPUT_BLOCKS", "SDXL_OUTPUT_BLOCKS",
+           "EMB", "MIDDLE", "FINAL", "SELF_ATTENTION", "CROSS_ATTENTION", "OTHER", "component_of", "unet_block_of",
+           "kohya_block_of", "merge_block_of", "block_of", "kind_of", "block_order"]

@@ -350,7 +350,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     except TunelabError as err:
         arch, why = None, str(err)
     report = _report(arch, shapes, {k: v.dtype for k, v in header.tensors.items()})
-    report.update(file=str(path), bytes=path.stat().st_size, dtype=_file_dtype(header), metadata=header.metadata)
+    report.update(file=str(path), bytes=path.stat().st_size, dtype=_file_dtype(header), metadata=header.metadata,
+                  prediction=PredictionRecord.read(header.tensors.keys(), header.metadata).describe())
     if arch is None:
         report["problem"] = why
     return report

@@ -2,8 +2,9 @@
 
 SGM names (what A1111, ComfyUI, sd-mecha and CivitAI files use) have four prefixes:
 `model.diffusion_model.` (UNet), `first_stage_model.` (VAE), `conditioner.embedders.0.transformer.`
-(TE1, CLIP ViT-L, already in transformers' layout) and `conditioner.embedders.1.model.` (TE2,
-OpenCLIP ViT-bigG layout). The map is generated from the modules' own state-dict names (so it
+(te1 = CLIP ViT-L, already in transformers' layout) and `conditioner.embedders.1.model.` (te2 =
+OpenCLIP ViT-bigG layout); they are the `module_prefix` column of the component table in
+`tunelab.models.vocab`. The map is generated from the modules' own state-dict names (so it
 works for the full and the toy preset alike, and on the meta device) and is a bijection, with
 four tensor operations besides renaming:
 
@@ -26,12 +27,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-TE1 = "conditioner.embedders.0.transformer."
-TE2 = "conditioner.embedders.1.model."
-# component name in tunelab.models.arch.Components -> SGM prefix
-PREFIXES = {"unet": UNET, "vae": VAE, "text_encoder_1": TE1, "text_encoder_2": TE2}
+from tunelab.models.vocab import COMPONENT_TABLE
+
+# module name in tunelab.models.arch.Components -> SGM prefix of its weights (vocab's table)
+PREFIXES: dict[str, str] = {c.module: c.module_prefix for c in COMPONENT_TABLE}
+UNET = PREFIXES["unet"]  # "model.diffusion_model."
+VAE = PREFIXES["vae"]  # "first_stage_model."
+TE1 = PREFIXES["text_encoder_1"]  # "conditioner.embedders.0.transformer." (te1, CLIP-L)
+TE2 = PREFIXES["text_encoder_2"]  # "conditioner.embedders.1.model." (te2, bigG, OpenCLIP layout)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def vae_name(key: str, n_levels: int) -> str:
     return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
 
 
-# --- TE2 (OpenCLIP layout) ------------------------------------------------------------------------------
+# --- te2 (bigG, OpenCLIP layout) ---------------------------------------------------------------------
 
 _TE2_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
               "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -181,8 +184,8 @@ def rules_for_arch(arch: str) -> tuple[KeyRule, ...]:
 
 
 def optional_keys(arch: str) -> frozenset[str]:
-    """SGM keys a file in the wild may lack: TE1's last layer and final norm (SDXL conditions on the
-    penultimate state), TE2's last block, final norm and projection (only the pooled output uses
+    """SGM keys a file in the wild may lack: te1's (CLIP-L) last layer and final norm (SDXL conditions on
+    the penultimate state), te2's (bigG) last block, final norm and projection (only the pooled output uses
     them). Loading tolerates their absence; everything else is required."""
     from tunelab.models.arch import load_arch
 

@@ -151,9 +151,10 @@ class PredictionRecord:
         return meta
 
 
-def base_record(source: str) -> PredictionRecord:
+def base_record(source: str) -> PredictionRecord | None:
     """The record of a training base without loading its weights: 'toy' (built in code, epsilon),
-    a `.safetensors` file (header only) or a diffusers folder (its scheduler config)."""
+    a `.safetensors` file (header only) or a diffusers folder (its scheduler config); None when
+    it cannot be known yet (no such file, or a pickle checkpoint, which has no header)."""
     import json
     from pathlib import Path
 
@@ -168,4 +169,11 @@ def base_record(source: str) -> PredictionRecord:
 
         header = read_header(path)
         return PredictionRecord.read(header.tensors.keys(), header.metadata)
-    return PredictionRecord()  # pickle files: no metadata to read; the markers are checked after loading
+    return None
+
+
+def conversion_note(run: PredictionRecord, base: PredictionRecord) -> str:
+    """" (converting the base's epsilon)" when a run trains another prediction than its base's."""
+    if (run.type, run.ztsnr) == (base.type, base.ztsnr):
+        return ""
+    return f" (converting the base's {base.describe()})"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tunelab.errors import TunelabError
+from tunelab.run import step_name
 from tunelab.sample.infotext import format_infotext, model_hash, save_with_infotext, settings_params
 from tunelab.sample.pipeline import SampleSettings, SamplingModel, canonical_sampler, generate, resolve_sampler
 from tunelab.sample.sheet import draw_sheet, stack_sheets
@@ -317,7 +318,7 @@ def render_grid_from_components(components: Any, tokenizers: tuple[Any, Any], sp
     try:
         model = build_pipeline(components, tokenizers, name=name)
         cells = plan_cells(spec)
-        out = Path(out_dir) / f"step-{step:08d}"
+        out = Path(out_dir) / step_name(step)
         images: dict[tuple[int, int, int], Any] = {}
         with torch.no_grad(), _bar(len(cells), progress) as bar:
             _render_cells(model, cells, spec, out, images, bar, first_index=0)
@@ -468,3 +469,16 @@ def _bar(total: int, enabled: bool):
 
 __all__ = ["GridSpec", "Axis", "parse_values", "plan_cells", "render_grid", "render_grid_from_components",
            "load_for_sampling", "GridResult"]
+
+
+def render_training_grid(components: Any, tokenizers: tuple[Any, Any], cfg: Any, out_dir: str | Path,
+                         step: int) -> GridResult:
+    """The run file's [grid] from live modules: prompts across, seeds down (the trainer's grid
+    callback; also callable on any loaded components with a RunConfig)."""
+    g = cfg.grid
+    base = SampleSettings(negative=g.negative, steps=g.steps, cfg=g.cfg, sampler=g.sampler,
+                          clip_skip=cfg.model.clip_skip, pag_scale=g.pag_scale, seg_scale=g.seg_scale,
+                          max_chunks=cfg.model.max_chunks, seed=g.seeds[0])
+    spec = GridSpec(base=base, prompts=list(g.prompts), x=Axis("prompt", list(g.prompts)),
+                    y=Axis("seed", list(g.seeds)) if len(g.seeds) > 1 else None)
+    return render_grid_from_components(components, tokenizers, spec, out_dir, step)

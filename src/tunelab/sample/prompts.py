@@ -96,11 +96,6 @@ def _merge(items: list[list[Any]]) -> Segments:
     return merged or [("", 1.0)]
 
 
-def strip_emphasis(text: str) -> str:
-    """The prompt's plain text (what a tokenizer would see without weights), for display."""
-    return "".join(t if w >= 0 else " " for t, w in parse_emphasis(text))
-
-
 # --- weighted chunks --------------------------------------------------------------------------------------
 
 

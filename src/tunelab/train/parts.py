@@ -12,9 +12,9 @@ Hand-written because no library knows the field's partial-UNet presets or SGM bl
 Order of the rules (each later step wins):
     1. text-encoder mode: off = UNet only; on = UNet + both encoders; only = encoders, UNet frozen.
        An encoder whose learning rate is 0 (when `optim` is passed) stays frozen.
-    2. TE1's last encoder layer and final layer norm are always frozen and uncounted: SDXL
-       conditions on TE1's penultimate hidden state, so they get no gradient. TE2's last layer,
-       final norm and projection do train (the pooled, projected output uses them).
+    2. te1's (CLIP-L) last encoder layer and final layer norm are always frozen and uncounted: SDXL
+       conditions on te1's penultimate hidden state, so they get no gradient. te2's (bigG) last
+       layer, final norm and projection do train (the pooled, projected output uses them).
     3. UNet preset (`full`, `unet63`, `unet68`, `unet71`, below).
     4. `unet_include` patterns: matching UNet keys train as well.
     5. `unet_exclude` patterns: matching UNet keys are frozen.
@@ -50,6 +50,11 @@ kohya block LRs: 23 values, indices (as kohya's sdxl_train `--block_lr`)
     0 BASE = time_embed.*, label_emb.*; 1-9 IN00-IN08 = input_blocks.0-8 (conv_in is
     input_blocks.0.0 -> IN00); 10-12 MID00-MID02 = middle_block.0/.1/.2; 13-21 OUT00-OUT08 =
     output_blocks.0-8; 22 OUT = out.* (final norm + conv).
+The ids and the parsing of typed ones are `tunelab.models.vocab` (`KOHYA_BLOCKS`, `kohya_index`,
+`parse_block(..., "kohya")`); which key is in which block is `tunelab.models.blocks.kohya_block_of`.
+
+Components are keyed by module name (`text_encoder_1`, as the optimizer groups and `lr/<group>`
+tags); the banner shows them as `vocab.label` does: `te1 (CLIP-L)`, `te2 (bigG)`.
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ import torch
 
 from tunelab.config import OptimSection, PartsSection
 from tunelab.errors import TunelabError
+from tunelab.models import vocab
 from tunelab.models.arch import Components, load_arch
+from tunelab.models.blocks import kohya_block_of
 from tunelab.models.keys import TE1, UNET, build_rules
 
 log = logging.getLogger(__name__)
@@ -92,10 +99,8 @@ UNET_PRESETS: dict[str, tuple[str, ...]] = {
     "unet71": _UNET71_FROZEN,
 }
 
-BLOCK_LR_NAMES: tuple[str, ...] = (
-    "BASE", *(f"IN{i:02d}" for i in range(9)), *(f"MID{i:02d}" for i in range(3)),
-    *(f"OUT{i:02d}" for i in range(9)), "OUT",
-)
+# kohya's 23 block-LR ids in `--block_lr` order (BASE, IN00-08, MID00-02, OUT00-08, OUT)
+BLOCK_LR_NAMES: tuple[str, ...] = vocab.KOHYA_BLOCKS
 
 
 @dataclass
@@ -132,19 +137,11 @@ class TrainablePlan:
 
 def block_lr_name(rel_key: str) -> str:
     """kohya block-LR id of a UNet SGM key relative to `model.diffusion_model.` (see module doc)."""
-    head, _, rest = rel_key.partition(".")
-    if head in ("time_embed", "label_emb"):
-        return "BASE"
-    if head == "out":
-        return "OUT"
-    index = int(rest.split(".", 1)[0]) if rest[:1].isdigit() else -1
-    if head == "input_blocks" and 0 <= index <= 8:
-        return f"IN{index:02d}"
-    if head == "middle_block" and 0 <= index <= 2:
-        return f"MID{index:02d}"
-    if head == "output_blocks" and 0 <= index <= 8:
-        return f"OUT{index:02d}"
-    raise TunelabError(f"UNet key {rel_key!r} has no kohya block-LR id; train.parts.block_lrs needs an SDXL-layout UNet")
+    block = kohya_block_of(UNET + rel_key)
+    if block is None:
+        raise TunelabError(f"UNet key {rel_key!r} has no kohya block-LR id; train.parts.block_lrs needs an "
+                           "SDXL-layout UNet")
+    return block
 
 
 def _matches(rel_key: str, pattern: str) -> bool:
@@ -154,7 +151,7 @@ def _matches(rel_key: str, pattern: str) -> bool:
 
 
 def _param_keys(components: Components) -> dict[str, dict[str, str]]:
-    """component -> {module parameter name: SGM key} (TE2's q/k/v all map to the fused in_proj key)."""
+    """component -> {module parameter name: SGM key} (te2's q/k/v all map to the fused in_proj key)."""
     spec = load_arch(components.arch)
     out: dict[str, dict[str, str]] = {c: {} for c in ALL_COMPONENTS}
     for rule in build_rules(components.modules(), spec.unet, spec.vae):
@@ -176,13 +173,13 @@ def _unet_trainable(rel_keys: list[str], parts: PartsSection) -> dict[str, bool]
             train.update(dict.fromkeys(hits, value))
     if parts.block_lrs:
         for k in rel_keys:
-            if parts.block_lrs[BLOCK_LR_NAMES.index(block_lr_name(k))] == 0:
+            if parts.block_lrs[vocab.kohya_index(block_lr_name(k))] == 0:
                 train[k] = False
     return train
 
 
 def _te1_unused(sgm: str, n_layers: int, clip_skip: int = 2) -> bool:
-    """TE1 layers after the one the UNet reads (hidden state -clip_skip; 2 = penultimate, SDXL's
+    """te1 (CLIP-L) layers after the one the UNet reads (hidden state -clip_skip; 2 = penultimate, SDXL's
     choice, leaving only the last layer unused) and its final norm get no gradient."""
     if sgm.startswith(f"{TE1}text_model.final_layer_norm."):
         return True
@@ -199,7 +196,7 @@ def _component_on(component: str, parts: PartsSection, optim: OptimSection | Non
         return False
     lr = None if optim is None else getattr(optim, f"lr_{component}")
     if lr == 0:
-        log.info("%s stays frozen: optim.lr_%s is 0", component, component)
+        log.info("%s stays frozen: optim.lr_%s is 0", vocab.label(component), component)
         return False
     return True
 
@@ -261,17 +258,18 @@ def _split_unet_blocks(plan: TrainablePlan, components: Components, parts: Parts
     for name, sgm in plan.components["unet"].trained:
         block = block_lr_name(sgm[len(UNET):])
         plan.unet_blocks.setdefault(block, []).append(by_name[name])
-        plan.block_multipliers[block] = parts.block_lrs[BLOCK_LR_NAMES.index(block)]
+        plan.block_multipliers[block] = parts.block_lrs[vocab.kohya_index(block)]
     # forward order, so group names and logs read IN00.. OUT
-    order = {b: i for i, b in enumerate(BLOCK_LR_NAMES)}
+    order = {b: i for i, b in enumerate(vocab.KOHYA_BLOCKS)}
     plan.unet_blocks = dict(sorted(plan.unet_blocks.items(), key=lambda kv: order[kv[0]]))
 
 
 def banner_rows(plan: TrainablePlan) -> list[str]:
-    """Start-up banner lines: `unet            1,629,562,564 / 2,567,463,684 (63.47 %)`."""
+    """Start-up banner lines, one per component under its display label, then the sum:
+    `unet            1,629,562,564 / 2,567,463,684 (63.47 %)`, `te1 (CLIP-L)    115,971,072 / ...`."""
     rows = []
     for comp, cp in plan.components.items():
-        rows.append(f"{comp:<15} {cp.n_trained:>13,} / {cp.n_total:>13,} ({100 * cp.fraction:.2f} %)")
+        rows.append(f"{vocab.label(comp):<15} {cp.n_trained:>13,} / {cp.n_total:>13,} ({100 * cp.fraction:.2f} %)")
     trained = sum(cp.n_trained for cp in plan.components.values())
     total = sum(cp.n_total for cp in plan.components.values())
     rows.append(f"{'all':<15} {trained:>13,} / {total:>13,} ({100 * trained / max(total, 1):.2f} %)")

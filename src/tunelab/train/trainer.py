@@ -37,7 +37,7 @@ import torch
 
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
-from tunelab.models.prediction import PredictionRecord
+from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
 from tunelab.train.state import check_resume, load_state, save_state
@@ -165,6 +165,8 @@ def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Pa
     source = str(init_from) if init_from else cfg.model.base
     prediction, base_prediction = check_prediction(cfg, source)  # 4: from the header, before any weight
     comps, toks = load_model(cfg, init_from, meta=dry_run)
+    if not dry_run and source != "toy" and base_record(source) is None:  # no header to read: check the loaded record
+        prediction, base_prediction = check_prediction(cfg, source, PredictionRecord.of(comps))
     prediction.stamp(comps.extras, comps.metadata)  # live grids and checkpoints say what the run trains
     plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5
     progress = _progress_from(resume, world * cfg.train.batch_size * accumulation)
@@ -195,16 +197,15 @@ def _progress_from(resume: TrainerInfo | None, effective_batch: int) -> Progress
     return Progress(resume.step, resume.epoch, resume.position, resume.skipped_nonfinite, effective_batch)
 
 
-def check_prediction(cfg: RunConfig, source: str) -> tuple[PredictionRecord, PredictionRecord]:
+def check_prediction(cfg: RunConfig, source: str, base: PredictionRecord | None = None
+                     ) -> tuple[PredictionRecord, PredictionRecord]:
     """(the run's record, the base's record); refuses a run whose [objective] contradicts its
-    base unless `objective.convert_base` says the conversion is meant. Reads headers only.
+    base unless `objective.convert_base` says the conversion is meant. Reads headers only (or
+    takes `base`, the record of loaded components, for a base without a header: a pickle file).
     The toy preset built in code is random and predicts nothing yet: any objective fits it."""
-    from tunelab.models.prediction import base_record
-
     mine = PredictionRecord.from_objective(cfg.objective)
-    base = mine if source == "toy" else base_record(source)
-    same = (base.type, base.ztsnr) == (mine.type, mine.ztsnr)
-    if not same and not cfg.objective.convert_base:
+    base = base or (mine if source == "toy" else (base_record(source) or mine))
+    if conversion_note(mine, base) and not cfg.objective.convert_base:
         ob = cfg.objective
         match = f"objective.prediction = {base.type!r}" + (", objective.zero_terminal_snr = true" if base.ztsnr else "")
         raise TunelabError(
@@ -287,10 +288,10 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     latents = None
-    if cfg.data.latents:
-        from tunelab.data.latents import LatentStore
+    if cfg.data.latents:  # tunelab's shards or a kohya .npz folder (data/latents.py open_latents)
+        from tunelab.data.latents import open_latents
 
-        latents = LatentStore(cfg.data.latents)
+        latents = open_latents(cfg.data.latents, index)
     dataset = TrainDataset(index, cfg.data.captions, seed=cfg.run.seed, latents=latents)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.train.dataloader_workers)
@@ -365,8 +366,7 @@ def banner(s: Setup) -> list[str]:
     lines.append(f"optimizer {o.name}, LR unet {o.lr_unet:g} / te1 {o.lr_text_encoder_1:g} / te2 {o.lr_text_encoder_2:g}, "
                  f"schedule {o.schedule}; loss {cfg.loss.type}; precision {t.mixed_precision}"
                  f"{' (bf16 weights)' if t.full_bf16 else ''}")
-    mine, base = s.prediction, s.base_prediction
-    converting = f" (converting the base's {base.describe()})" if (mine.type, mine.ztsnr) != (base.type, base.ztsnr) else ""
+    converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     return lines
 
