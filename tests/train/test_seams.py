@@ -125,3 +125,26 @@ def test_a_rebuilt_index_is_refused_on_resume(tmp_path):
         train(cfg)  # the same run file: only the data changed
     assert "--allow-config-change" in str(err.value) and "new run.output_dir" in str(err.value)
     assert train(cfg, allow_config_change=True).steps == 2  # the user can take the new data on purpose
+
+
+def test_a_kohya_npz_cache_trains_as_it_is(tmp_path, world):
+    """`data.latents` pointing at kohya's .npz files beside the images: the trainer reads them."""
+    import os
+
+    import numpy as np
+
+    from tunelab.data.loader import IndexTable
+
+    table = IndexTable(world)
+    images = Path(os.path.dirname(table.records([0])[0]["path"]))
+    cache = tmp_path / "kohya"  # kohya's fine-tuning layout: KEY.npz in one folder
+    cache.mkdir()
+    for i, rec in enumerate(table.records(range(len(table)))):
+        bw, bh = rec["bucket_width"], rec["bucket_height"]
+        lat = np.random.default_rng(i).standard_normal((4, bh // 8, bw // 8)).astype(np.float32)
+        np.savez(cache / f"{rec['key']}.npz", latents=lat, original_size=np.array([rec["width"], rec["height"]]),
+                 crop_ltrb=np.array([0, 0, bw, bh]))
+    assert not list(images.glob("*.npz"))  # nothing beside the images: the cache folder is what is read
+    cfg = load_config(write_run(tmp_path / "k.toml", world, tmp_path / "k", data={"latents": str(cache)},
+                                train={"max_steps": 2}))
+    assert train(cfg).steps == 2
