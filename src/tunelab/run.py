@@ -9,8 +9,10 @@ report read it; all of them take the names from here and nowhere else:
         epoch-0008.safetensors          every save.every_n_epochs epochs (8 = epochs completed)
         last.safetensors                the end of training
     state/step-00010000/            full training state for an exact resume (accelerate's
-                                    save_state + trainer.json, written last); `.partial` while
-                                    being written, so only complete states count
+                                    save_state + trainer.json, written last, with the size of
+                                    every file); `.partial` while being written, so only
+                                    complete states count, and a damaged one is passed over
+    .lock                           held by the `tunelab train` using the directory (its pid)
     events/                         tensorboard event files
     metrics.parquet                 the scalars as a table, METRICS_SCHEMA
     samples/step-00000024/          grids rendered during training
@@ -42,6 +44,7 @@ SAMPLES = "samples"
 PROBES = "probes"
 REPORT = "report.html"
 TRAINER_INFO = "trainer.json"
+LOCK = ".lock"
 PARTIAL = ".partial"
 CHECKPOINT_SUFFIX = ".safetensors"
 LAST = "last"
@@ -105,15 +108,21 @@ class TrainerInfo:
     skipped_nonfinite: int
     fingerprint: str  # RunConfig.fingerprint() of the settings that change the math
     world_size: int
-    index_digest: str | None = None  # the dataset index's identity (IndexTable.digest())
+    index_digest: str | None = None  # the dataset index's identity (data/index.py index_digest)
     num_samples: int | None = None  # train-split rows the sampler drew from
+    files: dict[str, int] | None = None  # every file of the state folder and its size (the manifest)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str, where: str = "trainer.json") -> "TrainerInfo":
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TunelabError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise TunelabError(f"{where}: not a training-state record")
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]
         if missing:
@@ -214,6 +223,37 @@ class RunDir:
         done = self.complete_states()
         return done[-1] if done else None
 
+    def state_problem(self, state: Path) -> str | None:
+        """Why a state folder cannot be resumed from (None: it can): its record unreadable, or a
+        file its manifest lists missing or of another size (a disk that filled up, a copy cut
+        short, a file deleted by hand)."""
+        try:
+            info = self.read_trainer_info(state)
+        except (TunelabError, OSError) as err:
+            return str(err)
+        for name, size in (info.files or {}).items():
+            f = state / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != size:
+                return f"{f} has {f.stat().st_size:,} bytes, the state recorded {size:,}"
+        return None
+
+    def usable_state(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest complete state that can be resumed from, and the newer ones passed over
+        (with the reason), so a damaged last state falls back to the one before it."""
+        skipped = []
+        for state in reversed(self.complete_states()):
+            problem = self.state_problem(state)
+            if problem is None:
+                return state, skipped
+            skipped.append((state, problem))
+        return None, skipped
+
+    def lock(self) -> "RunLock":
+        """Take the run directory for one `tunelab train` (see RunLock)."""
+        return RunLock(self.path / LOCK).acquire()
+
     def partial_states(self) -> Iterator[Path]:
         return self.states.glob(f"*{PARTIAL}") if self.states.is_dir() else iter(())
 
@@ -224,6 +264,48 @@ class RunDir:
 
     def samples_at(self, step: int) -> Path:
         return self.samples / step_name(step)
+
+
+def state_manifest(state: Path) -> dict[str, int]:
+    """{relative path: size} of every file in a state folder (what `state_problem` checks)."""
+    return {p.relative_to(state).as_posix(): p.stat().st_size for p in sorted(state.rglob("*")) if p.is_file()}
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`.lock`, flock), held while `tunelab train` runs, so
+    a second train on the same directory is refused instead of both writing states. The lock
+    file holds the owner's pid; the OS frees the lock when the process dies, so a killed run
+    never leaves the directory locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._file = path, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise TunelabError(
+                f"{self.path.parent} is in use by another `tunelab train` (pid {owner}); wait for it to finish or "
+                "stop it, or give this run another run.output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file frees the flock
+            self._file = None
 
 
 def open_run(path: str | Path) -> RunDir:

@@ -150,6 +150,7 @@ def write_streaming(
     raw += b" " * (-len(raw) % 8)  # data buffer aligned to 8 bytes, as the reference writer does
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600; a checkpoint gets what open() would give it
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
@@ -163,6 +164,14 @@ def write_streaming(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The permission bits a new file gets from open() under the current umask (0644 under 022),
+    so that a UI running as another user can read what tunelab writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _tensor_bytes(spec: TensorSpec, t: torch.Tensor) -> bytes | memoryview:

@@ -9,14 +9,15 @@ newest complete state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.run import TRAINER_INFO, RunDir, TrainerInfo
+from tunelab.run import TRAINER_INFO, RunDir, TrainerInfo, state_manifest
 
-__all__ = ["RunDir", "check_resume", "load_state", "save_state"]
+__all__ = ["RunDir", "check_resume", "choose_state", "load_state", "save_state"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2) -> Pa
     accelerator.save_state(str(partial), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        info = dataclasses.replace(info, files=state_manifest(partial))  # what a resume will check
         (partial / TRAINER_INFO).write_text(info.to_json())
         if final.exists():
             shutil.rmtree(final)
@@ -60,8 +62,36 @@ def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2) -> Pa
 
 
 def load_state(accelerator, run: RunDir, state: Path) -> TrainerInfo:
-    accelerator.load_state(str(state))
+    try:
+        accelerator.load_state(str(state))
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        older = [p.name for p in run.complete_states() if p.name < state.name]
+        hint = f"resume from an earlier one with --resume-from {run.states / older[-1]}" if older else \
+            "start the run again in a new run.output_dir (or --init-from one of its checkpoints)"
+        raise TunelabError(f"the training state {state} cannot be loaded ({type(err).__name__}: {err}); {hint}") from None
     return run.read_trainer_info(state)
+
+
+def choose_state(run: RunDir, resume_from: str | Path | None = None) -> Path | None:
+    """The state to resume from: `resume_from` if given (it must be usable), else the newest
+    usable one; damaged newer states are passed over with a warning that says why."""
+    if resume_from is not None:
+        state = Path(resume_from)
+        if not state.is_dir() and (run.states / str(resume_from)).is_dir():
+            state = run.states / str(resume_from)  # a bare name: step-00000040
+        problem = run.state_problem(state) if state.is_dir() else f"{state} is not a state folder"
+        if problem:
+            raise TunelabError(f"--resume-from: {problem}; states in this run: "
+                               f"{', '.join(p.name for p in run.complete_states()) or 'none'}")
+        return state
+    state, skipped = run.usable_state()
+    for bad, why in skipped:
+        log.warning("passing over the damaged training state %s (%s)%s", bad.name, why,
+                    f"; resuming from {state.name}" if state else "")
+    if skipped and state is None:
+        raise TunelabError(f"no training state in {run.states} can be resumed from ({skipped[-1][1]}); "
+                           "delete the state folder to start the run again, or start a new run.output_dir")
+    return state
 
 
 def prune_states(run: RunDir, keep: int) -> None:
