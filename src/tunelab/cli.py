@@ -237,25 +237,51 @@ def config_check(
     from tunelab.config import load_config
 
     from tunelab.models.prediction import conversion_note
-    from tunelab.train.trainer import check_prediction
+    from tunelab.train.trainer import check_prediction, check_tokenizers
 
     cfg = load_config(run_file)
     world = world_size or cfg.train.expect_world_size or 1
     if cfg.train.expect_world_size and world_size and world_size != cfg.train.expect_world_size:
         raise TunelabError(f"train.expect_world_size is {cfg.train.expect_world_size} but --world-size is {world_size}")
     mine, base = check_prediction(cfg, cfg.model.base)  # the base's header only: refuses a contradicting objective
+    tokenizers = check_tokenizers(cfg, cfg.model.base)  # header only: refuses toy tokenizers with an sdxl base
+    if tokenizers != cfg.model.tokenizers:
+        tokenizers = f"{cfg.model.tokenizers} -> {tokenizers}"
     accum = cfg.accumulation_for(world)
+    data = _check_data(cfg)  # what training checks before its first step: buckets, latents vs the index
     t = cfg.train
     typer.echo(f"{run_file}: OK")
     typer.echo(f"  run            {cfg.run.name} -> {cfg.run.output_dir}")
-    typer.echo(f"  base model     {cfg.model.base}   tokenizers: {cfg.model.tokenizers}   max {cfg.model.max_chunks} chunk(s) = {75 * cfg.model.max_chunks} tokens")
+    typer.echo(f"  base model     {cfg.model.base}   tokenizers: {tokenizers}   max {cfg.model.max_chunks} chunk(s) = {75 * cfg.model.max_chunks} tokens")
     typer.echo(f"  effective batch {world * t.batch_size * accum} = {world} process(es) x batch {t.batch_size} x accumulation {accum}")
     typer.echo(f"  trains         text encoders: {t.parts.text_encoder}   UNet: {t.parts.unet}   "
                f"LRs unet {cfg.optim.lr_unet:g} / te1 {cfg.optim.lr_text_encoder_1:g} / te2 {cfg.optim.lr_text_encoder_2:g}")
     typer.echo(f"  objective      {mine.describe()}{conversion_note(mine, base)}, loss {cfg.loss.type}")
-    for label, value in (("model.base", cfg.model.base), ("data.index", cfg.data.index)):
+    if data:
+        typer.echo(f"  data           {data}")
+    for label, value in (("model.base", cfg.model.base), ("data.index", cfg.data.index), ("data.latents", cfg.data.latents)):
         if value and value != "toy" and not Path(value).exists():
             typer.echo(f"  note: {label} = {value!r} does not exist yet")
+
+
+def _check_data(cfg) -> str | None:
+    """The index's buckets against the run file's [data.buckets], and the latent cache against the
+    index (as `tunelab train` checks them); a line for `config check`, None before the index exists."""
+    from tunelab.data.index import check_bucket_config
+    from tunelab.data.latents import LatentStore, open_latents
+    from tunelab.data.loader import open_index
+
+    if not cfg.data.index or not Path(cfg.data.index).exists():
+        return None
+    index = open_index(cfg.data.index)
+    check_bucket_config(index.footer, cfg.data.given_buckets(), cfg.data.index)
+    c, used = index.footer.get("bucket_config") or {}, len(set(index.bucket_ids().tolist()))
+    line = (f"{len(index):,} images in {used} of the index's {len(index.buckets)} buckets (resolution "
+            f"{c.get('resolution')}, sides {c.get('min_side')}-{c.get('max_side')}, step {c.get('step')})")
+    if cfg.data.latents and Path(cfg.data.latents).exists():
+        kind = "tunelab shards" if isinstance(open_latents(cfg.data.latents, index), LatentStore) else "kohya .npz"
+        line += f"; latents: {kind}, fit the index"
+    return line
 
 
 @config_app.command("show")
@@ -279,7 +305,7 @@ def config_show(
 
 _SOURCE_HELP = (
     "A source, repeatable: KIND:PATH[,option=value...]. Kinds: "
-    "folder:DIR (images + NAME.txt tags + NAME.caption, recursive); "
+    "folder:DIR (images + NAME.txt tags + NAME.caption, recursive; kohya's N_concept sub-folders repeat N times); "
     "kohya:META.json[,images=DIR] (kohya metadata JSON, streamed); "
     "table:FILE.parquet|.csv,template={id}.webp[,root=DIR] or ,tar={id % 1000:04d}.tar[,member={id}] "
     "(columns id, tags, optional caption/width/height; rename with id=COL, tags=COL, ...); "
@@ -301,6 +327,13 @@ def data_index(
     min_side: Annotated[int, typer.Option(help="Shortest bucket side.")] = 256,
     max_side: Annotated[int, typer.Option(help="Longest bucket side (2048 gives extreme ratios their own buckets).")] = 1024,
     step: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
+    bucket_no_upscale: Annotated[bool, typer.Option(
+        "--bucket-no-upscale", help="kohya's --bucket_no_upscale: each image gets a bucket of its own size (shrunk to "
+        "the max area if larger), sides rounded down to --step; small images are never enlarged, and --min-side / "
+        "--max-side are ignored.")] = False,
+    no_repeats: Annotated[bool, typer.Option(
+        "--no-repeats", help="Read kohya N_concept folders (10_astolfo/) as plain folders: every image below a "
+        "folder source once per epoch. Default: images in N_concept/ count N times per epoch, as in kohya.")] = False,
     workers: Annotated[int, typer.Option(help="Threads reading image headers.")] = 8,
 ) -> None:
     """Build the dataset index: one Parquet row per image with its size, tags, caption and bucket.
@@ -318,12 +351,15 @@ def data_index(
     out = _renamed(ctx, "--out", out, "the positional OUT", Path(old_out) if old_out is not None else None,
                    missing="the index file to write, e.g. --out data/index.parquet")
     try:
-        buckets = BucketConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step)
+        buckets = BucketConfig(resolution=resolution, min_side=min_side, max_side=max_side, step=step,
+                               no_upscale=bucket_no_upscale)
     except ValidationError as err:
         raise TunelabError(f"bucket options: {err.errors()[0]['msg']}") from None
-    opts = IndexOptions(buckets=buckets, where_tags=where_tag or [], holdout=holdout, seed=seed, workers=workers)
+    opts = IndexOptions(buckets=buckets, where_tags=where_tag or [], holdout=holdout, seed=seed, workers=workers,
+                        repeats=not no_repeats)
     summary = build_index(source, out, opts)
     typer.echo(f"wrote {out}: {summary.rows:,} images, {summary.rejected:,} rejected, {summary.holdout_rows:,} in holdout")
+    typer.echo(f"samples per epoch (train split, images x repeats): {summary.train_samples:,}")
     typer.echo(summary.histogram())
 
 
@@ -427,12 +463,14 @@ def data_preview(
     from tunelab.data.preview import preview_prompts, preview_text
 
     n_prompts = _renamed(ctx, "--n-prompts", n_prompts, "--n", n)
-    captions, seed, tok, chunks = CaptionConfig(), 0, "toy", 1
+    captions, seed, tok, chunks = CaptionConfig(), 0, "toy", 3  # 3 = model.max_chunks' default
     if config is not None:
         from tunelab.config import load_config
+        from tunelab.train.trainer import check_tokenizers
 
         cfg = load_config(config)
-        captions, seed, tok, chunks = cfg.data.captions, cfg.run.seed, cfg.model.tokenizers, cfg.model.max_chunks
+        tok = tokenizers or check_tokenizers(cfg, cfg.model.base)  # 'auto': the base's own
+        captions, seed, chunks = cfg.data.captions, cfg.run.seed, cfg.model.max_chunks
     if mode is not None:
         captions = CaptionConfig(**{**captions.model_dump(), "mode": mode})
     chunks = max_chunks or chunks
@@ -449,6 +487,7 @@ def train(
     run_file: Annotated[Path, typer.Argument(help="The run file (TOML); see examples/ and `tunelab config show --fields`.")],
     dry_run: Annotated[bool, typer.Option(help="Print the start-up banner (effective batch, trainable parameters, ...) and stop; loads no weights.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a NEW run from this checkpoint instead of model.base (for continuing from weights without their optimizer state).")] = None,
+    resume_from: Annotated[Optional[str], typer.Option(help="Resume from this training state (a folder under RUN/state/, e.g. step-00000040) instead of the newest usable one.")] = None,
     allow_config_change: Annotated[bool, typer.Option(help="Resume even though train/optim/objective/loss/data settings changed since the run's last state.")] = False,
 ) -> None:
     """Train (full finetune) from a run file.
@@ -459,7 +498,8 @@ def train(
     """
     from tunelab.train.trainer import train as run_training
 
-    result = run_training(run_file, allow_config_change=allow_config_change, init_from=init_from, dry_run=dry_run)
+    result = run_training(run_file, allow_config_change=allow_config_change, init_from=init_from, dry_run=dry_run,
+                          resume_from=resume_from)
     if result is not None:
         typer.echo(f"trained {result.steps} steps ({result.samples_seen:,} samples); last checkpoint: {result.last_checkpoint}")
 
@@ -525,7 +565,7 @@ def grid(
     guidance_rescale: Annotated[Optional[float], typer.Option(help="CFG rescale phi (default: 0.7 for zero-terminal-SNR models, else 0).")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks a prompt may use (3 = 225 tokens). Default: the run's with --run, else 3.", show_default=False)] = None,
     vae: Annotated[Optional[Path], typer.Option(help="VAE override: a VAE .safetensors (e.g. sdxl-vae-fp16-fix), a checkpoint, or a diffusers VAE folder.")] = None,
-    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/ (needed for sdxl; toy models use 'toy'). Default: the run's with --run.")] = None,
+    tokenizers: Annotated[Optional[str], typer.Option(help="Folder with tokenizer/ and tokenizer_2/ (needed for sdxl .safetensors files: see docs/text-conditioning.md), or 'toy'. Default: the run's with --run, else auto = each checkpoint's own (toy: built in; a diffusers folder: its own).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     image_format: Annotated[str, typer.Option("--format", help="png (infotext in a text chunk) or jpg (in EXIF UserComment).")] = "png",
@@ -593,7 +633,12 @@ def _grid_defaults(run_dir: Path | None, need_checkpoints: bool) -> _GridDefault
     if need_checkpoints and not checkpoints:
         raise TunelabError(f"--run {run_dir}: no checkpoints in {run.checkpoints} yet; give checkpoints, or wait for the first save")
     m = cfg.model
-    return _GridDefaults(checkpoints, m.tokenizers, m.max_chunks, m.clip_skip, cfg.data.captions)
+    tokenizers = m.tokenizers
+    if tokenizers == "auto":  # the base's own where it has a folder of them, else each checkpoint's own
+        from tunelab.models.text import own_tokenizers
+
+        tokenizers = own_tokenizers(m.base, None) or "auto"
+    return _GridDefaults(checkpoints, tokenizers, m.max_chunks, m.clip_skip, cfg.data.captions)
 
 
 @app.command("probe")
@@ -691,7 +736,9 @@ def _parse_pair(text: str | None) -> tuple[int, int] | None:
 def drift(
     files: Annotated[list[Path], typer.Argument(
         help="Two or more .safetensors checkpoints (SGM single files), in the order to compare: "
-             "the first is the reference, the rest are e.g. training checkpoints in step order.",
+             "the first is the reference. A run's checkpoints (RUN/checkpoints/*.safetensors, after an optional "
+             "first file such as the base) are put in training order, by the step recorded in each file; "
+             "other files keep the order given.",
         show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for drift.json, the CSVs and the plots (created if needed).")] = Path("drift"),
     pair: Annotated[Optional[str], typer.Option(

@@ -43,9 +43,9 @@ class RunSection(_Section):
 class ModelSection(_Section):
     base: str = Field("toy", description="Base checkpoint (.safetensors SGM file or diffusers folder), or 'toy' for a fresh toy model.")
     arch: Literal["auto", "sdxl", "toy"] = Field("auto", description="Architecture; 'auto' reads it from the checkpoint.")
-    tokenizers: str = Field("toy", description="Folder with tokenizer/ and tokenizer_2/ (any diffusers SDXL folder), 'toy', or 'hub' (needs allow_download).")
+    tokenizers: str = Field("auto", description="'auto' = the base's own (toy: built in; a diffusers folder: its tokenizer/ and tokenizer_2/); an SDXL .safetensors carries none, so name a folder with tokenizer/ and tokenizer_2/ (docs/text-conditioning.md: fetched once from stabilityai/stable-diffusion-xl-base-1.0), 'toy', or 'hub' (needs allow_download).")
     allow_download: bool = Field(False, description="Allow fetching SDXL's tokenizers from the Hugging Face hub once (cached) when tokenizers = 'hub'. Off: nothing is ever downloaded.")
-    max_chunks: int = Field(1, ge=1, le=8, description="75-token windows per prompt (1 = classic 77 tokens, 3 = 225). Longer prompts are truncated and counted.")
+    max_chunks: int = Field(3, ge=1, le=8, description="75-token windows per prompt (3 = 225 tokens, A1111's long prompts; 1 = classic 77). Longer prompts are truncated and counted (banner, prompts_truncated metric).")
     clip_skip: int = Field(2, ge=1, le=12, description="Which text-encoder layer conditions the UNet, counted from the end; 2 = SDXL's penultimate (keep it).")
 
 
@@ -53,7 +53,13 @@ class DataSection(_Section):
     index: str = Field("", description="Dataset index (Parquet) built by `tunelab data index`.")
     latents: str = Field("", description="Latent cache folder: shards built by `tunelab data cache`, or kohya's .npz caches as they are (IMAGE.npz / IMAGE_WWWWxHHHH_sdxl.npz beside each image, or KEY.npz in the folder); empty = encode images on the fly.")
     captions: CaptionConfig = Field(default_factory=CaptionConfig)
-    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    # Optional: training always uses the buckets the index was built with. When written, it must
+    # equal them (a run file that differs is refused, naming the rebuild command): docs/data.md.
+    buckets: BucketConfig = Field(default_factory=BucketConfig, description="The bucket set data.index must have been built with (`tunelab data index --resolution ...`); leave it out to use the index's.")
+
+    def given_buckets(self) -> BucketConfig | None:
+        """`[data.buckets]` if the run file wrote it (checked against the index), else None."""
+        return self.buckets if "buckets" in self.model_fields_set else None
 
 
 class PartsSection(_Section):
@@ -72,7 +78,7 @@ class TrainSection(_Section):
     epochs: int = Field(1, ge=0, description="Passes over the dataset (ignored when max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 = use epochs.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="Autocast precision; 'no' on CPU-only machines.")
-    full_bf16: bool = Field(False, description="Keep the weights themselves in bf16 (saves memory; the field's 24 GB recipe).")
+    full_bf16: bool = Field(False, description="Keep the weights themselves in bf16 (saves memory; the field's 24 GB recipe); needs mixed_precision = 'bf16'.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~20 % slower.")
     compile: bool = Field(False, description="torch.compile the UNet (faster steps after a slow first one).")
     max_grad_norm: float = Field(0.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
@@ -120,6 +126,9 @@ class SaveSection(_Section):
 
 class LogSection(_Section):
     every_n_steps: int = Field(1, ge=1, description="Write scalars every N optimizer steps.")
+    wandb: bool = Field(False, description="Also log scalars and grid images to Weights & Biases (pip install 'tunelab[wandb]'); tensorboard and metrics.parquet are always written.")
+    wandb_project: str = Field("tunelab", description="W&B project the run is logged under.")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: written under the run directory (RUN/wandb/), nothing leaves the machine; upload later with `wandb sync`. online: streamed to the W&B server (needs `wandb login`).")
 
 
 class GridSection(_Section):
@@ -218,8 +227,8 @@ def _length(c: RunConfig) -> str | None:
 
 
 def _precision(c: RunConfig) -> str | None:
-    if c.train.full_bf16 and c.train.mixed_precision == "fp16":
-        return "train.full_bf16 = true needs train.mixed_precision = 'bf16' (or 'no'), not 'fp16'"
+    if c.train.full_bf16 and c.train.mixed_precision != "bf16":  # bf16 weights need bf16 autocast for their inputs
+        return f"train.full_bf16 = true needs train.mixed_precision = 'bf16', not {c.train.mixed_precision!r}"
     return None
 
 
@@ -294,7 +303,22 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise TunelabError(f"{path}: not valid TOML: {err}") from None
-    return parse_config(data, str(path))
+    cfg = parse_config(data, str(path))
+    check_installed(cfg, str(path))
+    return cfg
+
+
+WANDB_MISSING = "log.wandb = true needs the wandb package: pip install 'tunelab[wandb]' (or set log.wandb = false)"
+
+
+def check_installed(cfg: RunConfig, source: str = "run file") -> None:
+    """Optional packages the run file asks for must be installed: checked when a run file is loaded
+    (train, config check, --dry-run), before any model. Not a model validator, so a run's resolved
+    config.json still reads on a machine without them (grids, reports)."""
+    import importlib.util
+
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise TunelabError(f"{source}: {WANDB_MISSING}")
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> Path:

@@ -89,3 +89,25 @@ def test_cache_verify_repair_cli(tmp_path: Path) -> None:
     res = _run("data", "verify", str(index), "--latents", str(cache), "--repair", "--model", "toy")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "after repair: " in res.stdout and "0 missing" in res.stdout.split("after repair: ")[1]
+
+
+def test_index_kohya_repeats_no_repeats_and_bucket_no_upscale(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    write_image(train / "10_astolfo" / "a.png", (1000, 700))  # within 1024²: no-upscale bucket 960 x 640
+    write_image(train / "10_astolfo" / "b.png", (300, 200))  # small: 256 x 192, never enlarged
+    write_image(train / "2_misc" / "tiny.png", (40, 300))  # under one 64-px step wide: rejected
+    write_image(train / "photos" / "c.png", (512, 512))  # no count: left out, as in kohya
+    out = tmp_path / "idx.parquet"
+    res = _run("data", "index", "--out", str(out), "-s", f"folder:{train}", "--bucket-no-upscale")
+    assert res.returncode == 0, res.stderr
+    assert "2 images, 1 rejected" in res.stdout and "samples per epoch (train split, images x repeats): 20" in res.stdout
+    assert "10_astolfo x10 (2 images)" in res.stderr and "1 image(s) in folders without a repeat count (photos)" in res.stderr
+    assert "960 x 640" in res.stdout and "256 x 192" in res.stdout
+    rejects = (tmp_path / "idx.rejects.jsonl").read_text()
+    assert "tiny" in rejects and "no_upscale never enlarges" in rejects
+    stats = json.loads(_run("data", "stats", str(out), "--json").stdout)
+    assert stats["samples_per_split"] == {"train": 20} and sorted(stats["buckets"]) == [[256, 192], [960, 640]]
+    res = _run("data", "index", "--out", str(out), "-s", f"folder:{train}", "--no-repeats")
+    assert res.returncode == 0, res.stderr
+    assert "4 images, 0 rejected" in res.stdout and "images x repeats): 4" in res.stdout
+    assert "samples per epoch (images x repeats): train 4 from 4 images" in _run("data", "stats", str(out)).stdout

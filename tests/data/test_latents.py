@@ -280,3 +280,62 @@ def test_open_latents_refuses_what_it_cannot_use(tmp_path: Path) -> None:
         _kohya_npz(other_buckets / f"{rec['key']}.npz", {**rec, "bucket_width": 96, "bucket_height": 96}, i)
     with pytest.raises(TunelabError, match="96x96 bucket.*bucket settings kohya cached with"):
         open_latents(other_buckets, table)
+
+
+# --- a shard folder must fit the index (issue 20, item 3) -----------------------------------------------
+# Before: a cache from other buckets opened fine, and training died mid-epoch in collate with
+# `stack expects each tensor to be equal size`.
+
+
+def test_shard_folder_from_other_buckets_is_refused_when_opened(tmp_path: Path, vae: torch.nn.Module) -> None:
+    from tunelab.data.latents import MANIFEST, check_agreement, read_manifest
+
+    index = _index(tmp_path, n=6)
+    cache = tmp_path / "cache"
+    cache_latents(index, cache, vae, progress=False)
+    assert read_manifest(cache)["bucket_config"] == SMALL.buckets.model_dump()
+    table = IndexTable(index)
+    check_agreement(open_latents(cache, table), table)  # the folder it was made for: fine
+
+    other = tmp_path / "other.parquet"  # the same images, other buckets (64x64 only)
+    build_index([f"folder:{tmp_path / 'imgs'}"], other,
+                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)), progress=False)
+    with pytest.raises(TunelabError, match=r"other buckets \(resolution 64, sides 32-128, step 32\).*"
+                                           r"tunelab data cache .*other.parquet --out NEW_DIR"):
+        open_latents(cache, IndexTable(other))
+    (cache / MANIFEST).unlink()  # a folder cached before manifests: the shard headers' shapes say it
+    with pytest.raises(TunelabError, match=r"latents of a (128x32|32x128) bucket .* puts it in 64x64.*--out NEW_DIR"):
+        open_latents(cache, IndexTable(other))
+    stranger = tmp_path / "stranger"  # shards of other images altogether
+    stranger.mkdir()
+    _write_shard(stranger, 0, {"x": (np.zeros((4, 8, 8), np.float16), {"original_size": [64, 64], "crop_ltrb": [0, 0, 64, 64]})})
+    with pytest.raises(TunelabError, match="holds none of .* sampled images.*another index"):
+        open_latents(stranger, table)
+
+
+def test_caching_into_a_folder_of_other_buckets_is_refused(tmp_path: Path, vae: torch.nn.Module) -> None:
+    index = _index(tmp_path, n=3)
+    cache = tmp_path / "cache"
+    cache_latents(index, cache, vae, progress=False)
+    other = tmp_path / "other.parquet"
+    build_index([f"folder:{tmp_path / 'imgs'}"], other,
+                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)), progress=False)
+    with pytest.raises(TunelabError, match="cached from an index with other buckets.*--out NEW_DIR"):
+        cache_latents(other, cache, vae, progress=False)  # a resume would keep the old sizes
+    assert cache_latents(other, tmp_path / "new", vae, progress=False).encoded == 3
+
+
+def test_run_file_buckets_must_match_the_index(tmp_path: Path) -> None:
+    from tunelab.config import parse_config
+    from tunelab.data.index import check_bucket_config, read_footer
+
+    index = _index(tmp_path, n=3)
+    footer = read_footer(index)
+    given = parse_config({"data": {"index": str(index), "buckets": SMALL.buckets.model_dump()}}).data
+    check_bucket_config(footer, given.given_buckets(), index)  # the same: fine
+    assert parse_config({"data": {"index": str(index)}}).data.given_buckets() is None  # left out: the index's
+    differs = parse_config({"data": {"index": str(index), "buckets": {"resolution": 1024}}}).data
+    with pytest.raises(TunelabError, match=r"resolution = 1024 \(the index has 64\), min_side = 256 \(the index has 32\).*"
+                                           r"tunelab data index --out .*i.parquet -s SOURCE... --resolution 1024 "
+                                           r"--min-side 256 --max-side 1024 --step 64.*delete \[data.buckets\]"):
+        check_bucket_config(footer, differs.given_buckets(), index)

@@ -102,3 +102,12 @@ def test_tensor_ops_invert_exactly():
     assert torch.equal(K.from_sgm_tensor(t, K.to_sgm_tensor(t, [w]))[0], w)
     c = K.KeyRule("x", "vae", ("w",), "conv1x1")
     assert K.to_sgm_tensor(c, [w]).shape == (6, 5, 1, 1)
+
+
+@pytest.mark.parametrize("arch", ["toy", "sdxl"])
+def test_shipped_key_table_is_what_the_map_generates(arch):
+    """configs/<arch>/sgm_keys.json (what header-only tools read) is a snapshot of the generated map."""
+    shipped, generated = K.sgm_key_shapes(arch), _sgm_shapes(arch)
+    assert list(shipped.items()) == list(generated.items()), (
+        f"configs/{arch}/{K.KEY_TABLE} is stale; regenerate it: "
+        f".venv/bin/python -c \"from tunelab.models.keys import write_key_table; write_key_table('{arch}')\"")

@@ -225,3 +225,34 @@ def test_grid_run_must_be_a_run(tmp_path, tiny_run):
     (empty / "config.json").write_text((tiny_run[0] / "config.json").read_text())
     res = CliRunner().invoke(app, ["grid", "--run", str(empty), "-p", "x", "--out", str(tmp_path / "g")])
     assert isinstance(res.exception, TunelabError) and "no checkpoints" in str(res.exception)
+
+
+@pytest.mark.parametrize("base, axis, match", [
+    ({"steps": 0}, None, "steps must be at least 1, got 0"),  # was a ZeroDivisionError in the scheduler
+    ({"cfg": -1.0}, None, "cfg must be 0 or more, got -1.0"),
+    ({"width": -64}, None, "width must be a positive multiple of 8"),  # was torch's "negative dimension"
+    ({"height": 0}, None, "height must be a positive multiple of 8"),
+    ({}, "steps: 0, 10", r"steps must be at least 1, got 0 \(on the Y axis\)"),
+    ({}, "width: 64, 60", r"width must be a positive multiple of 8 .*got 60 \(on the Y axis\)"),
+])
+def test_unusable_numbers_are_refused_before_any_model_loads(tmp_path, base, axis, match):
+    def no_loading(*args):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    spec = GridSpec(base=SampleSettings(**base), checkpoints=["a.safetensors"], prompts=["x"],
+                    y=Axis.parse(axis) if axis else None)
+    with pytest.raises(TunelabError, match=match):
+        render_grid(spec, tmp_path / "g", loader=no_loading, progress=False)
+
+
+def test_grid_steps_zero_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from tunelab import cli
+
+    monkeypatch.setattr("sys.argv", ["tunelab", "grid", str(tmp_path / "a.safetensors"), "-p", "x", "--steps", "0",
+                                     "--cfg", "-2", "--out", str(tmp_path / "g")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert "steps must be at least 1, got 0" in err[0] and "cfg must be 0 or more, got -2.0" in err[0]
+    assert not (tmp_path / "g").exists()

@@ -101,7 +101,7 @@ def test_an_objective_that_contradicts_the_base_is_refused_before_any_weight_loa
     with pytest.raises(TunelabError, match="objective.convert_base = true") as err:
         train(cfg)
     assert "predicts epsilon" in str(err.value) and "objective.prediction = 'epsilon'" in str(err.value)
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c" / "state").exists() and not (tmp_path / "c" / "checkpoints").exists()
     checked = run_cli("config", "check", tmp_path / "c.toml", check=False)  # `config check` says the same
     assert checked.returncode == 2 and "objective.convert_base = true" in checked.stderr
 

@@ -32,6 +32,7 @@ from tunelab.analyze.drift_scan import DriftScan, scan
 from tunelab.analyze.drift_write import report, write_outputs
 from tunelab.errors import TunelabError
 from tunelab.models.vocab import label
+from tunelab.run import CHECKPOINTS, CheckpointFile, RunDir
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DriftReport:
     result: DriftScan
     pair: tuple[int, int]  # the pair of the per-block chart (indices into ml)
     written: list[Path]
+    by_step: bool = False  # the run's checkpoints were put in training order (see `training_order`)
 
 
 def resolve_pair(pair: tuple[int, int] | None, n: int) -> tuple[int, int]:
@@ -54,12 +56,33 @@ def resolve_pair(pair: tuple[int, int] | None, n: int) -> tuple[int, int]:
     return i, j
 
 
+def training_order(paths: list[Path]) -> tuple[list[Path], bool]:
+    """(paths, whether they were reordered). When every file, or every file after the first, is a
+    checkpoint of one run (tunelab's names in its `checkpoints/` folder), those go in the order
+    `RunDir.checkpoint_files()` gives: by the step each was written at (`epoch-*` by its `ss_steps`,
+    `last` at the end), not by name (a shell glob puts `epoch-*` and `last` before `step-*`); a
+    first file from elsewhere (the base) stays first, the reference. Anything else: as given."""
+    for head in (0, 1):
+        rest = paths[head:]
+        folders = {p.resolve().parent for p in rest}
+        if len(rest) < 2 or len(folders) != 1 or any(CheckpointFile.parse(p) is None for p in rest):
+            continue
+        folder = folders.pop()
+        if folder.name != CHECKPOINTS or (head and paths[0].resolve().parent == folder):
+            continue
+        rank = {c.path.resolve(): i for i, c in enumerate(RunDir(folder.parent).checkpoint_files())}
+        ordered = paths[:head] + sorted(rest, key=lambda p: rank.get(p.resolve(), len(rank)))
+        return ordered, ordered != paths
+    return paths, False
+
+
 def run_drift(
     paths: list[str | Path], out_dir: str | Path, pair: tuple[int, int] | None = None,
     plots: bool = True, progress: bool = True, signs: bool = False,
 ) -> DriftReport:
-    """Scan, then write drift.json, drift.csv (pairs x groups), tensors.csv and the plots to `out_dir`."""
-    paths = [Path(p) for p in paths]
+    """Scan, then write drift.json, drift.csv (pairs x groups), tensors.csv and the plots to `out_dir`.
+    A run's checkpoints are compared in training order (`training_order`), other files as given."""
+    paths, by_step = training_order([Path(p) for p in paths])
     open_checkpoints(paths)  # every input check before any output folder appears
     ij = resolve_pair(pair, len(paths))
     if plots:  # import matplotlib while the scan waits on the disk (~0.6 s off the command)
@@ -67,13 +90,14 @@ def run_drift(
         warm.start()
     result = scan(paths, progress=progress, signs=signs)
     doc = report(result)
+    doc["order"] = "training step" if by_step else "as given"
     out = Path(out_dir)
     written = write_outputs(doc, result, out)
     if plots:
         from tunelab.analyze import drift_plots  # matplotlib only when drawing
 
         written += drift_plots.write_plots(doc, out, ij)
-    return DriftReport(doc, result, ij, written)
+    return DriftReport(doc, result, ij, written, by_step)
 
 
 def top_tensors(result: DriftScan, pair: tuple[int, int], k: int = 5) -> list[tuple[str, float, float]]:
@@ -92,6 +116,8 @@ def summary(rep: DriftReport) -> list[str]:
     blocks and tensors that moved most in the chosen pair, problems, files written."""
     doc, models, (a, b) = rep.doc, rep.doc["ml"], rep.pair
     lines = ["models: " + "  ".join(f"[{i}] {m}" for i, m in enumerate(models))]
+    if rep.by_step:
+        lines.append("  (the run's checkpoints in training order, by the step recorded in each file; not as given)")
     lines.append("L2 distance from [0] (relative change ||d|| / ||theta_0|| in brackets):")
     lines.append(f"{'group':<14}" + "".join(f"{f'[{j}]':>22}" for j in range(1, len(models))))
     for g, m in doc["dm"].items():

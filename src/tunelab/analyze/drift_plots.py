@@ -1,11 +1,11 @@
 """Plots of a drift report (the JSON document of `tunelab.analyze.drift_write.report`).
 
-- `trajectory.png`: distance of every model from the first, in command-line order, one line per
+- `trajectory.png`: distance of every model from the first, in the order compared, one line per
   component; absolute L2 on the left, relative change on the right (components differ by orders
   of magnitude in size, so the relative panel is the one to compare them on; log scale).
 - `heatmaps.png`: the N x N distance matrix of each component and of `all`, a panel each.
 - `map.png`: the checkpoints as points on a plane whose distances match the matrix as well as two
-  dimensions allow (classical MDS), joined in command-line order; a panel per component.
+  dimensions allow (classical MDS), joined in the order compared; a panel per component.
 - `blocks_<a>_vs_<b>.png`: L2 and relative change per UNet block for one pair.
 
 Uses matplotlib's object API (`Figure`, no pyplot): no global state, no GUI backend, safe in
@@ -74,7 +74,8 @@ def plot_trajectory(doc: dict, path: Path) -> Path:
                       fontsize=8)
         ax.grid(alpha=0.3)
     ax_abs.legend(title="component", fontsize=8)
-    fig.suptitle(f"Weight drift over {len(models)} checkpoints (command-line order)")
+    order = "training order" if doc.get("order") == "training step" else "command-line order"
+    fig.suptitle(f"Weight drift over {len(models)} checkpoints ({order})")
     fig.savefig(path, dpi=110)
     return path
 

@@ -92,7 +92,7 @@ class Problems:
 class DriftScan:
     """The result of one pass: per-tensor figures for every key of any file."""
 
-    models: list[str]  # display names, in command-line order
+    models: list[str]  # display names, in the order compared (drift.training_order)
     paths: list[Path]
     tensors: list[TensorDrift]
     problems: Problems

@@ -26,6 +26,8 @@ DEFINITIONS = {
     "kinds": "UNet tensors by layer kind: self-attention (attn1), cross-attention (attn2), other",
     "null": "pair not comparable (no shared tensor in the group)",
     "groups": "only groups holding at least one tensor appear; dm always has 'all'",
+    "order": "the order of ml: 'training step' (a run's checkpoints, by the step each was written at; a first "
+             "file from elsewhere stays first) or 'as given' (the command line's)",
 }
 
 

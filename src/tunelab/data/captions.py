@@ -68,9 +68,11 @@ class CaptionConfig(BaseModel):
     wildcards: bool = Field(True, description="Resolve `{a|b}` in stored text to one choice per sample.")
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """A generator that depends only on (seed, epoch, sample index): the determinism contract."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index])))
+def sample_rng(seed: int, epoch: int, index: int, copy: int = 0) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, sample index[, copy]): the determinism contract.
+    `copy` ≥ 1 is a later copy of a repeated row (kohya folder repeats); copy 0 is the row itself."""
+    entropy = [seed & 0xFFFFFFFF, epoch, index] + ([copy] if copy else [])
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
 def normalize_tags(text: str | None, underscores: str = "keep", dedupe: bool = True) -> list[str]:
@@ -155,7 +157,7 @@ def build_prompt(
 
 
 def prompt_for(
-    tags: str | None, caption: str | None, cfg: CaptionConfig, seed: int, epoch: int, index: int
+    tags: str | None, caption: str | None, cfg: CaptionConfig, seed: int, epoch: int, index: int, copy: int = 0
 ) -> str:
     """`build_prompt` with the per-sample generator; what the dataset calls."""
-    return build_prompt(tags, caption, cfg, sample_rng(seed, epoch, index))
+    return build_prompt(tags, caption, cfg, sample_rng(seed, epoch, index, copy))

@@ -1,7 +1,9 @@
 """The dataset index: one Parquet row per image, built by streaming every source.
 
 Columns: key, source, path, offset, size (tar members), width, height (as displayed), tags,
-caption, bucket (id into the bucket set), bucket_width, bucket_height, split (train/holdout).
+caption, bucket (id into the bucket set), bucket_width, bucket_height, split (train/holdout),
+repeats (times the row counts per epoch: kohya's `N_concept` folder repeats, else 1; indexes built
+before the column existed read as 1).
 The footer's key-value metadata `tunelab.index` holds the bucket config, the bucket set, the
 histogram, the mean aspect error and the counts; `<index>.buckets.txt` is the readable histogram;
 `<index>.rejects.jsonl` lists images that could not be used.
@@ -31,9 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from tunelab.data.buckets import BucketConfig, aspect_errors, assign_buckets, histogram_text, make_buckets
+from tunelab.data.buckets import BucketAssigner, BucketConfig, aspect_errors, histogram_text
 from tunelab.data.images import RejectsLog
-from tunelab.data.sources import SourceSpec, read_source, table_checks_own_keys
+from tunelab.data.sources import Reject, SourceSpec, read_source, table_checks_own_keys
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ INDEX_SCHEMA = pa.schema(
         ("bucket_width", pa.int16()),
         ("bucket_height", pa.int16()),
         ("split", pa.string()),
+        ("repeats", pa.int32()),
     ]
 )
 META_KEY = b"tunelab.index"
@@ -68,6 +71,7 @@ class IndexOptions:
     holdout: float = 0.0  # fraction of rows put in the "holdout" split, chosen by key hash
     seed: int = 0  # seed of that choice
     workers: int = 8  # threads reading image headers
+    repeats: bool = True  # kohya `N_concept` folders count N times per epoch; False: read them as plain folders
 
 
 @dataclass
@@ -79,6 +83,7 @@ class IndexSummary:
     bucket_counts: list[int]
     buckets: list[list[int]]
     mean_aspect_error: float
+    train_samples: int = 0  # rows of the train split counted with their repeats: what one epoch trains on
 
     def histogram(self) -> str:
         return histogram_text(np.array(self.bucket_counts), np.array(self.buckets), self.mean_aspect_error)
@@ -133,43 +138,65 @@ class _Finisher:
 
     def __init__(self, opts: IndexOptions) -> None:
         self.opts = opts
-        self.buckets = make_buckets(opts.buckets)  # (B, 2)
-        self.counts = np.zeros(len(self.buckets), np.int64)
+        self.assigner = BucketAssigner(opts.buckets)  # the fixed set, or no_upscale's growing one
+        self.counts = np.zeros(len(self.assigner.buckets), np.int64)
         self.error_sum = 0.0
         self.rows = 0
         self.holdout_rows = 0
+        self.train_samples = 0
         self.per_source: dict[str, int] = {}
 
-    def __call__(self, raw: pa.RecordBatch, spec: SourceSpec) -> pa.RecordBatch | None:
+    def __call__(self, raw: pa.RecordBatch, spec: SourceSpec, reject: Reject) -> pa.RecordBatch | None:
         if self.opts.where_tags:
             mask = _tag_mask(raw.column("tags"), self.opts.where_tags)
             raw = raw.filter(mask)
+        if raw.num_rows == 0:
+            return None
+        ids = self.assigner.assign(raw.column("width").to_numpy(zero_copy_only=False),
+                                   raw.column("height").to_numpy(zero_copy_only=False))  # (N,) int16
+        raw, ids = self._drop_unbucketed(raw, ids, reject)
         n = raw.num_rows
         if n == 0:
             return None
         width = raw.column("width").to_numpy(zero_copy_only=False)  # (N,)
         height = raw.column("height").to_numpy(zero_copy_only=False)
-        ids = assign_buckets(width, height, self.buckets)  # (N,) int16
-        self.counts += np.bincount(ids, minlength=len(self.buckets))
-        self.error_sum += float(aspect_errors(width, height, ids, self.buckets).sum())
+        buckets = self.assigner.buckets
+        self.counts = np.pad(self.counts, (0, len(buckets) - len(self.counts))) + np.bincount(ids, minlength=len(buckets))
+        self.error_sum += float(aspect_errors(width, height, ids, buckets).sum())
         keys = pc.binary_join_element_wise(pa.scalar(spec.prefix), raw.column("key"), "") if spec.prefix else raw.column("key")
         if self.opts.holdout > 0:
             holdout = key_uniform(keys, self.opts.seed) < self.opts.holdout  # (N,) bool
         else:
             holdout = np.zeros(n, bool)
+        repeats = pc.fill_null(raw.column("repeats"), 1).to_numpy(zero_copy_only=False).astype(np.int32)  # (N,)
+        if not self.opts.repeats:
+            repeats = np.ones(n, np.int32)
         self.rows += n
         self.holdout_rows += int(holdout.sum())
+        self.train_samples += int(repeats[~holdout].sum())
         self.per_source[spec.name] = self.per_source.get(spec.name, 0) + n
         columns = {
             "key": keys,
             "source": pa.DictionaryArray.from_arrays(np.zeros(n, np.int8), [spec.name]).cast(pa.string()),
             **{name: raw.column(name) for name in ("path", "offset", "size", "width", "height", "tags", "caption")},
             "bucket": pa.array(ids),
-            "bucket_width": pa.array(self.buckets[ids, 0].astype(np.int16)),
-            "bucket_height": pa.array(self.buckets[ids, 1].astype(np.int16)),
+            "bucket_width": pa.array(buckets[ids, 0].astype(np.int16)),
+            "bucket_height": pa.array(buckets[ids, 1].astype(np.int16)),
             "split": pa.DictionaryArray.from_arrays(holdout.astype(np.int8), ["train", "holdout"]).cast(pa.string()),
+            "repeats": pa.array(repeats),
         }
         return pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA)
+
+    def _drop_unbucketed(self, raw: pa.RecordBatch, ids: np.ndarray, reject: Reject) -> tuple[pa.RecordBatch, np.ndarray]:
+        """no_upscale: images smaller than one bucket step on a side have no bucket (id -1)."""
+        small = ids < 0
+        if not small.any():
+            return raw, ids
+        step = self.opts.buckets.step
+        for row in raw.filter(pa.array(small)).select(["key", "path", "width", "height"]).to_pylist():
+            reject(row["key"], row["path"], f"too small for a bucket ({row['width']} x {row['height']}: a side under "
+                   f"the bucket step {step} px), and bucket no_upscale never enlarges an image")
+        return raw.filter(pa.array(~small)), ids[~small]
 
     def summary(self, rejected: int) -> IndexSummary:
         return IndexSummary(
@@ -178,8 +205,9 @@ class _Finisher:
             per_source=self.per_source,
             holdout_rows=self.holdout_rows,
             bucket_counts=self.counts.tolist(),
-            buckets=self.buckets.tolist(),
+            buckets=self.assigner.buckets.tolist(),
             mean_aspect_error=self.error_sum / max(self.rows, 1),
+            train_samples=self.train_samples,
         )
 
 
@@ -216,8 +244,8 @@ def build_index(
         with RejectsLog(rejects_path) as rejects, _writer(tmp) as writer:
             for spec in specs:
                 # Reading (decompress, parse, header probes) overlaps with compressing and writing.
-                for raw in _prefetch(read_source(spec, rejects.add, opts.workers)):
-                    batch = finish(raw, spec)
+                for raw in _prefetch(read_source(spec, rejects.add, opts.workers, folder_repeats=opts.repeats)):
+                    batch = finish(raw, spec, rejects.add)
                     if batch is not None:
                         writer.write_batch(batch)
                         bar.update(batch.num_rows)
@@ -302,6 +330,8 @@ def _footer(summary: IndexSummary, opts: IndexOptions) -> dict:
         "holdout_rows": summary.holdout_rows,
         "seed": opts.seed,
         "where_tags": list(opts.where_tags),
+        "repeats": opts.repeats,
+        "train_samples": summary.train_samples,
     }
 
 
@@ -319,17 +349,43 @@ def read_footer(path: str | Path) -> dict:
     return json.loads(meta[META_KEY])
 
 
+def check_bucket_config(footer: dict, wanted: BucketConfig | None, index_path: str | Path) -> None:
+    """Refuse a run file's `[data.buckets]` (`wanted`; None when the run file leaves it out) that
+    differs from the bucket config the index was built with (its footer's `bucket_config`).
+
+    The index wins: each row's bucket is decided when the index is built, the sampler batches by
+    it and the latent cache was encoded at those sizes, so the run file cannot change them; a
+    differing section would otherwise be ignored without a word."""
+    if wanted is None or footer.get("bucket_config") is None:
+        return
+    built = BucketConfig(**footer["bucket_config"]).model_dump()  # defaults for settings newer than the index
+    if BucketConfig(**built) == wanted:
+        return
+    diff = ", ".join(f"{k} = {v} (the index has {built[k]})" for k, v in wanted.model_dump().items() if built[k] != v)
+    w = wanted
+    raise TunelabError(
+        f"data.buckets in the run file differs from the buckets {index_path} was built with: {diff}. Training uses the "
+        f"index's buckets. Either rebuild the index with the run file's: `tunelab data index --out {index_path} -s SOURCE... "
+        f"--resolution {w.resolution} --min-side {w.min_side} --max-side {w.max_side} --step {w.step}"
+        f"{' --bucket-no-upscale' if getattr(w, 'no_upscale', False) else ''}` (and its latents, "
+        f"into a new folder: `tunelab data cache {index_path} --out NEW_DIR`), or delete [data.buckets] from the run file "
+        "to train on the index's buckets"
+    )
+
+
 def index_digest(path: str | Path) -> str:
     """The identity of an index's content for resume checks: a hash of its footer and of the
-    columns that decide what training sees and in which order (key, bucket, split). An index
-    rebuilt with other images, buckets or holdout gets another digest; one rebuilt from the same
+    columns that decide what training sees and in which order (key, bucket, split, and repeats
+    where the index has them: indexes from before that column keep their digest). An index
+    rebuilt with other images, buckets, holdout or repeats gets another digest; one rebuilt from the same
     images the same, and so does one whose tags or captions were edited (prompts are made from the
     row each epoch, and the batches stay the same). Streams the columns by row group (12 M rows:
     a few hundred MB read once)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(read_footer(path), sort_keys=True).encode())
     pf = pq.ParquetFile(path, memory_map=True)
-    for batch in pf.iter_batches(batch_size=1 << 20, columns=["key", "bucket", "split"]):
+    columns = ["key", "bucket", "split"] + (["repeats"] if "repeats" in pf.schema_arrow.names else [])
+    for batch in pf.iter_batches(batch_size=1 << 20, columns=columns):
         for column in batch.columns:
             h.update(_canonical_bytes(column))
     return h.hexdigest()
@@ -370,12 +426,17 @@ def index_stats(path: str | Path, top_tags: int = 30, progress: bool = True) -> 
     counts = np.zeros(len(buckets), np.int64)
     per_source: dict[str, int] = {}
     per_split: dict[str, int] = {}
+    samples_per_split: dict[str, int] = {}  # rows counted with their repeats: samples per epoch
     with_tags = with_caption = with_both = 0
     error_sum = 0.0
     tag_counts: pa.Table | None = None
-    cols = ["source", "split", "tags", "caption", "bucket", "width", "height"]
+    has_repeats = "repeats" in pf.schema_arrow.names  # absent in indexes built before repeats existed
+    cols = ["source", "split", "tags", "caption", "bucket", "width", "height"] + (["repeats"] if has_repeats else [])
     for batch in tqdm(pf.iter_batches(batch_size=131072, columns=cols), desc="stats", disable=not progress,
                       total=pf.metadata.num_row_groups, unit=" batches"):
+        repeats = batch.column("repeats") if has_repeats else pa.array(np.ones(batch.num_rows, np.int32))
+        for item in pa.table({"split": batch.column("split"), "n": repeats}).group_by("split").aggregate([("n", "sum")]).to_pylist():
+            samples_per_split[item["split"]] = samples_per_split.get(item["split"], 0) + item["n_sum"]
         ids = batch.column("bucket").to_numpy()
         counts += np.bincount(ids, minlength=len(buckets))
         error_sum += float(aspect_errors(batch.column("width").to_numpy(), batch.column("height").to_numpy(), ids, buckets).sum())
@@ -394,6 +455,7 @@ def index_stats(path: str | Path, top_tags: int = 30, progress: bool = True) -> 
         "rows": rows,
         "per_source": per_source,
         "per_split": per_split,
+        "samples_per_split": samples_per_split,
         "with_tags": with_tags,
         "with_caption": with_caption,
         "with_both": with_both,
@@ -414,6 +476,8 @@ def stats_text(stats: dict) -> str:
         f"rows: {stats['rows']:,}   (rejected when built: {stats['rejected_at_build']:,})",
         "sources: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats["per_source"].items())),
         "splits: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats["per_split"].items())),
+        "samples per epoch (images x repeats): " + ", ".join(
+            f"{k} {stats['samples_per_split'].get(k, v):,} from {v:,} images" for k, v in sorted(stats["per_split"].items())),
         f"with tags: {pct(stats['with_tags'])}   with caption: {pct(stats['with_caption'])}   "
         f"both: {pct(stats['with_both'])}",
         f"distinct tags: {stats['distinct_tags']:,}; most frequent:",

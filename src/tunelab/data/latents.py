@@ -10,9 +10,14 @@ when complete, so a killed run leaves only whole shards; a rerun skips every key
 (resume). Under `accelerate launch` process r of n takes rows r, r + n, ...; shard names carry the
 rank so processes never collide.
 
+`latents.json` in the folder records the index (and its bucket set) the shards were cached from;
+caching into a folder made from other buckets is refused (a resume would keep the old sizes).
+
 `open_latents(folder, index)` is what training opens: it tells the two layouts apart (tunelab
-shards, or kohya's `.npz` files named like the images) and checks a sample of the index's rows
-against the folder before the first step.
+shards, or kohya's `.npz` files named like the images) and checks the folder against the index
+before the first step: the manifest's buckets, and the latent shapes of a sample of rows (spread
+over the index, one per bucket) against their buckets. Otherwise a cache from other buckets
+would fail mid-epoch in collate (`stack expects each tensor to be equal size`).
 
 Hand-written because neither diffusers nor accelerate caches latents; the file format is
 safetensors, the encoder is diffusers' AutoencoderKL (latent_dist.mean: deterministic, so a
@@ -58,7 +63,8 @@ SHARD_GLOB = "shard-*.safetensors"
 _COLUMNS = ["key", "path", "offset", "size", "bucket_width", "bucket_height"]
 KOHYA_SDXL_SUFFIX = "_sdxl.npz"  # sd-scripts' SdSdxlLatentsCachingStrategy.SDXL_LATENTS_NPZ_SUFFIX
 KOHYA_SD_SUFFIX = "_sd.npz"  # ... SD_LATENTS_NPZ_SUFFIX: SD 1.x/2.x latents (another VAE), not for SDXL
-_SAMPLE_ROWS = 32  # index rows checked against a kohya folder when it is opened
+_SAMPLE_ROWS = 32  # index rows checked against a latent folder when it is opened (plus one per bucket)
+MANIFEST = "latents.json"  # which index, and which bucket set, a shard folder was cached from
 
 
 @dataclass
@@ -129,6 +135,14 @@ class LatentStore:
 
     def missing(self, key: str, record: dict | None = None) -> str:
         return f"no cached latents for {key!r} in {self.dir}; run `tunelab data cache` (or verify --repair)"
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of `key`'s latents, (4, H/8, W/8), from its shard's header (no tensor is read)."""
+        shard = self._where.get(key)
+        if shard is None:
+            return None
+        with safe_open(str(shard), framework="np") as f:
+            return tuple(f.get_slice(key).get_shape())
 
     def get(self, key: str, record: dict | None = None) -> LatentEntry | None:
         shard = self._where.get(key)
@@ -234,6 +248,7 @@ def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
         store = LatentStore(root)
         if len(store) == 0:
             raise TunelabError(f"{root}: no readable latent shard; run `tunelab data verify --repair`")
+        check_agreement(store, index)
         return store
     kohya = KohyaNpzLatents(root)
     records = _sample_records(index)
@@ -244,8 +259,8 @@ def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
     if lacking:
         raise TunelabError(f"{root} is a kohya latent folder, but {len(lacking)} of {len(records)} sampled images have "
                            f"no .npz: {kohya.missing(lacking[0]['key'], lacking[0])}")
-    if records:
-        kohya.get(records[0]["key"], records[0])  # readable, SDXL-shaped, the index's bucket
+    for rec in _one_per_bucket(records):
+        kohya.get(rec["key"], rec)  # readable, SDXL-shaped, the index's bucket
     log.info("data.latents: kohya .npz caches in %s", root)
     return kohya
 
@@ -255,10 +270,84 @@ _EXPECTED = ("expected tunelab latent shards (shard-*.safetensors, from `tunelab
 
 
 def _sample_records(index: "IndexTable") -> list[dict]:
-    """Up to `_SAMPLE_ROWS` training rows spread evenly over the index."""
+    """Up to `_SAMPLE_ROWS` training rows spread evenly over the index, and the first row of
+    every bucket the training split uses (a bucket setting that differs may touch only some)."""
     rows = index.rows_in_split("train")
+    if not len(rows):
+        return []
     picks = np.unique(np.linspace(0, len(rows) - 1, num=min(len(rows), _SAMPLE_ROWS)).astype(np.int64))
-    return index.records(rows[picks]) if len(rows) else []
+    _, first_of_bucket = np.unique(index.bucket_ids()[rows], return_index=True)
+    return index.records(rows[np.union1d(picks, first_of_bucket)])
+
+
+def _one_per_bucket(records: list[dict]) -> list[dict]:
+    first: dict[tuple[int, int], dict] = {}
+    for r in records:
+        first.setdefault((r["bucket_width"], r["bucket_height"]), r)
+    return list(first.values())
+
+
+# --- which index a shard folder belongs to -------------------------------------------------------------
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    """The folder's `latents.json` (None for folders cached before tunelab wrote one)."""
+    path = Path(cache_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None  # an unreadable manifest is rewritten by the next `data cache`; shapes are still checked
+
+
+def _buckets_of(doc: dict) -> str:
+    c = doc.get("bucket_config") or {}
+    return (f"resolution {c.get('resolution')}, sides {c.get('min_side')}-{c.get('max_side')}, step {c.get('step')}"
+            if c else f"{len(doc.get('buckets') or [])} buckets")
+
+
+def _same_buckets(manifest: dict, footer: dict) -> bool:
+    return [list(b) for b in manifest.get("buckets") or []] == [list(b) for b in footer.get("buckets") or []]
+
+
+def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int) -> None:
+    """Record in `latents.json` which index the folder caches; refuse a folder cached from an index
+    with other buckets (its shards would be kept and new ones added at other sizes)."""
+    old = read_manifest(cache_dir)
+    if old is not None and not _same_buckets(old, footer):
+        raise TunelabError(
+            f"{cache_dir} holds latents cached from an index with other buckets ({_buckets_of(old)}; {index_path} has "
+            f"{_buckets_of(footer)}); cache into a new folder: `tunelab data cache {index_path} --out NEW_DIR` "
+            f"(or delete {cache_dir} first)")
+    doc = {"version": 1, "index": str(index_path), "rows": footer.get("rows"),
+           "bucket_config": footer.get("bucket_config"), "buckets": footer.get("buckets")}
+    tmp = cache_dir / f".{MANIFEST}.r{rank:03d}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, cache_dir / MANIFEST)
+
+
+def check_agreement(store: LatentStore, index: "IndexTable") -> None:
+    """Refuse a shard folder that does not fit `index`: cached from other buckets (its manifest),
+    from another index (none of the sampled images in it), or holding latents of another size
+    than the sampled rows' buckets (shapes from the shard headers: nothing is decoded)."""
+    fix = (f"cache this index's latents into a new folder: `tunelab data cache {index.path} --out NEW_DIR` "
+           "and set data.latents to it")
+    manifest = read_manifest(store.dir)
+    if manifest is not None and not _same_buckets(manifest, index.footer):
+        raise TunelabError(f"data.latents {store.dir} was cached from an index with other buckets ({_buckets_of(manifest)}); "
+                           f"data.index {index.path} has {_buckets_of(index.footer)}: {fix}")
+    records = _sample_records(index)
+    present = [r for r in records if r["key"] in store]
+    if records and not present:
+        raise TunelabError(f"data.latents {store.dir} holds none of {len(records)} sampled images of data.index "
+                           f"{index.path} (e.g. {records[0]['key']!r}): cached from another index? {fix}")
+    for rec in present:
+        want = (rec["bucket_height"] // 8, rec["bucket_width"] // 8)
+        got = store.shape(rec["key"])
+        if tuple(got[1:]) != want:
+            raise TunelabError(
+                f"data.latents {store.dir} holds latents of a {got[2] * 8}x{got[1] * 8} bucket for {rec['key']!r}, but "
+                f"data.index {index.path} puts it in {rec['bucket_width']}x{rec['bucket_height']} (cached from another "
+                f"bucket setup): {fix}")
 
 
 def _unknown_layout(root: Path, kohya: KohyaNpzLatents, record: dict | None) -> str:
@@ -358,6 +447,7 @@ def cache_latents(
     index_path, cache_dir = Path(index_path), Path(cache_dir)
     footer = read_footer(index_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _claim(cache_dir, index_path, footer, rank)
     rejects_path = cache_dir / f"rejects-r{rank:03d}.jsonl"
     skip = pa.array([r["key"] for p in cache_dir.glob("rejects-r*.jsonl") for r in read_rejects(p)], pa.string())
     done = _done_keys(cache_dir)

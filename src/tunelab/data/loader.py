@@ -11,8 +11,13 @@ accelerate's sharding cannot keep every batch inside one bucket. The design:
   epoch going to rank i mod world_size. Every batch holds one bucket; every rank gets the same
   number of batches (DDP needs equal step counts). Its state is (epoch, global batch position),
   so resuming — even with a different number of processes — continues with exactly the next batch;
-- the sampler yields (epoch, row) pairs so the dataset's captions depend on (seed, epoch, row),
-  whatever the number of dataloader workers.
+- repeats (kohya's `N_concept` folders, the index's `repeats` column) are copies of a row made
+  before that plan: a row with repeats 10 is 10 samples of the epoch, shuffled into its bucket like
+  any other (two copies may share a batch, as in kohya's `BaseDataset.make_buckets`). The plan, the
+  position and the rank split work on samples, so resume and sharding are unchanged;
+- the sampler yields (epoch, row) pairs — (epoch, row, copy) for the 2nd, 3rd, ... copy of a
+  repeated row — so the dataset's captions depend on (seed, epoch, row[, copy]), whatever the number
+  of dataloader workers, and each copy gets its own tag shuffle and dropout.
 """
 
 from __future__ import annotations
@@ -72,6 +77,12 @@ class IndexTable:
     def bucket_ids(self) -> np.ndarray:
         return self.column("bucket")
 
+    def repeats(self) -> np.ndarray:
+        """Times each row counts per epoch, (N,) int64; all 1 for indexes built before repeats."""
+        if "repeats" not in self._pf.schema_arrow.names:
+            return np.ones(len(self), np.int64)
+        return self.column("repeats").astype(np.int64)
+
     def rows_in_split(self, split: str) -> np.ndarray:
         """Row numbers of one split ("train" or "holdout"); (M,) int64."""
         col = self._pf.read(columns=["split"])["split"]
@@ -125,8 +136,9 @@ def open_index(path: str | Path) -> IndexTable:
 class BucketBatchSampler:
     """Batches of rows that share a bucket, sharded over ranks, resumable mid-epoch.
 
-    Yields lists of (epoch, row) pairs. `rows` maps sampler positions to index rows (e.g. only
-    the train split); by default position i is row i.
+    Yields lists of (epoch, row) pairs, (epoch, row, copy) for copy ≥ 1 of a repeated row.
+    `rows` maps sampler positions to index rows (e.g. only the train split); by default position i
+    is row i. `repeats` (per position, ≥ 1; default 1) makes a position count that many samples.
     """
 
     def __init__(
@@ -139,6 +151,7 @@ class BucketBatchSampler:
         shuffle: bool = True,
         drop_last: bool = True,
         rows: np.ndarray | None = None,
+        repeats: np.ndarray | None = None,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise TunelabError(f"sampler: need batch_size ≥ 1 and 0 ≤ rank < world_size (got {batch_size}, {rank}, {world_size})")
@@ -146,6 +159,18 @@ class BucketBatchSampler:
         self.rows = np.arange(len(self.bucket_ids)) if rows is None else np.asarray(rows)
         if len(self.rows) != len(self.bucket_ids):
             raise TunelabError("sampler: `rows` and `bucket_ids` must have the same length")
+        self.repeats = np.ones(len(self.rows), np.int64) if repeats is None else np.asarray(repeats, np.int64)
+        if len(self.repeats) != len(self.rows) or (self.repeats.size and self.repeats.min() < 1):
+            raise TunelabError("sampler: `repeats` needs one count ≥ 1 per position; rebuild the index with `tunelab data index`")
+        # Samples: position p appears repeats[p] times. Without repeats a sample is its position,
+        # and the plan is exactly what it was before repeats existed (same draws, same batches).
+        self._position_of: np.ndarray | None = None  # (S,) sample -> position
+        self._copy_of: np.ndarray | None = None  # (S,) sample -> which copy of its position (0, 1, ...)
+        self._sample_buckets = self.bucket_ids
+        if (self.repeats > 1).any():
+            self._position_of = np.repeat(np.arange(len(self.rows)), self.repeats)
+            self._copy_of = np.arange(len(self._position_of)) - np.repeat(np.cumsum(self.repeats) - self.repeats, self.repeats)
+            self._sample_buckets = self.bucket_ids[self._position_of]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch = 0
@@ -157,10 +182,11 @@ class BucketBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1:]
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch])
-        n = len(self.bucket_ids)
+        buckets = self._sample_buckets  # (S,) one entry per sample
+        n = len(buckets)
         perm = rng.permutation(n) if self.shuffle else np.arange(n)
-        order = perm[np.argsort(self.bucket_ids[perm], kind="stable")]  # grouped by bucket, random inside
-        counts = np.bincount(self.bucket_ids, minlength=1)  # (B,)
+        order = perm[np.argsort(buckets[perm], kind="stable")]  # grouped by bucket, random inside
+        counts = np.bincount(buckets, minlength=1)  # (B,)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (B,) start of each bucket in `order`
         per_bucket = counts // self.batch_size if self.drop_last else -(-counts // self.batch_size)
         bucket_of_batch = np.repeat(np.arange(len(counts)), per_bucket)  # (nb,)
@@ -178,6 +204,17 @@ class BucketBatchSampler:
         """Batches per epoch on this rank."""
         return len(self._epoch_plan(self.epoch)[1]) // self.world_size
 
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch before batching: positions counted with their repeats."""
+        return len(self._sample_buckets)
+
+    def _items(self, epoch: int, samples: np.ndarray) -> list[tuple[int, ...]]:
+        if self._position_of is None:
+            return [(epoch, int(r)) for r in self.rows[samples]]
+        rows, copies = self.rows[self._position_of[samples]], self._copy_of[samples]
+        return [(epoch, int(r), int(c)) if c else (epoch, int(r)) for r, c in zip(rows, copies)]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         """The rest of the current epoch; the next call starts the next epoch."""
         epoch = self.epoch
@@ -185,7 +222,7 @@ class BucketBatchSampler:
         for g in range(self.position + self.rank, len(starts), self.world_size):
             self.position = g - self.rank + self.world_size
             s = starts[g]
-            yield [(epoch, int(r)) for r in self.rows[order[s : s + lengths[g]]]]
+            yield self._items(epoch, order[s : s + lengths[g]])
         self.epoch, self.position = epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -196,10 +233,10 @@ class BucketBatchSampler:
         DataLoader prefetches ahead of training; otherwise the count handed out is used."""
         position = self.position if consumed is None else consumed * self.world_size
         return {"epoch": self.epoch, "position": position, "seed": self.seed, "batch_size": self.batch_size,
-                "num_samples": len(self.bucket_ids), "world_size": self.world_size}
+                "num_samples": self.num_samples, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("num_samples", len(self.bucket_ids))):
+        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("num_samples", self.num_samples)):
             if state[name] != mine:
                 raise TunelabError(
                     f"cannot resume the sampler: {name} was {state[name]} and is now {mine}; "
@@ -212,7 +249,7 @@ class BucketBatchSampler:
 class TrainDataset:
     """Samples for training: prompt (from captions config) and pixels or cached latents.
 
-    `__getitem__((epoch, row))` returns a dict with key, prompt, `original_size_hw`,
+    `__getitem__((epoch, row))` (or `(epoch, row, copy)`) returns a dict with key, prompt, `original_size_hw`,
     `crop_top_left` (SDXL's (top, left) conditioning), `target_size_hw`, and either `pixels`
     (3, H, W) float in [-1, 1] or `latents` (4, H/8, W/8). An image that cannot be read is logged to
     `rejects` and its sample is `None`; `collate` drops it, so training goes on.
@@ -243,10 +280,11 @@ class TrainDataset:
         from tunelab.data.captions import prompt_for
         from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket
 
-        epoch, row = item
+        epoch, row, *copy = item  # (epoch, row) or (epoch, row, copy) for a repeated row's later copies
         rec = self.index.records([row])[0]
         sample = {"key": rec["key"], "row": row,
-                  "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row),
+                  "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row,
+                                       copy=copy[0] if copy else 0),
                   "target_size_hw": (rec["bucket_height"], rec["bucket_width"])}
         if self.latents is not None:
             entry = self.latents.get(rec["key"], rec)  # the row: kohya's files are found from the image

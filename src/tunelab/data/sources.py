@@ -1,7 +1,9 @@
 """Readers for the four kinds of dataset source; each yields Arrow record batches of `RAW_SCHEMA`.
 
 - `folder`: images anywhere under a directory, tags in `name.txt`, caption in `name.caption`
-  (kohya's layout);
+  (kohya's layout); a directory whose sub-folders are named `N_concept` is kohya's DreamBooth
+  layout instead: the images directly inside `N_concept/` count N times per epoch (see
+  `kohya_repeats`);
 - `kohya`: a kohya metadata JSON `{key: {"tags", "caption", "train_resolution"}}`, streamed;
 - `table`: a Parquet or CSV table (id -> tags, optional caption, optional width/height) with a
   path template (`{id}.webp`) or a tar shard rule (`{id % 1000:04d}.tar`);
@@ -48,6 +50,7 @@ RAW_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("tags", pa.string()),
         ("caption", pa.string()),
+        ("repeats", pa.int32()),  # times the image counts per epoch (kohya folder repeats); null = 1
     ]
 )
 Reject = Callable[[str, str, str], None]
@@ -92,8 +95,13 @@ class SourceSpec:
         return self.options.get(name, default)
 
 
-def read_source(spec: SourceSpec, reject: Reject, workers: int = 8) -> Iterator[pa.RecordBatch]:
-    """Dispatch to the reader for `spec.kind`; every batch has `RAW_SCHEMA`."""
+def read_source(
+    spec: SourceSpec, reject: Reject, workers: int = 8, folder_repeats: bool = True
+) -> Iterator[pa.RecordBatch]:
+    """Dispatch to the reader for `spec.kind`; every batch has `RAW_SCHEMA`.
+
+    `folder_repeats=False` reads a kohya `N_concept` folder layout as a plain folder (every image
+    below it, once)."""
     if not os.path.exists(spec.path):
         raise TunelabError(f"source {spec.kind}:{spec.path}: path not found")
     readers = {"folder": _read_folder, "kohya": _read_kohya, "table": _read_table, "tar": _read_tar}
@@ -103,6 +111,9 @@ def read_source(spec: SourceSpec, reject: Reject, workers: int = 8) -> Iterator[
             f"source {spec.kind}:{spec.path}: unknown option(s) {sorted(unknown)}; "
             f"allowed: prefix, {', '.join(sorted(_ALLOWED_OPTIONS[spec.kind]))}"
         )
+    if spec.kind == "folder":
+        yield from _read_folder(spec, reject, workers, folder_repeats)
+        return
     yield from readers[spec.kind](spec, reject, workers)
 
 
@@ -170,22 +181,95 @@ def _walk_images(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _read_folder(spec: SourceSpec, reject: Reject, workers: int) -> Iterator[pa.RecordBatch]:
+def kohya_repeats(name: str) -> tuple[int, str] | None:
+    """kohya's folder name `N_concept` read as (N, "concept"); None when the name has no count.
+
+    sd-scripts' rule (library/config_util.py, `generate_dreambooth_subsets_config_by_subdirs` ->
+    `extract_dreambooth_params`): split the name at "_", read the first part with `int()` (so
+    `10_a_b` -> (10, "a_b"), `10` -> (10, ""), `0_x` -> (0, "x"), `photos` -> None). A count < 1
+    means kohya skips the folder.
+    """
+    tokens = name.split("_")
+    try:
+        return int(tokens[0]), "_".join(tokens[1:])
+    except ValueError:
+        return None
+
+
+_HUGE_REPEATS = 1000  # a "count" this large is more likely a year (2019_summer) than a repeat count
+
+
+@dataclass
+class _KohyaLayout:
+    """The immediate sub-folders of a source directory, in kohya's DreamBooth convention."""
+
+    used: list[tuple[Path, int, str]]  # (folder, repeats >= 1, class tokens)
+    skipped: list[str]  # folder names without a count, or with a count < 1
+
+
+def _kohya_layout(root: Path) -> _KohyaLayout | None:
+    """kohya's layout when at least one immediate sub-folder is named `N_concept`, else None."""
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    parsed = [(d, kohya_repeats(d.name)) for d in subdirs]
+    if not any(r is not None for _, r in parsed):
+        return None
+    used = [(d, r[0], r[1]) for d, r in parsed if r is not None and r[0] >= 1]
+    skipped = [d.name for d, r in parsed if r is None or r[0] < 1]
+    return _KohyaLayout(used, skipped)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly inside `folder` (kohya's `glob_images(dir, "*")`: not recursive)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _folder_row(root: Path, img: Path, repeats: int | None = None, class_tokens: str = "") -> dict:
+    stem = img.with_suffix("")
+    tags, caption = _read_text(stem.with_suffix(".txt")), _read_text(stem.with_suffix(".caption"))
+    if tags is None and caption is None and class_tokens:
+        tags = class_tokens  # kohya: no caption file -> the folder's class tokens ("10_sks dog" -> "sks dog")
+    return {"key": stem.relative_to(root).as_posix(), "path": str(img), "offset": None, "size": None,
+            "tags": tags, "caption": caption, "repeats": repeats}
+
+
+def _read_folder(spec: SourceSpec, reject: Reject, workers: int, folder_repeats: bool = True) -> Iterator[pa.RecordBatch]:
     root = Path(spec.path)
+    layout = _kohya_layout(root) if folder_repeats and root.is_dir() else None
 
     def rows() -> Iterator[dict]:
-        for img in _walk_images(root):
-            stem = img.with_suffix("")
-            yield {
-                "key": stem.relative_to(root).as_posix(),
-                "path": str(img),
-                "offset": None,
-                "size": None,
-                "tags": _read_text(stem.with_suffix(".txt")),
-                "caption": _read_text(stem.with_suffix(".caption")),
-            }
+        if layout is None:
+            for img in _walk_images(root):
+                yield _folder_row(root, img)
+            return
+        counts = []
+        for folder, repeats, class_tokens in layout.used:
+            images = _images_in(folder)
+            counts.append(f"{folder.name} x{repeats} ({len(images):,} images)")
+            for img in images:
+                yield _folder_row(root, img, repeats, class_tokens)
+        _report_kohya_layout(root, layout, counts)
 
     yield from _batched(rows(), reject, workers)
+
+
+def _report_kohya_layout(root: Path, layout: _KohyaLayout, counts: list[str]) -> None:
+    """Say what kohya's convention made of the folder, and every image it leaves out (as kohya does)."""
+    log.info("folder:%s is kohya's N_concept layout; repeats per epoch: %s", root, ", ".join(counts) or "none")
+    loose = len(_images_in(root))
+    nested = sum(1 for folder, _, _ in layout.used for sub in folder.iterdir() if sub.is_dir() for _ in _walk_images(sub))
+    unused = sum(1 for name in layout.skipped for _ in _walk_images(root / name))
+    left_out = [f"{unused:,} image(s) in folders without a repeat count ({', '.join(layout.skipped[:5])}"
+                f"{', ...' if len(layout.skipped) > 5 else ''})" if layout.skipped else "",
+                f"{loose:,} image(s) directly in {root.name}/" if loose else "",
+                f"{nested:,} image(s) in folders below an N_concept folder" if nested else ""]
+    left_out = [part for part in left_out if part]
+    if left_out:
+        log.warning("folder:%s: not indexed, as in kohya's sd-scripts: %s; index with --no-repeats to read every "
+                    "image below %s once", root, "; ".join(left_out), root)
+    for folder, repeats, _ in layout.used:
+        if repeats >= _HUGE_REPEATS:
+            log.warning("folder:%s: %s counts %s times per epoch; if that number is not a repeat count, "
+                        "index with --no-repeats", root, folder.name, f"{repeats:,}")
 
 
 def iter_json_object(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, object]]:
@@ -463,6 +547,7 @@ def _read_table(spec: SourceSpec, reject: Reject, workers: int, batch_rows: int 
                 "height": raw.column(cols["height"]).cast(pa.int32()) if cols["height"] else pa.nulls(n, pa.int32()),
                 "tags": _as_text(raw.column(cols["tags"])),
                 "caption": _as_text(raw.column(cols["caption"])) if cols["caption"] else pa.nulls(n, pa.string()),
+                "repeats": pa.nulls(n, pa.int32()),
             })
             if spec.option("tar"):
                 out = _locate_in_tars(out, spec, listings)

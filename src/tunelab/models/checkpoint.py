@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from collections import Counter
 from datetime import datetime, timezone
@@ -35,6 +36,21 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 # Keys some SGM files carry that no module owns but that must not be mistaken for a wrong layout.
 _KNOWN_EXTRAS = ("v_pred", "ztsnr", "logit_scale", "position_ids", "alphas_cumprod", "betas", "edm_vpred")
+
+
+def refuse_pickle(path: str | Path, what: str | None = None) -> None:
+    """Refuse a pickle checkpoint (.ckpt/.pt/.pth/.bin) with the one command that makes it usable:
+    only `tunelab model convert --allow-pickle` opens them, so the advice is the same whichever
+    command got the file. `what` names the setting that gave it (e.g. "model.base")."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return
+    where = f"{what} = {str(path)!r}" if what else str(path)
+    raise TunelabError(
+        f"{where}: refusing a pickle file ({path.suffix}): unpickling can execute arbitrary code. If you trust its "
+        f"source, convert it once with `tunelab model convert {path} --allow-pickle --out "
+        f"{path.with_suffix('.safetensors')}` and use the .safetensors file"
+    )
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -63,10 +79,7 @@ class _Source:
 
     def _open_pickle(self, allow_pickle: bool) -> None:
         if not allow_pickle:
-            raise TunelabError(
-                f"{self.path}: refusing a pickle file ({self.path.suffix}): unpickling can execute arbitrary code. "
-                "Convert it to .safetensors, or pass --allow-pickle if you trust its source"
-            )
+            refuse_pickle(self.path)
         try:
             obj = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for bad pickles
@@ -97,6 +110,26 @@ def detect_arch(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
         if load_arch(arch).unet["block_out_channels"][0] == conv_in[0]:
             return arch
     raise TunelabError(f"{where}: UNet width {conv_in[0]} matches no preset ({', '.join(ARCHES)})")
+
+
+def base_arch(source: str | Path) -> str | None:
+    """The preset of a model without loading a weight: 'toy' (built in code), a `.safetensors`
+    file's header, or a diffusers folder's `unet/config.json`; None when only loading can tell
+    (no such file yet, a pickle file, a folder without a UNet config)."""
+    if str(source) == "toy":
+        return "toy"
+    path = Path(source)
+    if path.is_dir():
+        config = path / "unet" / "config.json"
+        if not config.is_file():
+            return None
+        width = json.loads(config.read_text())["block_out_channels"][0]
+        return detect_arch({K.UNET + "input_blocks.0.0.weight": (width,), K.UNET + "label_emb.0.0.weight": (0,)},
+                           {}, str(path))
+    if not path.is_file() or path.suffix.lower() in PICKLE_SUFFIXES:
+        return None
+    header = read_header(path)
+    return detect_arch({k: v.shape for k, v in header.tensors.items()}, header.metadata, str(path))
 
 
 # --- load --------------------------------------------------------------------------------------------------
@@ -341,8 +374,7 @@ def _file_dtype(header: Header) -> str:
 def inspect_file(path: str | Path) -> dict[str, Any]:
     """Everything tunelab can tell about a checkpoint from its header alone (no tensor is read)."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise TunelabError(f"{path}: inspect reads .safetensors only; pickle files are not opened (they can run code)")
+    refuse_pickle(path)  # no header to read, and unpickling can run code
     header = read_header(path)
     shapes = {k: v.shape for k, v in header.tensors.items()}
     try:
@@ -358,11 +390,8 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
 
 
 def inspect_preset(arch: str) -> dict[str, Any]:
-    """The key table of a preset, built on the meta device (no memory is allocated)."""
-    comps = build_components(arch, device="meta")
-    state = {n: m.state_dict() for n, m in comps.modules().items()}
-    shapes = {r.sgm: K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names])
-              for r in K.rules_for_arch(arch)}
+    """The key table of a preset (its shipped snapshot: no module is built, nothing allocated)."""
+    shapes = K.sgm_key_shapes(arch)
     report = _report(arch, shapes, {k: "F32" for k in shapes})
     report.update(preset=arch, dtype="fp32")
     return report
@@ -371,7 +400,7 @@ def inspect_preset(arch: str) -> dict[str, Any]:
 def _report(arch: str | None, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> dict[str, Any]:
     from tunelab.models.blocks import block_order, component_of, unet_block_of
 
-    numel = {k: int(torch.Size(s).numel()) for k, s in shapes.items()}
+    numel = {k: math.prod(s) for k, s in shapes.items()}
     per_component: Counter[str] = Counter()
     per_block: Counter[str] = Counter()
     for k, n in numel.items():
@@ -382,7 +411,7 @@ def _report(arch: str | None, shapes: Mapping[str, tuple[int, ...]], dtypes: Map
                               "per_component": dict(per_component),
                               "per_unet_block": {b: per_block[b] for b in sorted(per_block, key=block_order)}}
     if arch is not None:
-        expected = {r.sgm for r in K.rules_for_arch(arch)}
+        expected = set(K.sgm_key_shapes(arch))  # the snapshot: building the modules would take seconds
         optional = K.optional_keys(arch)
         report["missing_required"] = sorted(expected - set(shapes) - optional)
         report["absent_optional"] = sorted((expected & optional) - set(shapes))
@@ -392,4 +421,4 @@ def _report(arch: str | None, shapes: Mapping[str, tuple[int, ...]], dtypes: Map
 
 
 __all__ = ["load_checkpoint", "save_checkpoint", "new_checkpoint", "import_diffusers", "export_diffusers",
-           "inspect_file", "inspect_preset", "detect_arch", "DTYPES"]
+           "inspect_file", "inspect_preset", "detect_arch", "refuse_pickle", "DTYPES"]

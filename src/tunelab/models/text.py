@@ -125,15 +125,29 @@ def toy_text_encoder_configs() -> tuple[dict[str, Any], dict[str, Any]]:
 # --- loading ------------------------------------------------------------------------------------------
 
 
+# Where real SDXL tokenizers come from when none is at hand: the two sub-folders of the public
+# diffusers repository, fetched once on a machine with internet and copied (they are small text files).
+OFFLINE_ROUTE = (
+    "a folder holding tokenizer/ and tokenizer_2/: any diffusers SDXL folder, or just those two sub-folders of "
+    f"{SDXL_HUB_REPO} (fetch them once where there is internet: `hf download {SDXL_HUB_REPO} "
+    "--include 'tokenizer/*' 'tokenizer_2/*' --local-dir sdxl-tokenizers`, then copy the folder); "
+    "see docs/text-conditioning.md, 'Tokenizers'"
+)
+
+
 def load_tokenizers(source: str | Path, allow_download: bool = False) -> tuple[Any, Any]:
     """The (TE1, TE2) tokenizers.
 
     source: "toy"; or a local directory holding `tokenizer/` and `tokenizer_2/` (a diffusers
     model folder or a copy of just those two); or "hub" to fetch SDXL's from the Hugging Face hub,
-    which needs allow_download=True (cached by huggingface_hub; never implicit).
+    which needs allow_download=True (cached by huggingface_hub; never implicit). The run file's
+    "auto" is resolved against the model first (`resolve_tokenizers`).
     """
     if str(source) == "toy":
         return toy_tokenizer("<|endoftext|>"), toy_tokenizer("!")
+    if str(source) == "auto":
+        raise TunelabError("tokenizers 'auto' means the model's own: resolve it against the model first "
+                           "(tunelab.models.text.resolve_tokenizers), or name 'toy' or a folder")
     from transformers import CLIPTokenizer
 
     if str(source) == "hub":
@@ -144,15 +158,80 @@ def load_tokenizers(source: str | Path, allow_download: bool = False) -> tuple[A
                 "download explicitly (model.allow_download = true in the run file, or --allow-download)"
             )
         return tuple(CLIPTokenizer.from_pretrained(SDXL_HUB_REPO, subfolder=s) for s in ("tokenizer", "tokenizer_2"))
-    root = Path(source)
+    dirs = _tokenizer_dirs(Path(source))
+    return tuple(CLIPTokenizer.from_pretrained(str(d), local_files_only=True) for d in dirs)
+
+
+def _tokenizer_dirs(root: Path, option: str = "model.tokenizers") -> list[Path]:
     dirs = [root / "tokenizer", root / "tokenizer_2"]
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise TunelabError(
-            f"tokenizer folder(s) not found: {', '.join(missing)}; `model.tokenizers` must be a folder "
+            f"tokenizer folder(s) not found: {', '.join(missing)}; `{option}` must be a folder "
             "containing tokenizer/ and tokenizer_2/ (the layout of a diffusers SDXL model)"
         )
-    return tuple(CLIPTokenizer.from_pretrained(str(d), local_files_only=True) for d in dirs)
+    return dirs
+
+
+def own_tokenizers(model: str | Path, arch: str | None) -> str | None:
+    """The tokenizers a model brings: the toy preset's built-in ones, or a diffusers folder's
+    tokenizer/ + tokenizer_2/; None for a single-file SDXL checkpoint (SGM files carry none)."""
+    if arch == "toy" or str(model) == "toy":
+        return "toy"
+    root = Path(model)
+    if root.is_dir() and (root / "tokenizer").is_dir() and (root / "tokenizer_2").is_dir():
+        return str(root)
+    return None
+
+
+def resolve_tokenizers(setting: str | Path, arch: str | None, model: str | Path,
+                       option: str = "model.tokenizers") -> str:
+    """The tokenizer source for `model` (a checkpoint of preset `arch`; None: not known before
+    loading, and then `setting` comes back unchecked). `setting` is "auto" (the model's own,
+    `own_tokenizers`), "toy", "hub" or a folder. Refuses, naming `option`, an sdxl single file
+    with "auto", and tokenizers whose vocabulary does not fit the model's text encoders (the toy
+    tokenizers with an sdxl model, SDXL's with a toy one). Reads at most two vocab.json files."""
+    from tunelab.models.arch import load_arch
+
+    setting = str(setting)
+    if arch is None:
+        return setting
+    if setting == "auto":
+        own = own_tokenizers(model, arch)
+        if own is None:
+            raise TunelabError(
+                f"{option} = 'auto' (the default) uses the model's own tokenizers, but {model} is a single-file "
+                f"{arch} checkpoint and carries none; set {option} to {OFFLINE_ROUTE}"
+            )
+        setting = own
+    vocab, expected = _vocab_size(setting, option), load_arch(arch).text_encoder_1["vocab_size"]
+    if vocab is not None and vocab != expected:
+        fix = f"set {option} to {OFFLINE_ROUTE}" if arch != "toy" else f"use {option} = 'auto' (or 'toy') for a toy model"
+        raise TunelabError(
+            f"{option} = {setting!r}: its vocabulary has {vocab:,} tokens, but the text encoders of {model} "
+            f"({arch}) have {expected:,}, so its token ids do not fit them; {fix}"
+        )
+    return setting
+
+
+def _vocab_size(source: str, option: str) -> int | None:
+    """Tokens in a tokenizer source's vocabulary, without building it: from TE1's vocab.json (the
+    diffusers repository's layout) or tokenizer.json (what transformers 5 saves); None if neither."""
+    import json
+
+    from tunelab.models.arch import load_arch
+
+    if source == "toy":
+        return len(_toy_vocab()[0])
+    if source == "hub":
+        return load_arch("sdxl").text_encoder_1["vocab_size"]
+    folder = _tokenizer_dirs(Path(source), option)[0]
+    if (folder / "vocab.json").is_file():
+        return len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+        return len(model["vocab"]) if "vocab" in model else None
+    return None
 
 
 # --- chunking -----------------------------------------------------------------------------------------
@@ -224,6 +303,16 @@ def count_tokens(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]]
 
 
+def count_truncated(tokenizers: tuple[Any, Any], prompts: Sequence[str], max_chunks: int) -> int:
+    """How many prompts `encode_prompts` would cut: more tokens than max_chunks x 75 for either
+    tokenizer (the trainer's banner and its `prompts_truncated` metric)."""
+    if not prompts:
+        return 0
+    limit = max_chunks * CHUNK_TOKENS
+    counts = zip(count_tokens(tokenizers[0], prompts), count_tokens(tokenizers[1], prompts))
+    return sum(1 for a, b in counts if max(a, b) > limit)
+
+
 # --- encoding -----------------------------------------------------------------------------------------
 
 
@@ -263,9 +352,10 @@ def encode_chunked(
     return h1, h2, pooled
 
 
-def warn_truncated(truncated: Sequence[int], max_chunks: int) -> None:
+def warn_truncated(truncated: Sequence[int], max_chunks: int, level: int = logging.WARNING) -> None:
     if any(truncated):
-        log.warning(
+        log.log(
+            level,
             "%d of %d prompts were longer than max_chunks=%d (%d tokens) and were truncated; raise max_chunks to keep them",
             sum(1 for t in truncated if t), len(truncated), max_chunks, max_chunks * CHUNK_TOKENS,
         )
@@ -279,12 +369,15 @@ def encode_prompts(
     clip_skip: int = 2,
     n_chunks: int | None = None,
 ) -> Conditioning:
-    """SDXL conditioning for a batch of prompts (see the module docstring for the layout)."""
+    """SDXL conditioning for a batch of prompts (see the module docstring for the layout).
+
+    Truncation is returned (`Conditioning.truncated`) and logged at debug level only: this runs
+    every micro-step, so the trainer counts it instead (banner, `prompts_truncated` metric)."""
     tok1 = tokenize(tokenizers[0], prompts, max_chunks, n_chunks)
     tok2 = tokenize(tokenizers[1], prompts, max_chunks, n_chunks=tok1.n_chunks)
     h1, h2, pooled = encode_chunked(encoders, tok1.ids, tok2.ids, clip_skip)
     truncated = [max(a, b) for a, b in zip(tok1.truncated, tok2.truncated)]
-    warn_truncated(truncated, max_chunks)
+    warn_truncated(truncated, max_chunks, level=logging.DEBUG)
     return Conditioning(torch.cat([h1, h2.to(h1.dtype)], dim=-1), pooled, tok1.n_chunks, truncated)
 
 

@@ -15,6 +15,7 @@ same grid again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -25,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tunelab.errors import TunelabError
 from tunelab.run import step_name
@@ -157,7 +158,7 @@ class GridSpec:
     vae: str | None = None
     dtype: str = "auto"  # fp16 on a GPU, fp32 on the CPU; or fp32 / fp16 / bf16
     device: str = "auto"  # cuda if available, else cpu
-    tokenizers: str | None = None  # "toy", or a folder with tokenizer/ and tokenizer_2/
+    tokenizers: str | None = None  # None / "auto" (each checkpoint's own), "toy", or a folder with tokenizer/ and tokenizer_2/
     image_format: str = "png"  # png or jpg
     min_cell: int = 256
 
@@ -191,6 +192,7 @@ class GridSpec:
         if spec.image_format not in ("png", "jpg"):
             raise TunelabError(f"image format must be png or jpg, got {spec.image_format!r}")
         resolve_sampler(spec.base.sampler)
+        _check_numbers(spec)
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +214,20 @@ class GridSpec:
     def from_json(cls, path: str | Path) -> "GridSpec":
         data = json.loads(Path(path).read_text())
         return cls.from_dict(data.get("spec", data))
+
+
+def _check_numbers(spec: GridSpec) -> None:
+    """Every setting a cell can get (the base, and each axis value on it) must be usable."""
+    problems = spec.base.problems()
+    for slot in ("x", "y", "z"):
+        axis = getattr(spec, slot)
+        if axis is None or axis.name in ("checkpoint", "prompt"):
+            continue
+        for value in axis.values:
+            changed = dataclasses.replace(spec.base, **{axis.name: value})
+            problems += [f"{p} (on the {slot.upper()} axis)" for p in changed.problems() if p.startswith(axis.name + " ")]
+    if problems:
+        raise TunelabError("; ".join(dict.fromkeys(problems)))
 
 
 # --- the plan -------------------------------------------------------------------------------------------
@@ -278,6 +294,9 @@ def render_grid(spec: GridSpec, out_dir: str | Path, loader: Loader | None = Non
     SamplingModel from a checkpoint path (default: `load_for_sampling`; tests count its calls)."""
     spec = spec.resolve()
     cells = plan_cells(spec)
+    if loader is None:  # every checkpoint's tokenizers, from the headers, before the first load
+        for ckpt in dict.fromkeys(c.checkpoint for c in cells):
+            sampling_tokenizers(ckpt, spec)
     load = loader or load_for_sampling
     out = Path(out_dir)
     images: dict[tuple[int, int, int], Any] = {}
@@ -300,8 +319,9 @@ def render_grid_from_components(components: Any, tokenizers: tuple[Any, Any], sp
     `components` must hold the plain modules (for DDP / FSDP: `accelerator.unwrap_model(unet)`),
     and the call belongs on rank 0 only. The spec must not have a checkpoint axis (there is one model: the live one, named
     "step N"). Modules are switched to eval mode for the render and restored after; everything
-    runs under no_grad. Output goes to out_dir/step-0000N/; the trainer lists
-    `result.grid` in its metrics.
+    runs under no_grad, in one dtype (`_one_dtype`: a trainer keeps frozen modules in the autocast
+    dtype, e.g. a bf16 VAE beside a float32 UNet). Output goes to out_dir/step-0000N/; the trainer
+    lists `result.grid` in its metrics.
     """
     import torch
 
@@ -316,16 +336,39 @@ def render_grid_from_components(components: Any, tokenizers: tuple[Any, Any], sp
     for m in modules.values():
         m.eval()
     try:
-        model = build_pipeline(components, tokenizers, name=name)
-        cells = plan_cells(spec)
-        out = Path(out_dir) / step_name(step)
-        images: dict[tuple[int, int, int], Any] = {}
-        with torch.no_grad(), _bar(len(cells), progress) as bar:
-            _render_cells(model, cells, spec, out, images, bar, first_index=0)
+        with _one_dtype(modules):
+            model = build_pipeline(components, tokenizers, name=name)
+            cells = plan_cells(spec)
+            out = Path(out_dir) / step_name(step)
+            images: dict[tuple[int, int, int], Any] = {}
+            with torch.no_grad(), _bar(len(cells), progress) as bar:
+                _render_cells(model, cells, spec, out, images, bar, first_index=0)
         return _finish(spec, cells, images, out, loads=0)
     finally:
         for n, m in modules.items():
             m.train(was_training[n])
+
+
+@contextlib.contextmanager
+def _one_dtype(modules: dict[str, Any]) -> Iterator[Any]:
+    """Run the modules in one dtype for a while: theirs when they agree, else float32 (the
+    pipeline feeds each module another's output: latents from the UNet into the VAE, text states
+    into the UNet). Only narrower modules are cast, up, and back afterwards; bf16 / fp16 -> float32
+    -> bf16 / fp16 is exact, so the training weights come back bit for bit."""
+    import torch
+
+    dtypes = {name: next(m.parameters()).dtype for name, m in modules.items()}
+    target = next(iter(dtypes.values())) if len(set(dtypes.values())) == 1 else torch.float32
+    cast = [name for name, dtype in dtypes.items() if dtype != target]
+    if cast:
+        log.info("grid: sampling in %s (%s cast for the render)", target, ", ".join(cast))
+    try:
+        for name in cast:
+            modules[name].to(dtype=target)
+        yield target
+    finally:
+        for name in cast:
+            modules[name].to(dtype=dtypes[name])
 
 
 def _groups(cells: list[Cell]) -> Iterable[tuple[str, list[Cell]]]:
@@ -430,25 +473,36 @@ def load_for_sampling(path: str, spec: GridSpec) -> SamplingModel:
     import torch
 
     from tunelab.models.checkpoint import load_checkpoint, parse_dtype
-    from tunelab.models.text import load_tokenizers
+    from tunelab.models.text import load_tokenizers, resolve_tokenizers
     from tunelab.sample.pipeline import build_pipeline, load_vae
 
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # fp16 on GPUs (what the field samples in), fp32 on CPUs (which are slow or wrong in fp16)
     dtype = parse_dtype(spec.dtype if spec.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32"))
+    tok_source = sampling_tokenizers(path, spec)  # from the header: a mismatch is refused before the weights load
     log.info("loading %s", path)
     comps = load_checkpoint(path)
     for m in comps.modules().values():
         if next(m.parameters()).dtype != dtype:  # cast only when needed (diffusers warns on every cast)
             m.to(dtype=dtype)
-    tok_source = spec.tokenizers or ("toy" if comps.arch == "toy" else None)
-    if tok_source is None:
-        raise TunelabError("sdxl checkpoints need --tokenizers: a folder with tokenizer/ and tokenizer_2/ (any diffusers SDXL folder)")
+    tok_source = resolve_tokenizers(tok_source, comps.arch, path, option="--tokenizers")  # no header: known now
     vae = load_vae(spec.vae, comps.arch, dtype) if spec.vae else None
     for m in [*comps.modules().values(), *([vae] if vae is not None else [])]:
         m.to(device).eval()
     return build_pipeline(comps, load_tokenizers(tok_source), vae=vae, name=Path(path).stem,
                           model_hash=model_hash(path), vae_name=Path(spec.vae).name if spec.vae else None)
+
+
+def sampling_tokenizers(path: str, spec: GridSpec) -> str:
+    """The tokenizers `path` samples with: --tokenizers, or (unset / 'auto') the checkpoint's own
+    (toy: built in; a diffusers folder: its tokenizer/ and tokenizer_2/), checked against the
+    checkpoint's header (no weights are read). Refuses an sdxl file without a tokenizer folder
+    and tokenizers that do not fit the text encoders; 'auto' comes back when no header can tell."""
+    from tunelab.models.checkpoint import base_arch
+    from tunelab.models.text import resolve_tokenizers
+
+    arch = base_arch(path) if Path(path).exists() else None
+    return resolve_tokenizers(spec.tokenizers or "auto", arch, path, option="--tokenizers")
 
 
 def _free_memory() -> None:
@@ -468,7 +522,7 @@ def _bar(total: int, enabled: bool):
 
 
 __all__ = ["GridSpec", "Axis", "parse_values", "plan_cells", "render_grid", "render_grid_from_components",
-           "load_for_sampling", "GridResult"]
+           "load_for_sampling", "sampling_tokenizers", "GridResult"]
 
 
 def render_training_grid(components: Any, tokenizers: tuple[Any, Any], cfg: Any, out_dir: str | Path,

@@ -337,7 +337,7 @@ class GuidedUNet(torch.nn.Module):
             torch.cat([sample] * len(names)), timestep, encoder_hidden_states=ctx,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": added_cond_kwargs["time_ids"].repeat(len(names), 1)},
             return_dict=False, **{k: v for k, v in kwargs.items() if k in ("timestep_cond", "cross_attention_kwargs")},
-        )[0]
+        )[0].to(sample.dtype)  # in the latents' dtype: a UNet that accelerate prepared returns float32 whatever its own
         parts = dict(zip(names, out.chunk(len(names))))
         self.last_uncond = parts.get("uncond", parts["cond"])
         return (combine(parts, self.g),)

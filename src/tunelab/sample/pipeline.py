@@ -207,6 +207,22 @@ class SampleSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def problems(self) -> list[str]:
+        """Numbers no sampler can use, as 'name: why' (checked before any model loads: steps 0
+        used to end in a ZeroDivisionError inside the scheduler, a negative width in torch)."""
+        out = []
+        for name, low in (("steps", 1), ("hires_steps", 0), ("clip_skip", 1), ("max_chunks", 1)):
+            if getattr(self, name) < low:
+                out.append(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("cfg", "pag_scale", "seg_scale"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                out.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                out.append(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}")
+        return out
+
 
 @dataclass
 class Sample:

@@ -38,9 +38,10 @@ import torch
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
+from tunelab.models.text import count_truncated
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
-from tunelab.train.state import check_resume, load_state, save_state
+from tunelab.train.state import check_resume, choose_state, load_state, save_state
 from tunelab.train.step import StepModels, TextSettings, batch_seed, training_loss
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class Setup:
     data: TrainData | None = None  # None only for a dry run before the index exists
     training: Training | None = None  # None for a dry run
     callbacks: Callbacks = field(default_factory=Callbacks)
+    lock: Any = None  # run.RunLock held by the main process while training
 
     @property
     def effective_batch(self) -> int:
@@ -115,14 +117,17 @@ class TrainResult:
 
 
 def train(run: RunConfig | str | Path, allow_config_change: bool = False, init_from: str | Path | None = None,
-          dry_run: bool = False, callbacks: Callbacks | None = None) -> TrainResult | None:
-    """Train (or resume) the run a run file describes; `dry_run` prints the banner and stops."""
+          dry_run: bool = False, callbacks: Callbacks | None = None,
+          resume_from: str | Path | None = None) -> TrainResult | None:
+    """Train (or resume) the run a run file describes; `dry_run` prints the banner and stops.
+    `resume_from` picks a state folder of the run instead of the newest usable one."""
     cfg = run if isinstance(run, RunConfig) else load_config(run)  # 1
-    s = setup(cfg, allow_config_change, init_from, dry_run)  # 2-8
+    s = setup(cfg, allow_config_change, init_from, dry_run, resume_from)  # 2-8
     if callbacks is not None:
         s.callbacks = callbacks
-    for line in banner(s):
-        log.info("%s", line)
+    if s.accelerator is None or s.accelerator.is_main_process:  # one banner per run, not per process
+        for line in banner(s):
+            log.info("%s", line)
     if dry_run:
         return None
     return loop(s)  # 9
@@ -145,17 +150,31 @@ def _accelerator(cfg: RunConfig):
 
 
 def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Path | None = None,
-          dry_run: bool = False) -> Setup:
+          dry_run: bool = False, resume_from: str | Path | None = None) -> Setup:
     """Steps 2-8 of the module docstring: everything `loop` needs (on a dry run: no weights,
-    no accelerator, no optimizer)."""
+    no accelerator, no optimizer). The main process holds the run directory's lock from here
+    until `loop` ends, so a second `tunelab train` on the same directory is refused."""
+    acc = _accelerator(cfg) if not dry_run else None
+    run = RunDir(Path(cfg.run.output_dir))
+    lock = run.lock() if acc is not None and acc.is_main_process else None
+    try:
+        s = _setup(cfg, acc, run, allow_config_change, init_from, dry_run, resume_from)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    s.lock = lock
+    return s
+
+
+def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_from: str | Path | None,
+           dry_run: bool, resume_from: str | Path | None) -> Setup:
     from tunelab.train.parts import select_trainable
 
-    acc = _accelerator(cfg) if not dry_run else None
     world = acc.num_processes if acc else (cfg.train.expect_world_size or 1)
     _check_world(cfg, world)
     accumulation = cfg.accumulation_for(world)
-    run = RunDir(Path(cfg.run.output_dir))
-    state = run.latest_state()  # 3: resume? checked against the run file and the data first
+    state = choose_state(run, resume_from)  # 3: resume? checked against the run file and the data first
     resume = run.read_trainer_info(state) if state is not None else None
     data = _data(cfg, acc, world, accumulation)
     if resume is not None:
@@ -201,8 +220,12 @@ def check_prediction(cfg: RunConfig, source: str, base: PredictionRecord | None 
                      ) -> tuple[PredictionRecord, PredictionRecord]:
     """(the run's record, the base's record); refuses a run whose [objective] contradicts its
     base unless `objective.convert_base` says the conversion is meant. Reads headers only (or
-    takes `base`, the record of loaded components, for a base without a header: a pickle file).
+    takes `base`, the record of loaded components, for a base without a header). A pickle base is
+    refused here, before anything loads: `tunelab train` never unpickles (convert it first).
     The toy preset built in code is random and predicts nothing yet: any objective fits it."""
+    from tunelab.models.checkpoint import refuse_pickle
+
+    refuse_pickle(source, "model.base" if source == cfg.model.base else "--init-from")
     mine = PredictionRecord.from_objective(cfg.objective)
     base = base or (mine if source == "toy" else (base_record(source) or mine))
     if conversion_note(mine, base) and not cfg.objective.convert_base:
@@ -246,30 +269,44 @@ def _check_effective_batch(cfg: RunConfig, resume: TrainerInfo, world: int, allo
 
 
 def load_model(cfg: RunConfig, init_from: str | Path | None = None, meta: bool = False):
-    """(components, tokenizers) of the run's base (or `init_from`); `meta` builds shapes only."""
+    """(components, tokenizers) of the run's base (or `init_from`); `meta` builds shapes only
+    (and loads only local tokenizers: the banner counts truncated prompts with them)."""
     from tunelab.models.arch import build_components
-    from tunelab.models.checkpoint import detect_arch, load_checkpoint
-    from tunelab.models.safetensors_io import read_header
-    from tunelab.models.text import load_tokenizers
+    from tunelab.models.checkpoint import base_arch, load_checkpoint
+    from tunelab.models.text import load_tokenizers, resolve_tokenizers
 
     source = str(init_from) if init_from else cfg.model.base
     arch = None if cfg.model.arch == "auto" else cfg.model.arch
+    tokenizers = check_tokenizers(cfg, source)  # from the header: a mismatch is refused before any weight loads
     if source == "toy":
         comps = build_components("toy", device="meta" if meta else "cpu", seed=cfg.run.seed)
     elif meta:  # --dry-run: shapes only, read from the file's header
-        header = read_header(source) if Path(source).is_file() else None
-        arch = arch or (detect_arch({k: v.shape for k, v in header.tensors.items()}, header.metadata, source)
-                        if header else "sdxl")
-        comps = build_components(arch, device="meta")
+        comps = build_components(arch or base_arch(source) or "sdxl", device="meta")
     else:
         comps = load_checkpoint(source, arch=arch, dtype=torch.float32)
-    toks = (load_tokenizers(cfg.model.tokenizers, allow_download=cfg.model.allow_download)
-            if not meta or cfg.model.tokenizers == "toy" else (None, None))
+        tokenizers = resolve_tokenizers(tokenizers, comps.arch, source)  # a pickle base: known only now
+    local = tokenizers == "toy" or (tokenizers not in ("auto", "hub") and Path(tokenizers).is_dir())
+    toks = (load_tokenizers(tokenizers, allow_download=cfg.model.allow_download)
+            if not meta or local else (None, None))
     return comps, toks
 
 
+def check_tokenizers(cfg: RunConfig, source: str) -> str:
+    """The run's tokenizer source, `model.tokenizers` with 'auto' resolved to the base's own,
+    checked against the base's architecture (its header, or model.arch) before any weight loads:
+    toy tokenizers with an sdxl base, or SDXL's with a toy one, are refused with the fix. A base
+    that does not exist yet or has no header (a pickle) gets the setting back unchecked."""
+    from tunelab.models.checkpoint import base_arch
+    from tunelab.models.text import resolve_tokenizers
+
+    if source != "toy" and not Path(source).exists():
+        return cfg.model.tokenizers
+    arch = base_arch(source) if cfg.model.arch == "auto" or source == "toy" else cfg.model.arch
+    return resolve_tokenizers(cfg.model.tokenizers, arch, source)
+
+
 def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | None:
-    from tunelab.data.index import index_digest
+    from tunelab.data.index import check_bucket_config, index_digest
     from tunelab.data.loader import BucketBatchSampler, TrainDataset, collate, open_index
 
     if not cfg.data.index or not Path(cfg.data.index).exists():
@@ -277,9 +314,11 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
             return None  # dry run before the index exists: the banner says so
         raise TunelabError(f"data.index = {cfg.data.index!r} does not exist; build it with `tunelab data index`")
     index = open_index(cfg.data.index)
+    check_bucket_config(index.footer, cfg.data.given_buckets(), cfg.data.index)  # the index's buckets win
     rows = index.rows_in_split("train")
     sampler = BucketBatchSampler(index.bucket_ids()[rows], cfg.train.batch_size, seed=cfg.run.seed,
-                                 rank=acc.process_index if acc else 0, world_size=world, rows=rows)
+                                 rank=acc.process_index if acc else 0, world_size=world, rows=rows,
+                                 repeats=index.repeats()[rows])  # kohya folder repeats: samples per epoch
     steps_per_epoch = len(sampler) // accumulation
     if steps_per_epoch == 0:
         raise TunelabError(
@@ -288,7 +327,7 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     latents = None
-    if cfg.data.latents:  # tunelab's shards or a kohya .npz folder (data/latents.py open_latents)
+    if cfg.data.latents:  # tunelab's shards or a kohya .npz folder, checked against the index's buckets
         from tunelab.data.latents import open_latents
 
         latents = open_latents(cfg.data.latents, index)
@@ -355,9 +394,11 @@ def banner(s: Setup) -> list[str]:
              f"world size {s.world_size} x batch {t.batch_size} x accumulation {s.accumulation} = "
              f"effective batch {s.effective_batch}"]
     if s.data is not None:
-        lines += [f"dataset {len(s.data.sampler.rows):,} images (train split), {_bucket_line(s.data)}",
+        lines += [f"dataset {len(s.data.sampler.rows):,} images, {s.data.sampler.num_samples:,} samples per epoch "
+                  f"with repeats (train split), {_bucket_line(s.data)}",
                   f"steps per epoch {s.data.steps_per_epoch:,}, total steps {s.total_steps:,} "
-                  f"({s.total_steps * s.effective_batch:,} samples)"]
+                  f"({s.total_steps * s.effective_batch:,} samples)",
+                  _truncation_line(s)]
     else:
         lines.append(f"dataset: data.index {cfg.data.index!r} is not built yet (tunelab data index)")
     lines.append("trainable parameters:")
@@ -369,6 +410,17 @@ def banner(s: Setup) -> list[str]:
     converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     return lines
+
+
+def _truncation_line(s: Setup) -> str:
+    """How many train-split prompts model.max_chunks cuts, counted once before training (at most
+    2,000 of them, sampled: data/preview.py); the loop then logs `prompts_truncated` per step."""
+    from tunelab.data.preview import count_split_truncation
+
+    if s.tokenizers[0] is None:
+        return "prompts: truncation not counted (tokenizers not loaded); `tunelab data preview --config RUN.toml` shows it"
+    return count_split_truncation(s.data.index, s.data.sampler.rows, s.cfg.data.captions, s.cfg.run.seed,
+                                  s.tokenizers, s.cfg.model.max_chunks).line()
 
 
 def _bucket_line(data: TrainData) -> str:
@@ -403,18 +455,29 @@ def batches(s: Setup, start_epoch: int, start_position: int) -> Iterator[tuple[i
 
 
 def loop(s: Setup) -> TrainResult:
-    """Step 9: train until total_steps, saving and firing the loop events."""
-    from tunelab.train.metrics import MetricsLogger
+    """Step 9: train until total_steps, saving and firing the loop events; then free the run
+    directory's lock (also when training fails)."""
+    try:
+        return _loop(s)
+    finally:
+        if s.lock is not None:
+            s.lock.release()
+
+
+def _loop(s: Setup) -> TrainResult:
+    from tunelab.train.metrics import MetricsLogger, WandbSettings
 
     acc, cfg, run, p = s.accelerator, s.cfg, s.run, s.progress
     if acc.is_main_process:
         run.make()
         save_resolved(cfg, run.config)
-    metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=p.step)
+    metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=p.step,
+                            wandb=WandbSettings.from_config(cfg, run.path))  # [log] wandb: rank 0 only too
     ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps)
     data = batches(s, p.epoch, p.position)
     bar = _progress_bar(acc, s.total_steps, p.step)
     start_step, streak, last_ckpt, smooth, t0 = p.step, 0, None, None, time.perf_counter()
+    warned_truncation = False  # once per run: the per-step count is the prompts_truncated metric
     s.callbacks.fire(Event.START, ctx)
     while p.step < s.total_steps:
         result = optimizer_step(s, data)
@@ -427,6 +490,8 @@ def loop(s: Setup) -> TrainResult:
         rate = p.effective_batch * (p.step - start_step) / (time.perf_counter() - t0)
         if p.step % cfg.log.every_n_steps == 0:
             metrics.log(p.step, _scalars(s, result, rate))
+        if result.truncated and not warned_truncation:
+            warned_truncation = _warn_truncation(s, result)
         smooth = result.loss if smooth is None else 0.98 * smooth + 0.02 * result.loss  # the bar's loss: an EMA
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.2f}", epoch=p.epoch)
@@ -441,9 +506,17 @@ def _scalars(s: Setup, result: "StepResult", rate: float) -> dict[str, float]:
     p = s.progress
     scalars = {"loss": result.loss, "grad_norm": result.grad_norm, "img_per_s": rate,
                "effective_batch": p.effective_batch, "samples_seen": p.samples_seen,
-               "nonfinite_skipped": p.skipped_nonfinite}
+               "nonfinite_skipped": p.skipped_nonfinite, "prompts_truncated": result.truncated}
     groups = s.training.optimizer.param_groups
     return scalars | {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
+
+
+def _warn_truncation(s: Setup, result: "StepResult") -> bool:
+    m = s.cfg.model
+    log.warning("step %d: %d of %d prompts were longer than model.max_chunks = %d (%d tokens) and were truncated; "
+                "the count per step is logged as prompts_truncated (this warning is not repeated)",
+                s.progress.step, result.truncated, s.effective_batch, m.max_chunks, m.max_chunks * 75)
+    return True
 
 
 def _progress_bar(acc, total: int, initial: int):
@@ -460,14 +533,16 @@ class StepResult:
     grad_norm: float
     next_epoch: int  # where the next step's data starts (position 0: this step finished an epoch)
     next_position: int
+    truncated: int = 0  # prompts of the step (all micro-batches and processes) cut by max_chunks
 
 
 def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> StepResult:
     """`accumulation` micro-batches from `data` (see `batches`), then one optimizer step,
     skipped if any loss was not finite."""
-    acc, t, total, bad = s.accelerator, s.training, 0.0, 0
+    acc, t, total, bad, truncated = s.accelerator, s.training, 0.0, 0, 0
     for micro in range(s.accumulation):
         epoch, position, batch = next(data)
+        truncated += count_truncated(s.tokenizers, batch["prompt"], s.cfg.model.max_chunks) if batch else 0
         last = micro == s.accumulation - 1
         with _no_sync(acc, t.trainable, enabled=not last), acc.autocast():
             loss = _micro_loss(s, batch, epoch, position)
@@ -476,7 +551,7 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
         bad += int(not torch.isfinite(loss))
         acc.backward(loss / s.accumulation)
         total += loss.detach().float().item()
-    flags = acc.reduce(torch.tensor([total, float(bad)], device=acc.device), reduction="sum")
+    flags = acc.reduce(torch.tensor([total, float(bad), float(truncated)], device=acc.device), reduction="sum")
     finite = flags[1].item() == 0
     grad_norm = _clip(s) if finite else float("nan")
     if finite:
@@ -484,7 +559,7 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
         t.lr_scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     mean_loss = flags[0].item() / (s.accumulation * acc.num_processes)
-    return StepResult(mean_loss, finite, grad_norm, *_next_start(s, epoch, position))
+    return StepResult(mean_loss, finite, grad_norm, *_next_start(s, epoch, position), truncated=int(flags[2].item()))
 
 
 def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
