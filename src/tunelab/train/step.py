@@ -8,7 +8,8 @@ modules may be DDP / compiled wrappers (calls go through them, configs are read 
     cond      = conditioning(models, batch["prompt"], text)       # context (B, 77k, 2048), pooled
     noised    = objective.sample(latents, generator)               # or objective.make(fixed noise, t)
     pred      = predict(models.unet, noised, cond, micro_conditioning(batch, device))
-    loss      = compute_loss(pred, noised.target, ...)             # (B,) per sample
+    loss      = compute_loss(pred, noised.target, ...)             # (B,) per sample (StepLoss, with
+                                                                   # the count of truncated prompts)
 
 `training_loss` is that sequence with the run's generator (what the trainer backpropagates);
 `denoise_loss` takes the noise and timesteps from the caller (what probes measure).
@@ -17,7 +18,7 @@ modules may be DDP / compiled wrappers (calls go through them, configs are read 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -93,18 +94,25 @@ def predict(unet: torch.nn.Module, noised: NoisedBatch, cond: Conditioning, ids:
                 added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": ids}).sample
 
 
+class StepLoss(NamedTuple):
+    loss: torch.Tensor  # (B,) per sample (denoise_loss), or the scalar mean (training_loss)
+    truncated: int  # prompts of the batch longer than text.max_chunks allows (cut)
+
+
 def denoise_loss(models: StepModels, batch: Mapping[str, Any], noised: NoisedBatch, objective: Objective,
-                 loss: LossSection, text: TextSettings, device: torch.device | str) -> torch.Tensor:
+                 loss: LossSection, text: TextSettings, device: torch.device | str) -> StepLoss:
     """(B,) per-sample loss of the batch at the given noise and timesteps (`objective.make`)."""
     cond = conditioning(models, list(batch["prompt"]), text)
     pred = predict(models.unet, noised, cond, micro_conditioning(batch, device))
-    return compute_loss(pred.float(), noised.target.float(), loss, objective.prediction, noised.timesteps,
-                        noised.snr, objective.num_train_timesteps)
+    per_sample = compute_loss(pred.float(), noised.target.float(), loss, objective.prediction, noised.timesteps,
+                              noised.snr, objective.num_train_timesteps)
+    return StepLoss(per_sample, sum(1 for n in cond.truncated if n))
 
 
 def training_loss(models: StepModels, batch: Mapping[str, Any], objective: Objective, loss: LossSection,
-                  text: TextSettings, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+                  text: TextSettings, generator: torch.Generator, device: torch.device | str) -> StepLoss:
     """The scalar loss one micro-batch backpropagates: noise and timesteps drawn from `generator`."""
     latents = batch_latents(batch, models.vae, device)
     noised = objective.sample(latents, generator)
-    return denoise_loss(models, batch, noised, objective, loss, text, device).mean()
+    per_sample, truncated = denoise_loss(models, batch, noised, objective, loss, text, device)
+    return StepLoss(per_sample.mean(), truncated)

@@ -38,11 +38,10 @@ import torch
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
-from tunelab.models.text import count_truncated
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
 from tunelab.train.state import check_resume, choose_state, load_state, save_state
-from tunelab.train.step import StepModels, TextSettings, batch_seed, training_loss
+from tunelab.train.step import StepLoss, StepModels, TextSettings, batch_seed, training_loss
 
 if TYPE_CHECKING:
     from tunelab.data.loader import BucketBatchSampler, IndexTable
@@ -542,10 +541,10 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
     acc, t, total, bad, truncated = s.accelerator, s.training, 0.0, 0, 0
     for micro in range(s.accumulation):
         epoch, position, batch = next(data)
-        truncated += count_truncated(s.tokenizers, batch["prompt"], s.cfg.model.max_chunks) if batch else 0
         last = micro == s.accumulation - 1
         with _no_sync(acc, t.trainable, enabled=not last), acc.autocast():
-            loss = _micro_loss(s, batch, epoch, position)
+            loss, cut = _micro_loss(s, batch, epoch, position)
+        truncated += cut
         # A NaN/inf loss still goes through backward (every process must take part in DDP's
         # all-reduce); its gradients are thrown away below with the whole step.
         bad += int(not torch.isfinite(loss))
@@ -562,10 +561,10 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
     return StepResult(mean_loss, finite, grad_norm, *_next_start(s, epoch, position), truncated=int(flags[2].item()))
 
 
-def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> torch.Tensor:
+def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> StepLoss:
     t, cfg = s.training, s.cfg
     if batch is None:  # every image of the batch was unreadable (logged to the rejects file)
-        return sum(p.sum() for p in t.params) * 0.0  # still a graph: DDP needs every process's backward
+        return StepLoss(sum(p.sum() for p in t.params) * 0.0, 0)  # still a graph: DDP needs every process's backward
     gen = torch.Generator(device="cpu").manual_seed(batch_seed(cfg.run.seed, epoch, position))
     text = TextSettings(cfg.model.max_chunks, cfg.model.clip_skip, trains=cfg.train.parts.text_encoder != "off")
     return training_loss(t.models, batch, t.objective, cfg.loss, text, gen, s.accelerator.device)
