@@ -287,6 +287,14 @@ def test_open_latents_refuses_what_it_cannot_use(tmp_path: Path) -> None:
 # `stack expects each tensor to be equal size`.
 
 
+def _other_buckets_index(tmp_path: Path) -> Path:
+    """The same images as `_index`, indexed with other buckets (64x64 only)."""
+    other = tmp_path / "other.parquet"
+    build_index([f"folder:{tmp_path / 'imgs'}"], other,
+                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)), progress=False)
+    return other
+
+
 def test_shard_folder_from_other_buckets_is_refused_when_opened(tmp_path: Path, vae: torch.nn.Module) -> None:
     from tunelab.data.latents import MANIFEST, check_agreement, read_manifest
 
@@ -297,9 +305,7 @@ def test_shard_folder_from_other_buckets_is_refused_when_opened(tmp_path: Path, 
     table = IndexTable(index)
     check_agreement(open_latents(cache, table), table)  # the folder it was made for: fine
 
-    other = tmp_path / "other.parquet"  # the same images, other buckets (64x64 only)
-    build_index([f"folder:{tmp_path / 'imgs'}"], other,
-                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)), progress=False)
+    other = _other_buckets_index(tmp_path)
     with pytest.raises(TunelabError, match=r"other buckets \(resolution 64, sides 32-128, step 32\).*"
                                            r"tunelab data cache .*other.parquet --out NEW_DIR"):
         open_latents(cache, IndexTable(other))
@@ -317,9 +323,7 @@ def test_caching_into_a_folder_of_other_buckets_is_refused(tmp_path: Path, vae: 
     index = _index(tmp_path, n=3)
     cache = tmp_path / "cache"
     cache_latents(index, cache, vae, progress=False)
-    other = tmp_path / "other.parquet"
-    build_index([f"folder:{tmp_path / 'imgs'}"], other,
-                IndexOptions(buckets=BucketConfig(resolution=64, min_side=64, max_side=64, step=32)), progress=False)
+    other = _other_buckets_index(tmp_path)
     with pytest.raises(TunelabError, match="cached from an index with other buckets.*--out NEW_DIR"):
         cache_latents(other, cache, vae, progress=False)  # a resume would keep the old sizes
     assert cache_latents(other, tmp_path / "new", vae, progress=False).encoded == 3
