@@ -183,8 +183,6 @@ def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_fro
     source = str(init_from) if init_from else cfg.model.base
     prediction, base_prediction = check_prediction(cfg, source)  # 4: from the header, before any weight
     comps, toks = load_model(cfg, init_from, meta=dry_run)
-    if not dry_run and source != "toy" and base_record(source) is None:  # no header to read: check the loaded record
-        prediction, base_prediction = check_prediction(cfg, source, PredictionRecord.of(comps))
     prediction.stamp(comps.extras, comps.metadata)  # live grids and checkpoints say what the run trains
     plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5
     progress = _progress_from(resume, world * cfg.train.batch_size * accumulation)
@@ -215,18 +213,17 @@ def _progress_from(resume: TrainerInfo | None, effective_batch: int) -> Progress
     return Progress(resume.step, resume.epoch, resume.position, resume.skipped_nonfinite, effective_batch)
 
 
-def check_prediction(cfg: RunConfig, source: str, base: PredictionRecord | None = None
-                     ) -> tuple[PredictionRecord, PredictionRecord]:
+def check_prediction(cfg: RunConfig, source: str) -> tuple[PredictionRecord, PredictionRecord]:
     """(the run's record, the base's record); refuses a run whose [objective] contradicts its
-    base unless `objective.convert_base` says the conversion is meant. Reads headers only (or
-    takes `base`, the record of loaded components, for a base without a header). A pickle base is
-    refused here, before anything loads: `tunelab train` never unpickles (convert it first).
+    base unless `objective.convert_base` says the conversion is meant. Reads headers only. A
+    pickle base is refused here, before anything loads: `tunelab train` never unpickles (convert
+    it first), so every base that loads has a header or a scheduler config to read.
     The toy preset built in code is random and predicts nothing yet: any objective fits it."""
     from tunelab.models.checkpoint import refuse_pickle
 
     refuse_pickle(source, "model.base" if source == cfg.model.base else "--init-from")
     mine = PredictionRecord.from_objective(cfg.objective)
-    base = base or (mine if source == "toy" else (base_record(source) or mine))
+    base = mine if source == "toy" else (base_record(source) or mine)  # None: no such file (yet)
     if conversion_note(mine, base) and not cfg.objective.convert_base:
         ob = cfg.objective
         match = f"objective.prediction = {base.type!r}" + (", objective.zero_terminal_snr = true" if base.ztsnr else "")
@@ -272,7 +269,7 @@ def load_model(cfg: RunConfig, init_from: str | Path | None = None, meta: bool =
     (and loads only local tokenizers: the banner counts truncated prompts with them)."""
     from tunelab.models.arch import build_components
     from tunelab.models.checkpoint import base_arch, load_checkpoint
-    from tunelab.models.text import load_tokenizers, resolve_tokenizers
+    from tunelab.models.text import load_tokenizers
 
     source = str(init_from) if init_from else cfg.model.base
     arch = None if cfg.model.arch == "auto" else cfg.model.arch
@@ -283,7 +280,6 @@ def load_model(cfg: RunConfig, init_from: str | Path | None = None, meta: bool =
         comps = build_components(arch or base_arch(source) or "sdxl", device="meta")
     else:
         comps = load_checkpoint(source, arch=arch, dtype=torch.float32)
-        tokenizers = resolve_tokenizers(tokenizers, comps.arch, source)  # a pickle base: known only now
     local = tokenizers == "toy" or (tokenizers not in ("auto", "hub") and Path(tokenizers).is_dir())
     toks = (load_tokenizers(tokenizers, allow_download=cfg.model.allow_download)
             if not meta or local else (None, None))
@@ -294,7 +290,7 @@ def check_tokenizers(cfg: RunConfig, source: str) -> str:
     """The run's tokenizer source, `model.tokenizers` with 'auto' resolved to the base's own,
     checked against the base's architecture (its header, or model.arch) before any weight loads:
     toy tokenizers with an sdxl base, or SDXL's with a toy one, are refused with the fix. A base
-    that does not exist yet or has no header (a pickle) gets the setting back unchecked."""
+    that does not exist yet gets the setting back unchecked (loading it then fails and says so)."""
     from tunelab.models.checkpoint import base_arch
     from tunelab.models.text import resolve_tokenizers
 
