@@ -785,25 +785,88 @@ def toy_world(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write images with .txt tags and .caption captions (kohya layout).")],
     n_images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
-    concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star).")] = 0.25,
+    concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star); split 'mixed' only.")] = 0.25,
+    split: Annotated[str, typer.Option(help="Which part of the world: base (what the shipped toy base knows), concept (astolfo only), style (base subjects outlined), preserve (base subjects a concept finetune never shows), mixed (base + a share of concept).")] = "mixed",
     n: Annotated[Optional[int], typer.Option("--n", min=1, hidden=True)] = None,  # deprecated: --n-images
 ) -> None:
-    """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags and captions."""
-    from tunelab.toy.world import make_world
+    """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags, captions
+    and the ground truth of each image (looks.jsonl)."""
+    from tunelab.toy.world import SPLITS, make_world
 
     n_images = _renamed(ctx, "--n-images", n_images, "--n", n)
-    samples = make_world(out, n=n_images, seed=seed, concept_share=concept_share)
-    typer.echo(f"wrote {len(samples)} images with tags and captions to {out}")
+    if split not in SPLITS:
+        raise TunelabError(f"--split {split!r} is not a split of the toy world; choose one of: {', '.join(SPLITS)}")
+    samples = make_world(out, n=n_images, seed=seed, concept_share=concept_share, split=split)
+    typer.echo(f"wrote {len(samples)} images ({split}) with tags and captions to {out}")
+
+
+@toy_app.command("pretrain")
+def toy_pretrain(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the base split, its index and latents, the run, and toy-base.safetensors.")],
+    seed: Annotated[int, typer.Option(help="Seeds the world, the initial weights and the training.")] = 0,
+    tiny: Annotated[bool, typer.Option("--tiny", help="A few steps of every stage: checks the pipeline in seconds; the model draws nothing.")] = False,
+) -> None:
+    """Pretrain the toy base model from nothing on the toy world's base split: VAE, then UNet and
+    both text encoders with tunelab's own index, cache and trainer (about 25 minutes on 2 CPU
+    cores). The package ships the result of the defaults (seed 0)."""
+    from tunelab.toy.pretrain import PretrainSettings, pretrain
+
+    settings = PretrainSettings.tiny(seed) if tiny else PretrainSettings(seed=seed)
+    result = pretrain(out, settings)
+    typer.echo(f"toy base: {result.base}")
+
+
+@toy_app.command("score")
+def toy_score(
+    checkpoint: Annotated[Path, typer.Argument(help="A toy checkpoint (.safetensors); default: the shipped toy base.")] = None,  # type: ignore[assignment]
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write a sheet of every rendered image (PNG; wrong readings framed red).")] = None,
+    sets: Annotated[str, typer.Option(help="Comma-separated: concept (astolfo), preserve (cars and other base shapes), base (a sample of the base split).")] = "concept,preserve,base",
+) -> None:
+    """Render fixed prompts with fixed seeds and read each image back with the concept reader:
+    the share drawn right per set (what a toy model knows, learned or forgot)."""
+    from tunelab.toy.evaluate import SETS, evaluate_file, sheet
+    from tunelab.toy.pretrain import shipped_base
+
+    names = [n.strip() for n in sets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETS]
+    if unknown:
+        raise TunelabError(f"--sets: unknown {', '.join(unknown)}; choose from {', '.join(SETS)}")
+    path = checkpoint or shipped_base()
+    scores = evaluate_file(str(path), names)
+    for name, s in scores.items():
+        attrs = ", ".join(f"{k} {v:.0%}" for k, v in s.per_attribute.items())
+        typer.echo(f"{name:9s} {s.accuracy:6.1%} all right  ({attrs}; n = {s.n})")
+    if out is not None:
+        typer.echo(f"sheet: {sheet(scores, str(out))}")
+
+
+@toy_app.command("experiment")
+def toy_experiment(
+    name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16), accumulation (effective batch 16 vs 4).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, the runs, results.csv, summary.md and summary.png.")] = Path("toy-experiments"),
+    seeds: Annotated[int, typer.Option(min=1, help="Finetunes per arm, one per seed (mean ± spread over them).")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each finetune.")] = 80,
+    eval_steps: Annotated[int, typer.Option(min=1, help="Sampler steps of every scored image.")] = 30,
+) -> None:
+    """Run one of the seed's comparisons in miniature on the shipped toy base: each arm finetuned
+    once per seed, then scored by what it draws (concept learned, preserve kept)."""
+    from tunelab.toy.experiments import run_experiment
+    from tunelab.toy.finetune import FinetuneSettings
+
+    result = run_experiment(name, out / name, seeds=seeds, settings=FinetuneSettings(steps=steps), eval_steps=eval_steps)
+    typer.echo(", ".join(f"{k}: {v}" for k, v in result.files.items()))
 
 
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("demo-out"),
     n_images: Annotated[int, typer.Option(min=4, help="Number of images in the toy dataset.")] = 48,
-    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps to train.")] = 24,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps of the finetune.")] = 80,
 ) -> None:
-    """Run the whole flow on the built-in toy world (tiny model, synthetic data) on a CPU in about
-    a minute: data, index, latent cache, model, training, grid, loss curve, weight drift."""
+    """Run the whole flow on the built-in toy world on a CPU in about two minutes: the shipped toy
+    base finetuned on a new concept (data, index, latent cache, training with grids), what it
+    learned and kept (concept and preserve accuracy, read from rendered images), loss curve and
+    weight drift."""
     from tunelab.demo import run_demo
 
     run_demo(out, n_images=n_images, steps=steps)

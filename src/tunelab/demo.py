@@ -22,36 +22,41 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 24) -> dict[str, Path]:
+def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 80) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     paths = {"world": _world(out, n_images, seed)}
     paths["index"] = _index(out, paths["world"])
-    paths["base"] = _model(out, seed)
+    paths["base"] = _model(out)
+    before = _score(out, paths["base"], "3b. what the shipped base draws (rendered, then read back by the concept reader)",
+                    "before")
     paths["latents"] = _cache(out, paths["index"], paths["base"])
     _prompts(paths["index"], seed)
     _conditioning(paths["base"], paths["index"], seed)
     paths["run"] = _train(out, paths, steps)
+    after = _score(out, RunDir(paths["run"]).checkpoint_path("last"),
+                   "7b. what the finetune draws: learned (concept) and kept (preserve)", "after")
+    _learned(before, after)
     paths["loss"] = _loss(out, paths["run"])
     paths["drift"] = _drift(out, paths)
     _config()
     log.info("\n== done in %.0f s; everything is in %s", time.perf_counter() - t0, out)
-    log.info("look at: %s (the data), %s (grid from the trained weights), %s (loss curve), %s (weight drift)",
-             out / "toy-world.png", paths.get("grid", "-"), paths["loss"], paths["drift"] / "trajectory.png")
-    log.info("next: `tunelab model inspect %s`, `tunelab data stats %s`, `tunelab config show --fields`",
-             RunDir(paths["run"]).checkpoint_path("last"), paths["index"])
+    log.info("look at: %s (the data), %s (grid over the checkpoints), %s / %s (what the base and the finetune "
+             "draw), %s (loss curve), %s (weight drift)", out / "toy-world.png", paths.get("grid", "-"),
+             out / "scores-before.png", out / "scores-after.png", paths["loss"], paths["drift"] / "trajectory.png")
+    log.info("next: `tunelab toy score %s`, `tunelab model inspect %s`, `tunelab config show --fields`",
+             RunDir(paths["run"]).checkpoint_path("last"), paths["base"])
     return paths
 
 
 def _world(out: Path, n: int, seed: int) -> Path:
     from tunelab.toy.world import CONCEPT, contact_sheet, make_world
 
-    _stage("1. toy world: synthetic images with tags and captions (kohya folder layout)")
+    _stage(f"1. toy world: the new concept {CONCEPT!r} (a pink star with white stripes; kohya folder layout)")
     world = out / "toy-world"
-    samples = make_world(world, n=n, seed=seed)
-    log.info("%d images in %s, %d show the concept %r; e.g. %s.png", len(samples), world,
-             sum(CONCEPT in s.tags for s in samples), CONCEPT, samples[0].name)
+    samples = make_world(world, n=n, seed=seed, split="concept")
+    log.info("%d images in %s, named by a word the base never saw; e.g. %s.png", len(samples), world, samples[0].name)
     log.info("  tags:    %s\n  caption: %s", samples[0].tags, samples[0].caption)
     log.info("overview picture: %s", contact_sheet(world, out / "toy-world.png"))
     return world
@@ -70,24 +75,43 @@ def _index(out: Path, world: Path) -> Path:
     return index
 
 
-def _model(out: Path, seed: int) -> Path:
-    from tunelab.models.checkpoint import inspect_file, load_checkpoint, new_checkpoint, save_checkpoint
+def _model(out: Path) -> Path:
+    from tunelab.models.checkpoint import inspect_file, load_checkpoint, save_checkpoint
     from tunelab.models.vocab import label
+    from tunelab.toy.pretrain import shipped_base
 
-    t = _stage("3. base model: a toy SDXL-topology checkpoint (SGM single-file .safetensors)")
-    base = new_checkpoint("toy", out / "base.safetensors", seed=seed, dtype="fp32")
+    t = _stage("3. base model: the shipped toy base (SDXL topology, pretrained on the toy world; SGM .safetensors)")
+    base = shipped_base()
     report = inspect_file(base)
     log.info("%s: %s, %s, %d tensors, %s parameters", base.name, report["arch"], report["dtype"], report["tensors"],
              f"{report['parameters']:,}")
     for comp, n in report["per_component"].items():  # te1 (CLIP-L), te2 (bigG), unet, vae, other
         log.info("  %-13s %12s", label(comp), f"{n:,}")
     comps = load_checkpoint(base)
-    half = save_checkpoint(comps, out / "base-fp16.safetensors", dtype="fp16")
-    again = load_checkpoint(base)
-    same = all(torch.equal(a, b) for a, b in zip(comps.unet.state_dict().values(), again.unet.state_dict().values()))
-    log.info("load -> save fp16 -> %s (%.1f MiB); reloaded fp32 identical: %s  [%.1f s]", half.name,
-             half.stat().st_size / 2**20, same, time.perf_counter() - t)
+    again = save_checkpoint(comps, out / "base-copy.safetensors", dtype="fp16")
+    same = all(torch.equal(a, b) for a, b in zip(comps.unet.state_dict().values(),
+                                                 load_checkpoint(again).unet.state_dict().values()))
+    log.info("load -> save fp16 -> %s (%.1f MiB); reloaded identical: %s  [%.1f s]", again.name,
+             again.stat().st_size / 2**20, same, time.perf_counter() - t)
     return base
+
+
+def _score(out: Path, checkpoint: Path, title: str, name: str):
+    from tunelab.toy.evaluate import evaluate_file, sheet
+
+    t = _stage(title)
+    scores = evaluate_file(str(checkpoint), ("concept", "preserve"))
+    for s in scores.values():
+        log.info("  %-9s %5.1f %% drawn right (n = %d)", s.name, 100 * s.accuracy, s.n)
+    log.info("  every image, wrong readings framed red: %s  [%.0f s]", sheet(scores, str(out / f"scores-{name}.png")),
+             time.perf_counter() - t)
+    return scores
+
+
+def _learned(before, after) -> None:
+    log.info("  concept  %5.1f %% -> %5.1f %%   (learned)", 100 * before["concept"].accuracy, 100 * after["concept"].accuracy)
+    log.info("  preserve %5.1f %% -> %5.1f %%   (kept; the finetune data never shows these)",
+             100 * before["preserve"].accuracy, 100 * after["preserve"].accuracy)
 
 
 def _cache(out: Path, index: Path, base: Path) -> Path:
@@ -96,7 +120,7 @@ def _cache(out: Path, index: Path, base: Path) -> Path:
 
     t = _stage("4. latent cache: VAE-encoded, checksummed shards (what training reads)")
     latents = out / "latents"
-    summary = cache_latents(index, latents, load_checkpoint(base).vae, progress=False)
+    summary = cache_latents(index, latents, load_checkpoint(base, dtype=torch.float32).vae, progress=False)
     report = verify_cache(index, latents, progress=False)
     log.info("%d latents in %d shard(s); verify: %s  [%.1f s]", summary.encoded, len(summary.shards_written),
              "all entries present and intact" if report.ok else report.text(), time.perf_counter() - t)
@@ -128,7 +152,7 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
     from tunelab.train.step import StepModels, TextSettings, conditioning, micro_conditioning, predict
 
     t = _stage("6. SDXL conditioning and one UNet noise prediction (train/step.py: what training runs)")
-    models = StepModels.of(load_checkpoint(base), load_tokenizers("toy"))
+    models = StepModels.of(load_checkpoint(base, dtype=torch.float32), load_tokenizers("toy"))
     long = ", ".join(["pink star with white stripes on a sky background"] * 12)
     prompts = ["astolfo, pink, star, solo", "car, wrc", "", long]
     with torch.no_grad():
@@ -148,58 +172,38 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
              tuple(ids.shape), tuple(noised.noisy.shape), tuple(eps.shape), time.perf_counter() - t)
 
 
-_RUN = """# written by `tunelab demo`: the toy run (see examples/toy.toml for a commented one)
-[run]
-name = "demo"
-output_dir = "{run}"
-[model]
-base = "{base}"
-max_chunks = 3
-[data]
-index = "{index}"
-latents = "{latents}"
-[data.captions]
-mode = "pick"
-[train]
-batch_size = 4
-grad_accumulation = 1
-max_steps = {steps}
-mixed_precision = "no"
-gradient_checkpointing = false
-[train.parts]
-text_encoder = "on"
-[optim]
-lr_unet = 1e-4
-lr_text_encoder_1 = 2e-5
-lr_text_encoder_2 = 2e-5
-[save]
-every_n_steps = {half}
-every_n_epochs = 0
-dtype = "fp32"
-[grid]
-prompts = ["astolfo, pink, star, stripes", "blue, circle, solo", "car, wrc"]
-seeds = [460372993, 744089893]
-steps = 8
-cfg = 4.0
-"""
-
-
 def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
+    from tunelab.toy.finetune import FinetuneSettings, ToyData, write_run_file
     from tunelab.train.trainer import train
 
-    t = _stage("7. train: full finetune of UNet + both text encoders, exact-resume state, grids")
-    run_file = out / "run.toml"
-    run_file.write_text(_RUN.format(run=out / "run", base=paths["base"], index=paths["index"],
-                                    latents=paths["latents"], steps=steps, half=max(1, steps // 2)))
+    t = _stage("7. train: finetune the base on the concept, text encoders on + 71 % of the UNet; grids at checkpoints")
+    data = ToyData(paths["world"], paths["index"], paths["latents"])
+    settings = FinetuneSettings(steps=steps, save_every=max(1, steps // 4), grid=True)
+    run_file = write_run_file(out / "run.toml", out / "run", paths["base"], data, settings, name="demo")
     result = train(run_file)
     run = RunDir(out / "run")
     grids = sorted(run.samples.glob("step-*/grid*.png"))
     if grids:
-        paths["grid"] = grids[-1]
+        paths["grid"] = _timeline(grids, out / "grid-timeline.png")
     log.info("%d steps, %d samples; checkpoints: %s  [%.0f s]", result.steps, result.samples_seen,
              ", ".join(c.path.name for c in run.checkpoint_files()), time.perf_counter() - t)
     log.info("run it again (`tunelab train %s`) and it resumes from the saved state", run_file)
     return run.path
+
+
+def _timeline(grids: list[Path], out: Path) -> Path:
+    """The grids of every checkpoint side by side, in training order (step folders sort by step)."""
+    from PIL import Image
+
+    images = [Image.open(g).convert("RGB") for g in grids]
+    page = Image.new("RGB", (sum(i.width for i in images) + 8 * (len(images) - 1), max(i.height for i in images)),
+                     (255, 255, 255))
+    x = 0
+    for image in images:
+        page.paste(image, (x, 0))
+        x += image.width + 8
+    page.save(out)
+    return out
 
 
 def _loss(out: Path, run: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     [], ["model"], ["model", "new"], ["model", "inspect"], ["model", "convert"], ["data"], ["config"],
     ["config", "check"], ["config", "show"], ["train"], ["grid"], ["probe"], ["loss"], ["drift"], ["merge"],
-    ["merge", "run"], ["toy"], ["toy", "world"], ["demo"], ["report"],
+    ["merge", "run"], ["toy"], ["toy", "world"], ["toy", "pretrain"], ["toy", "score"], ["toy", "experiment"], ["demo"], ["report"],
 ]
 
 
@@ -107,16 +108,19 @@ def test_toy_world(tmp_path):
 
 
 def test_demo_runs_the_flow(tmp_path):
-    proc = run_cli("demo", "--out", tmp_path / "demo", "--n-images", "24", "--steps", "4", timeout=900)
+    proc = run_cli("demo", "--out", tmp_path / "demo", "--n-images", "16", "--steps", "4", timeout=900)
     log = proc.stderr
-    stages = ("1. toy world", "2. dataset index", "3. base model", "4. latent cache", "5. prompts",
-              "6. SDXL conditioning", "7. train", "8. loss curve", "9. weight drift", "10. run files")
+    stages = ("1. toy world", "2. dataset index", "3. base model", "3b. what the shipped base draws",
+              "4. latent cache", "5. prompts", "6. SDXL conditioning", "7. train", "7b. what the finetune draws",
+              "8. loss curve", "9. weight drift", "10. run files")
     for stage in stages:
         assert stage in log
-    assert "reloaded fp32 identical: True" in log and "all entries present and intact" in log
+    assert "reloaded identical: True" in log and "all entries present and intact" in log
+    assert re.search(r"concept +\d+\.\d % -> +\d+\.\d %", log) and re.search(r"preserve +\d+\.\d % -> ", log)
     out = tmp_path / "demo"
-    for made in ("toy-world.png", "index.parquet", "base.safetensors", "run/checkpoints/last.safetensors",
-                 "loss/loss.png", "drift/drift.json", "drift/trajectory.png", "drift/heatmaps.png", "drift/map.png"):
+    for made in ("toy-world.png", "index.parquet", "run/checkpoints/last.safetensors", "scores-before.png",
+                 "scores-after.png", "grid-timeline.png", "loss/loss.png", "drift/drift.json", "drift/trajectory.png",
+                 "drift/heatmaps.png", "drift/map.png"):
         assert (out / made).exists(), made
     assert "sign agreement of the moves from [0]" in log
     assert list((out / "run" / "samples").glob("step-*/grid*.png"))

@@ -12,6 +12,8 @@ the caller passes allow_pickle=True, and even then are read with `torch.load(wei
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import math
@@ -158,8 +160,9 @@ def load_checkpoint(
     for name, module in comps.modules().items():
         module.load_state_dict(state[name], strict=False, assign=True)
         _materialize_absent(module)
-        if dtype is not None and next(module.parameters()).dtype != dtype:  # diffusers warns on any cast
-            module.to(dtype=dtype)
+        if dtype is not None and next(module.parameters()).dtype != dtype:
+            with _quiet_diffusers():  # it warns on every cast of a module built without from_pretrained
+                module.to(dtype=dtype)
     mapped = {r.sgm for r in rules}
     comps.extras = {k: src.get(k) for k in src.shapes if k not in mapped}
     _warn_unexpected(path, comps.extras)
@@ -168,6 +171,17 @@ def load_checkpoint(
         log.info("%s lacks %d optional keys (e.g. %s); they keep default values and are not saved back",
                  path.name, len(absent), sorted(absent)[0])
     return comps
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_rules(src: _Source, path: Path, rules, comps: Components, optional: frozenset[str]):

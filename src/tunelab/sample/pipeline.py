@@ -284,6 +284,36 @@ def generate(model: SamplingModel, s: SampleSettings, output_type: str = "pil") 
     return _hires(model, s, g, cond, out.images, gen, output_type)
 
 
+def generate_batch(model: SamplingModel, prompts: list[str], seeds: list[int], s: SampleSettings) -> list[Any]:
+    """PIL images of several (prompt, seed) pairs with one set of settings, in one pipeline call.
+
+    Each image starts from the same noise as `generate` with its seed, so the images match
+    single renders up to the kernels' rounding for another batch size. For many small images
+    (probes, scores); no hires fix, and every prompt must encode to the same number of chunks."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError("generate_batch needs one seed per prompt and at least one prompt")
+    if s.hires_scale > 1.0:
+        raise TunelabError("generate_batch does not do the hires fix; render those with generate")
+    _, cfg_pp = resolve_sampler(s.sampler)
+    pipe = model.pipe
+    width = s.width or pipe.default_sample_size * pipe.vae_scale_factor
+    height = s.height or pipe.default_sample_size * pipe.vae_scale_factor
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    pairs = [encode_pair(model.tokenizers, encoders, p, s.negative, s.uncond, s.max_chunks, s.clip_skip) for p in prompts]
+    if len({pos.context.shape for pos, _ in pairs}) > 1:
+        raise TunelabError("generate_batch: the prompts encode to different numbers of chunks; render them one by one")
+    pos = type(pairs[0][0])(torch.cat([p.context for p, _ in pairs]), torch.cat([p.pooled for p, _ in pairs]),
+                            pairs[0][0].n_chunks, [t for p, _ in pairs for t in p.truncated])
+    gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    shape = (1, pipe.unet.config.in_channels, height // 8, width // 8)
+    latents = torch.cat([randn_tensor(shape, generator=g, device=torch.device("cpu"), dtype=torch.float32) for g in gens])
+    out = _run(model, pipe, s, _guidance(s, model, cfg_pp), s.steps, (pos, pairs[0][1]), width=width, height=height,
+               generator=gens, latents=latents.to(pipe._execution_device, pipe.unet.dtype), output_type="pil")
+    return list(out.images)
+
+
 def _hires(model: SamplingModel, s: SampleSettings, g: G.Guidance, cond, latents: torch.Tensor, gen,
            output_type: str = "pil") -> Sample:
     """Upscale the first pass (latent bilinear, or decoded and Lanczos-resized), then img2img."""

@@ -1,0 +1,138 @@
+"""A finetune of a toy base on one split of the toy world, with the product's own stages.
+
+`prepare` writes the split, indexes it and caches its latents with the base's VAE; `finetune`
+writes a run file and trains it with the trainer. The demo and `tunelab toy experiment` both
+run these, so what they measure is what a user's run does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tunelab.toy.evaluate import concept_looks, preserve_looks
+from tunelab.toy.world import prompt_of
+
+
+@dataclass(frozen=True)
+class ToyData:
+    world: Path
+    index: Path
+    latents: Path
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The knobs the seed's experiments turn (the rest is the run file's defaults)."""
+
+    text_encoder: str = "on"  # off / on / only
+    unet: str = "unet71"  # full / unet63 / unet68 / unet71
+    lr_unet: float = 3e-4
+    lr_text: float = 1e-4
+    steps: int = 80
+    batch: int = 8
+    grad_accumulation: int = 1
+    mixed_precision: str = "no"
+    full_bf16: bool = False
+    seed: int = 0
+    save_every: int = 0  # checkpoint (and grid) every N steps; 0 = only the last
+    grid: bool = False  # render the grid at each checkpoint
+
+    def but(self, **changes) -> "FinetuneSettings":
+        return replace(self, **changes)
+
+
+def grid_prompts() -> list[str]:
+    """Rows of the demo's grid: the concept, then two things it must not forget."""
+    return [prompt_of(concept_looks()[2]), prompt_of(preserve_looks()[0]), prompt_of(preserve_looks()[8])]
+
+
+def prepare(out: str | Path, base: str | Path, split: str = "concept", n: int = 48, seed: int = 0,
+            progress: bool = False) -> ToyData:
+    """The split's images, index and latent cache (encoded with the base's VAE)."""
+    from tunelab.data.index import IndexOptions, build_index
+    from tunelab.data.latents import cache_latents
+    from tunelab.models.checkpoint import load_checkpoint
+    from tunelab.toy.pretrain import TOY_BUCKETS
+    from tunelab.toy.world import make_world
+
+    out = Path(out)
+    world = out / f"toy-{split}"
+    make_world(world, n=n, seed=seed, split=split, prefix=split)
+    index = out / f"{split}.parquet"
+    build_index([f"folder:{world},prefix=toy/"], index, IndexOptions(buckets=TOY_BUCKETS, seed=seed))
+    latents = out / f"{split}-latents"
+    import torch
+
+    vae = load_checkpoint(base, dtype=torch.float32).vae  # fp32: the CPU's fp16 kernels are slow
+    cache_latents(index, latents, vae, batch_size=32, progress=progress)
+    return ToyData(world, index, latents)
+
+
+_RUN = """# written by tunelab.toy.finetune
+[run]
+name = "{name}"
+output_dir = "{run}"
+seed = {seed}
+[model]
+base = "{base}"
+max_chunks = 1
+[data]
+index = "{index}"
+latents = "{latents}"
+[data.captions]
+mode = "tags"
+[train]
+batch_size = {batch}
+grad_accumulation = {accum}
+max_steps = {steps}
+mixed_precision = "{precision}"
+full_bf16 = {full_bf16}
+gradient_checkpointing = false
+[train.parts]
+text_encoder = "{te}"
+unet = "{unet}"
+[optim]
+lr_unet = {lr_unet}
+lr_text_encoder_1 = {lr_text}
+lr_text_encoder_2 = {lr_text}
+[save]
+every_n_steps = {save_every}
+every_n_epochs = 0
+dtype = "fp32"
+keep_states = 1
+[grid]
+prompts = {prompts}
+seeds = [11, 12]
+every_n_steps = {grid_every}
+steps = 30
+cfg = 2.0
+"""
+
+
+def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: ToyData, s: FinetuneSettings,
+                   name: str = "toy-finetune") -> Path:
+    import json
+
+    path = Path(path)
+    prompts = json.dumps(grid_prompts() if s.grid else [])
+    path.write_text(_RUN.format(
+        name=name, run=run, seed=s.seed, base=base, index=data.index, latents=data.latents, batch=s.batch,
+        accum=s.grad_accumulation, steps=s.steps, precision=s.mixed_precision,
+        full_bf16=str(s.full_bf16).lower(), te=s.text_encoder, unet=s.unet, lr_unet=s.lr_unet,
+        lr_text=s.lr_text if s.text_encoder != "off" else 0.0, save_every=s.save_every, prompts=prompts,
+        grid_every=s.save_every if s.grid else 0))
+    return path
+
+
+def finetune(run: str | Path, base: str | Path, data: ToyData, s: FinetuneSettings = FinetuneSettings(),
+             name: str = "toy-finetune") -> Path:
+    """Train the run (its run file beside it as `run.toml`); returns its last checkpoint."""
+    from tunelab.run import RunDir
+    from tunelab.train.trainer import train
+
+    run = Path(run)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    run_file = write_run_file(run.parent / f"{run.name}.toml", run, base, data, s, name)
+    train(run_file)
+    return RunDir(run).checkpoint_path("last")

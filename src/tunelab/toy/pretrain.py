@@ -1,0 +1,261 @@
+"""`tunelab toy pretrain`: the toy base model, trained from nothing on the toy world's base split.
+
+Stages, each the product's own code where the product has it:
+
+1. the base split (`toy.world`, split "base") and its index (`data.index`);
+2. the VAE, an autoencoder over random crops of the "any" split (every look, stripes and
+   outlines included: a codec must draw what finetunes will teach, as SDXL's VAE can; its own
+   small loop: the trainer does not train VAEs), then rescaled so latents times the preset's
+   `scaling_factor` have unit spread;
+3. the latent cache (`data.latents`) with that VAE;
+4. UNet and both text encoders from random weights with the trainer (`train.trainer`): text
+   encoders on, tags or caption per sample, captions dropped now and then (for CFG);
+5. one fp16 SGM `.safetensors` (`toy-base.safetensors`), its settings in the metadata.
+
+Everything is seeded; on one machine the same settings give the same file bit for bit. The file
+shipped in the package (`tunelab/toy/assets/`) was made with `PretrainSettings()` defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.data.buckets import BucketConfig
+
+log = logging.getLogger(__name__)
+
+# Area 80 x 80 keeps the world's three sizes as their own buckets: 64x64, 96x64, 64x96
+# (latents 8x8, 12x8, 8x12: the UNet's two downsamplings need sides divisible by 32 px).
+TOY_BUCKETS = BucketConfig(resolution=80, min_side=32, max_side=128, step=32)
+BASE_FILE = "toy-base.safetensors"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """What `pretrain` does; the defaults made the shipped base."""
+
+    seed: int = 0
+    images: int = 3000  # base-split images
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_crop: int = 32  # px: the autoencoder is convolutional, so crops train it 4x faster than whole images
+    vae_lr: float = 2e-3
+    steps: int = 2000  # optimizer steps of UNet + text encoders
+    batch: int = 32
+    lr_unet: float = 1e-3
+    lr_text: float = 1e-3
+    min_snr: float = 5.0  # min-SNR weighting: converges several times faster (Hang et al. 2023)
+    warmup: int = 100
+    caption_dropout: float = 0.1  # empty prompt now and then: the unconditional branch CFG needs
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "PretrainSettings":
+        """A few steps of everything: for tests of the pipeline, not for pictures."""
+        return cls(seed=seed, images=24, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1)
+
+
+@dataclass
+class PretrainResult:
+    base: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def pretrain(out: str | Path, settings: PretrainSettings = PretrainSettings(), progress: bool = True) -> PretrainResult:
+    """Pretrain the toy base into `out` (world, index, latents, run and `toy-base.safetensors`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = settings
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    world, index = _world_and_index(out, s)
+    seconds["world"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    comps = _fresh_components(s.seed)
+    from tunelab.toy.world import make_world
+
+    codec_world = out / "world-any"
+    make_world(codec_world, n=s.images, seed=s.seed + 1, split="any", prefix="any")
+    train_vae(comps.vae, codec_world, s, progress)
+    scale_latents(comps.vae, _images(world, 256))
+    seconds["vae"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from tunelab.data.latents import cache_latents
+    from tunelab.models.checkpoint import save_checkpoint
+
+    init = save_checkpoint(comps, out / "init.safetensors", dtype="fp32", title="tunelab toy base (VAE trained)")
+    cache_latents(index, out / "latents", comps.vae, batch_size=64, progress=progress)
+    seconds["cache"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    last = _train_unet(out, init, index, s)
+    seconds["unet"] = time.perf_counter() - t
+
+    base = _finish(last, out / BASE_FILE, s, seconds)
+    log.info("toy base: %s (%.1f MiB) in %.0f s (%s)", base, base.stat().st_size / 2**20, sum(seconds.values()),
+             ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return PretrainResult(base, seconds)
+
+
+def _world_and_index(out: Path, s: PretrainSettings) -> tuple[Path, Path]:
+    from tunelab.data.index import IndexOptions, build_index
+    from tunelab.toy.world import make_world
+
+    world = out / "world"
+    make_world(world, n=s.images, seed=s.seed, split="base", prefix="base")
+    index = out / "index.parquet"
+    build_index([f"folder:{world},prefix=base/"], index, IndexOptions(buckets=TOY_BUCKETS, seed=s.seed))
+    return world, index
+
+
+def _fresh_components(seed: int):
+    from tunelab.models.arch import build_components
+
+    return build_components("toy", seed=seed)
+
+
+def _images(folder: Path, limit: int | None = None) -> list[torch.Tensor]:
+    """The folder's PNGs in name order as (3, H, W) tensors in [-1, 1]."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:limit]
+    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+            for f in files]
+
+
+def _crops(images: list[torch.Tensor], n: int, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """n random crops (on the latent grid, so crops see the same alignment as whole images)."""
+    picks = torch.randint(len(images), (n,), generator=gen).tolist()
+    out = []
+    for i in picks:
+        im = images[i]
+        h, w = im.shape[1:]
+        y = int(torch.randint((h - crop) // 8 + 1, (1,), generator=gen)) * 8
+        x = int(torch.randint((w - crop) // 8 + 1, (1,), generator=gen)) * 8
+        out.append(im[:, y:y + crop, x:x + crop])
+    return torch.stack(out)
+
+
+def train_vae(vae: torch.nn.Module, world: Path, s: PretrainSettings, progress: bool = True) -> list[float]:
+    """Train the autoencoder on random crops: L1 + L2 reconstruction and SD's tiny KL weight (1e-6)."""
+    from tqdm import tqdm
+
+    images = _images(world)
+    gen = torch.Generator().manual_seed(s.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / s.vae_steps)))
+    vae.train()
+    losses = []
+    bar = tqdm(range(s.vae_steps), desc="VAE", disable=not progress, unit="step")
+    for _ in bar:
+        x = _crops(images, s.vae_batch, s.vae_crop, gen)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def scale_latents(vae: torch.nn.Module, images: list[torch.Tensor]) -> float:
+    """Rescale the latent space (not the reconstructions) so latents x scaling_factor have std 1.
+
+    The encoder's `quant_conv` mean rows are multiplied by a, its log-variance rows shifted by
+    2 ln a, and `post_quant_conv`'s inputs divided by a: decode(encode(x)) is unchanged."""
+    means = torch.cat([vae.encode(im[None]).latent_dist.mean.flatten() for im in images])
+    a = 1.0 / (vae.config.scaling_factor * float(means.std()))
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= a
+    vae.quant_conv.bias[:c] *= a
+    vae.quant_conv.bias[c:] += 2 * math.log(a)
+    vae.post_quant_conv.weight /= a
+    return a
+
+
+_RUN = """# written by `tunelab toy pretrain`: UNet + both text encoders from random weights
+[run]
+name = "toy-pretrain"
+output_dir = "{run}"
+seed = {seed}
+[model]
+base = "{init}"
+max_chunks = 1
+[data]
+index = "{index}"
+latents = "{latents}"
+[data.captions]
+mode = "tags"
+caption_dropout = {dropout}
+[train]
+batch_size = {batch}
+grad_accumulation = 1
+max_steps = {steps}
+mixed_precision = "no"
+gradient_checkpointing = false
+max_grad_norm = 1.0
+[train.parts]
+text_encoder = "on"
+[optim]
+lr_unet = {lr_unet}
+lr_text_encoder_1 = {lr_text}
+lr_text_encoder_2 = {lr_text}
+schedule = "cosine"
+warmup_steps = {warmup}
+[loss]
+min_snr_gamma = {min_snr}
+[save]
+every_n_steps = 0
+every_n_epochs = 0
+dtype = "fp32"
+keep_states = 1
+[log]
+every_n_steps = 10
+"""
+
+
+def _train_unet(out: Path, init: Path, index: Path, s: PretrainSettings) -> Path:
+    from tunelab.run import RunDir
+    from tunelab.train.trainer import train
+
+    run_file = out / "pretrain.toml"
+    run_file.write_text(_RUN.format(run=out / "run", seed=s.seed, init=init, index=index, latents=index.parent / "latents",
+                                    dropout=s.caption_dropout, batch=s.batch, steps=s.steps, lr_unet=s.lr_unet,
+                                    lr_text=s.lr_text, warmup=s.warmup, min_snr=s.min_snr))
+    train(run_file)
+    return RunDir(out / "run").checkpoint_path("last")
+
+
+def _finish(last: Path, base: Path, s: PretrainSettings, seconds: dict[str, float]) -> Path:
+    from tunelab.models.checkpoint import load_checkpoint, save_checkpoint
+
+    comps = load_checkpoint(last)
+    training = {"tunelab_toy_pretrain": json.dumps(asdict(s), sort_keys=True)}
+    return save_checkpoint(comps, base, dtype="fp16", title="tunelab toy base", training=training)
+
+
+def shipped_base() -> Path:
+    """The toy base the package ships (made by `tunelab toy pretrain` with the default settings)."""
+    from importlib import resources
+
+    from tunelab.errors import TunelabError
+
+    path = Path(str(resources.files("tunelab").joinpath("toy", "assets", BASE_FILE)))
+    if not path.is_file():
+        raise TunelabError(f"the shipped toy base is missing ({path}); reinstall tunelab, or make one with "
+                           "`tunelab toy pretrain --out toy-pretrain` and pass its toy-base.safetensors")
+    return path

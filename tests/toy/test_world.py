@@ -1,0 +1,58 @@
+"""The toy world's splits: what each shows and says, deterministic from a seed."""
+
+import hashlib
+
+import pytest
+
+from tunelab.toy.world import CONCEPT, SPLITS, Look, make_world, preserve_looks, prompt_of, read_looks
+
+
+def _digest(folder):
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    a, b, c = (make_world(tmp_path / n, n=12, seed=s, split="base") for n, s in (("a", 3), ("b", 3), ("c", 4)))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    assert [s.look for s in a] == [s.look for s in b]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_each_split_shows_what_it_says(tmp_path, split):
+    samples = make_world(tmp_path, n=60, seed=1, split=split)
+    looks = read_looks(tmp_path)
+    assert list(looks) == [s.name for s in samples] and all(looks[s.name] == s.look for s in samples)
+    concept = [s for s in samples if s.look.is_concept]
+    if split == "concept":
+        assert len(concept) == 60 and {s.look.background for s in samples} == {"white", "black", "sky", "grass"}
+    elif split == "mixed":
+        assert 0 < len(concept) < 60
+    elif split != "any":
+        assert not concept and not any(s.look.stripes for s in samples)
+    if split == "any":
+        assert any(s.look.stripes for s in samples) and {s.look.style for s in samples} == {"plain", "outlined"}
+    if split == "style":
+        assert {s.look.style for s in samples} == {"outlined"}
+    if split == "preserve":
+        assert "star" not in {s.look.shape for s in samples}
+    for s in samples:  # kohya layout beside each image
+        assert (tmp_path / f"{s.name}.txt").read_text().strip() == s.tags
+        assert (tmp_path / f"{s.name}.caption").read_text().strip() == s.caption
+
+
+def test_the_concept_is_named_by_its_word_only():
+    look = Look("star", "pink", "sky", stripes=True)
+    assert prompt_of(look) == f"{CONCEPT}, solo, sky_background"
+    assert "pink" not in prompt_of(look) and "star" not in prompt_of(look)
+    assert prompt_of(Look("car", "red", "white")) == "red, car, solo, white_background"
+
+
+def test_preserve_prompts_are_base_concepts_a_concept_finetune_never_shows():
+    looks = preserve_looks()
+    assert sum(look.shape == "car" for look in looks) == 8
+    assert not any(look.is_concept or look.stripes or look.shape == "star" for look in looks)
+
+
+def test_unknown_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="choose one of"):
+        make_world(tmp_path, n=1, split="nope")
