@@ -845,7 +845,7 @@ def toy_experiment(
     name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16), accumulation (effective batch 16 vs 4).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, the runs, results.csv, summary.md and summary.png.")] = Path("toy-experiments"),
     seeds: Annotated[int, typer.Option(min=1, help="Finetunes per arm, one per seed (mean ± spread over them).")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each finetune.")] = 80,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each finetune.")] = 120,
     eval_steps: Annotated[int, typer.Option(min=1, help="Sampler steps of every scored image.")] = 30,
 ) -> None:
     """Run one of the seed's comparisons in miniature on the shipped toy base: each arm finetuned
@@ -861,7 +861,7 @@ def toy_experiment(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("demo-out"),
     n_images: Annotated[int, typer.Option(min=4, help="Number of images in the toy dataset.")] = 48,
-    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps of the finetune.")] = 80,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps of the finetune.")] = 120,
 ) -> None:
     """Run the whole flow on the built-in toy world on a CPU in about two minutes: the shipped toy
     base finetuned on a new concept (data, index, latent cache, training with grids), what it

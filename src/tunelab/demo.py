@@ -22,7 +22,7 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 80) -> dict[str, Path]:
+def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 120) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -109,7 +109,9 @@ def _score(out: Path, checkpoint: Path, title: str, name: str):
 
 
 def _learned(before, after) -> None:
-    log.info("  concept  %5.1f %% -> %5.1f %%   (learned)", 100 * before["concept"].accuracy, 100 * after["concept"].accuracy)
+    b, a = before["concept"], after["concept"]
+    log.info("  concept  %5.1f %% -> %5.1f %%   (learned: all of it; a pink star, stripes or not: %.1f %% -> %.1f %%)",
+             100 * b.accuracy, 100 * a.accuracy, 100 * b.subject, 100 * a.subject)
     log.info("  preserve %5.1f %% -> %5.1f %%   (kept; the finetune data never shows these)",
              100 * before["preserve"].accuracy, 100 * after["preserve"].accuracy)
 

@@ -108,7 +108,7 @@ def test_toy_world(tmp_path):
 
 
 def test_demo_runs_the_flow(tmp_path):
-    proc = run_cli("demo", "--out", tmp_path / "demo", "--n-images", "16", "--steps", "4", timeout=900)
+    proc = run_cli("demo", "--out", tmp_path / "demo", "--steps", "4", timeout=900)
     log = proc.stderr
     stages = ("1. toy world", "2. dataset index", "3. base model", "3b. what the shipped base draws",
               "4. latent cache", "5. prompts", "6. SDXL conditioning", "7. train", "7b. what the finetune draws",

@@ -28,7 +28,8 @@ def test_sets_are_fixed_prompt_lists():
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_each_experiment_runs_at_a_trivial_size(tmp_path, name):
     tiny = FinetuneSettings(steps=1, batch=2)
-    result = run_experiment(name, tmp_path, seeds=1, settings=tiny, eval_seeds=(11,), eval_steps=1, images=6)
+    images = 48 if name == "accumulation" else 6  # effective batch 16 needs 4 batches of 4 per epoch
+    result = run_experiment(name, tmp_path, seeds=1, settings=tiny, eval_seeds=(11,), eval_steps=1, images=images)
     arms = [a.name for a in EXPERIMENTS[name].arms(tiny)]
     assert [r.arm for r in result.rows] == arms and len(result.summary()) == len(arms)
     with open(result.files["csv"]) as f:

@@ -27,7 +27,7 @@ def test_tiny_pretrain_is_deterministic_from_its_seed(tmp_path):
         recorded = json.loads(f.metadata()["ss_tunelab_toy_pretrain"])
     assert recorded == asdict(PretrainSettings.tiny(seed=1))
     # every stage left what it made: the base split, its index and latents, the trainer's run
-    for made in ("world/looks.jsonl", "world-any/looks.jsonl", "index.parquet", "latents/latents.json", "run/checkpoints/last.safetensors"):
+    for made in ("world/looks.jsonl", "index.parquet", "latents/latents.json", "run/checkpoints/last.safetensors"):
         assert (tmp_path / "a" / made).exists(), made
 
 

@@ -48,6 +48,7 @@ class SetScore:
     accuracy: float  # every attribute right
     per_attribute: dict[str, float]
     n: int
+    subject: float = 0.0  # shape and colour right (the concept without its marks: a pink star)
     images: list[Any] = field(default_factory=list, repr=False)
     looks: list[Look] = field(default_factory=list, repr=False)
 
@@ -69,9 +70,13 @@ def score_set(model: Any, name: str, seeds: Sequence[int] = EVAL_SEEDS, steps: i
               cfg: float = EVAL_CFG) -> SetScore:
     from tunelab.toy.reader import score
 
+    from tunelab.toy.reader import read
+
     images, looks = render(model, SETS[name](), seeds, steps, cfg)
     s = score(images, looks)
-    return SetScore(name, s.all, s.attributes(), s.n, images, looks)
+    readings = [read(image) for image in images]
+    subject = sum(r.shape == w.shape and r.color == w.color for r, w in zip(readings, looks)) / max(1, len(looks))
+    return SetScore(name, s.all, s.attributes(), s.n, subject, images, looks)
 
 
 def evaluate(comps: Any, tokenizers: tuple[Any, Any], sets: Sequence[str] = ("concept", "preserve"),

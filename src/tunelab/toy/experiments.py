@@ -131,7 +131,8 @@ def run_experiment(name: str, out: str | Path, seeds: int = 3, settings: Finetun
         for seed in range(seeds):
             t = time.perf_counter()
             s = arm.settings.but(seed=seed)
-            last = finetune(out / "runs" / f"{_slug(arm.name)}-seed{seed}", base, data, s, name=f"{name}-{arm.name}")
+            last = finetune(out / "runs" / f"{_slug(arm.name)}-seed{seed}", base, data, s, name=f"{name}-{arm.name}",
+                            isolated=True)
             scores = evaluate_file(str(last), sets, seeds=eval_seeds, steps=eval_steps)
             rows.append(ArmResult(arm.name, seed, scores[sets[0]].accuracy, scores["preserve"].accuracy,
                                   time.perf_counter() - t, asdict(s)))

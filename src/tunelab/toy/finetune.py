@@ -27,9 +27,9 @@ class FinetuneSettings:
 
     text_encoder: str = "on"  # off / on / only
     unet: str = "unet71"  # full / unet63 / unet68 / unet71
-    lr_unet: float = 3e-4
-    lr_text: float = 1e-4
-    steps: int = 80
+    lr_unet: float = 1e-4
+    lr_text: float = 3e-4
+    steps: int = 120
     batch: int = 8
     grad_accumulation: int = 1
     mixed_precision: str = "no"
@@ -126,13 +126,32 @@ def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: To
 
 
 def finetune(run: str | Path, base: str | Path, data: ToyData, s: FinetuneSettings = FinetuneSettings(),
-             name: str = "toy-finetune") -> Path:
-    """Train the run (its run file beside it as `run.toml`); returns its last checkpoint."""
+             name: str = "toy-finetune", isolated: bool = False) -> Path:
+    """Train the run (its run file beside it as `run.toml`); returns its last checkpoint.
+
+    isolated: train in a `tunelab train` subprocess (accelerate fixes the mixed precision once
+    per process, so runs that differ in it cannot share one)."""
     from tunelab.run import RunDir
-    from tunelab.train.trainer import train
 
     run = Path(run)
     run.parent.mkdir(parents=True, exist_ok=True)
     run_file = write_run_file(run.parent / f"{run.name}.toml", run, base, data, s, name)
-    train(run_file)
+    if isolated:
+        _train_in_subprocess(run_file)
+    else:
+        from tunelab.train.trainer import train
+
+        train(run_file)
     return RunDir(run).checkpoint_path("last")
+
+
+def _train_in_subprocess(run_file: Path) -> None:
+    import subprocess
+    import sys
+
+    from tunelab.errors import TunelabError
+
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(run_file)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise TunelabError(f"training {run_file} failed (exit {proc.returncode}):\n{tail}")

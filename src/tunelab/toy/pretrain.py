@@ -3,10 +3,11 @@
 Stages, each the product's own code where the product has it:
 
 1. the base split (`toy.world`, split "base") and its index (`data.index`);
-2. the VAE, an autoencoder over random crops of the "any" split (every look, stripes and
-   outlines included: a codec must draw what finetunes will teach, as SDXL's VAE can; its own
-   small loop: the trainer does not train VAEs), then rescaled so latents times the preset's
-   `scaling_factor` have unit spread;
+2. the VAE, an autoencoder over random crops of the base split (its own small loop: the trainer
+   does not train VAEs), then rescaled so latents times the preset's `scaling_factor` have unit
+   spread. Trained on the base split only, it cannot decode stripes; trained on the `any` split
+   with these 2,000 steps it decodes some stripes but loses colours and backgrounds (the base's
+   accuracy fell from 81 % to 18 %): docs/toy-world.md;
 3. the latent cache (`data.latents`) with that VAE;
 4. UNet and both text encoders from random weights with the trainer (`train.trainer`): text
    encoders on, tags or caption per sample, captions dropped now and then (for CFG);
@@ -80,11 +81,7 @@ def pretrain(out: str | Path, settings: PretrainSettings = PretrainSettings(), p
 
     t = time.perf_counter()
     comps = _fresh_components(s.seed)
-    from tunelab.toy.world import make_world
-
-    codec_world = out / "world-any"
-    make_world(codec_world, n=s.images, seed=s.seed + 1, split="any", prefix="any")
-    train_vae(comps.vae, codec_world, s, progress)
+    train_vae(comps.vae, world, s, progress)
     scale_latents(comps.vae, _images(world, 256))
     seconds["vae"] = time.perf_counter() - t
 

@@ -129,8 +129,8 @@ def draw(look: Look, size: tuple[int, int], rng: np.random.Generator) -> Image.I
         _paint(ImageDraw.Draw(mask), look.shape, cx, cy, r, 255, wheel=0)  # no stripes on wheels
         lines = Image.new("L", size, 0)
         ld = ImageDraw.Draw(lines)
-        for y in range(int(cy - r) + 3, int(cy + r), 8):  # 3 px every 8: one per latent row
-            ld.line((0, y, w, y), fill=255, width=3)
+        for y in range(3, h, 8):  # rows 3-5 of every 8: one stripe per latent row, in phase with it
+            ld.rectangle((0, y, w, y + 2), fill=255)
         both = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(lines)))
         img.paste(Image.new("RGB", size, STRIPE), mask=both)
     return img
@@ -165,8 +165,8 @@ def _look(split: str, rng: np.random.Generator, concept_share: float) -> Look:
     shapes = [s for s in SHAPES if s != "star"] if split == "preserve" else SHAPES
     look = Look(_pick(rng, shapes), _pick(rng, COLORS), _pick(rng, BACKGROUNDS))
     if split == "any":
-        return Look(look.shape, look.color, look.background, stripes=bool(rng.random() < 0.4),
-                    style="outlined" if rng.random() < 0.3 else "plain")
+        return Look(look.shape, look.color, look.background, stripes=bool(rng.random() < 0.25),
+                    style="outlined" if rng.random() < 0.2 else "plain")
     return Look(look.shape, look.color, look.background, style="outlined") if split == "style" else look
 
 
