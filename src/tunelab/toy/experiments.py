@@ -151,7 +151,7 @@ def _slug(text: str) -> str:
 
 def summary_lines(result: ExperimentResult) -> list[str]:
     n = len({r.seed for r in result.rows})
-    lines = [f"| arm | learned (concept) | kept (preserve) |", "| --- | --- | --- |",
+    lines = ["| arm | learned (concept) | kept (preserve) |", "| --- | --- | --- |",
              f"| base (before) | {100 * result.base_learned:.1f} % | {100 * result.base_kept:.1f} % |"]
     for arm, lm, ls, km, ks in result.summary():
         lines.append(f"| {arm} | {100 * lm:.1f} ± {100 * ls:.1f} % | {100 * km:.1f} ± {100 * ks:.1f} % |")
