@@ -643,12 +643,42 @@ def _grid_defaults(run_dir: Path | None, need_checkpoints: bool) -> _GridDefault
 
 @app.command("probe")
 def probe(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to measure against their base.")],
+    targets: Annotated[list[Path], typer.Argument(
+        help="A training run's directory (its checkpoints, settings and probe inputs), or .safetensors "
+             "checkpoints with --base.", show_default=False)],
+    base: Annotated[Optional[str], typer.Option(help="The model the checkpoints were trained from (default with a run: its model.base).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the probe inputs, checkpoints.{parquet,csv,png} (default: RUN/probes, or ./probe for files).", show_default=False)] = None,
+    learn: Annotated[Optional[str], typer.Option(help="The learn set: an index path, 'holdout' or 'train' (rows of the run's index), or '' for none. Default: the run's [probe] learn; none for files.", show_default=False)] = None,
+    learn_latents: Annotated[Optional[str], typer.Option(help="Latent cache of the --learn index (default: encode its images with the base's VAE).", show_default=False)] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Images of the learn set (default 8).", show_default=False)] = None,
+    timesteps: Annotated[Optional[int], typer.Option(help="Fixed timesteps per sample: quantiles of the run's timestep distribution (default 8).", show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A preserve prompt (repeatable); default: the run's, else the architecture's ('car, wrc', 'man with car', ...; toy: its preserve looks).", show_default=False)] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Seeds per preserve prompt, comma-separated (default 0,1).", show_default=False)] = None,
+    scorer: Annotated[Optional[str], typer.Option(help="Image scores: 'toy' (the toy world's concept reader) or 'module:function' taking (image, prompt) and returning {name: value}; '' for none.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on CUDA (numbers then depend on the kernels).")] = "fp32",
 ) -> None:
-    """(Planned, not in this version yet.) Measure what a finetune learned and what it forgot:
-    deterministic validation loss on learn / preserve prompt sets and prediction drift against the
-    base model, one number per checkpoint."""
-    _not_yet("probe", "learn / preserve measurements")
+    """Measure what a finetune learned and what it forgot, one row of numbers per checkpoint.
+
+    On fixed inputs (the same images, noise and timesteps for every checkpoint), for a learn set
+    (held-out images of the finetune's data) and a preserve set (images the base draws from prompts
+    the finetune never shows): the run's own denoising loss, and the prediction drift from the base
+    (mean squared difference of the two models' predictions; 0 for the base itself), per noise band.
+    With --scorer, image-level scores of renders from fixed seeds.
+
+    Writes checkpoints.parquet / .csv (one row per checkpoint, set, metric and timestep) and
+    checkpoints.png (the learned / forgot chart). The probe inputs are kept in the same folder, so a
+    second call, or the in-training probe of the same run, measures on the same ones.
+
+    Examples: tunelab probe runs/a      tunelab probe a.safetensors b.safetensors --base base.safetensors --learn data/index.parquet
+    """
+    from tunelab.probe.command import ProbeOptions, run_probe, summary
+
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    options = ProbeOptions(base=base, learn=learn, learn_latents=learn_latents, learn_samples=samples, prompts=prompt,
+                           seeds=seed_list, timesteps=timesteps, scorer=scorer, device=device, precision=precision)
+    rep = run_probe(targets, out, options, progress=sys.stderr.isatty())
+    typer.echo("\n".join(summary(rep)))
 
 
 # --- loss ----------------------------------------------------------------------------------------

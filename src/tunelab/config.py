@@ -145,6 +145,24 @@ class GridSection(_Section):
     seg_scale: float = Field(0.0, ge=0.0, description="Smoothed-energy guidance scale; 0 = off.")
 
 
+class ProbeSection(_Section):
+    """Probes: fixed-input numbers for what the run learned and what it forgot (docs/probes.md)."""
+
+    enabled: bool = Field(False, description="Measure learn / preserve loss and prediction drift from the base during training (logged as probe/*; table under RUN/probes/).")
+    every_n_steps: int = Field(0, ge=0, description="Probe every N optimizer steps; 0 = auto: the interval at which a probe costs about 1 % of the training's compute (the banner states it). Always at step 0 and at the end.")
+    learn: str = Field("holdout", description="The learn set: 'holdout' (the index's holdout split; build the index with --holdout), 'train' (training rows: fit, not generalisation), or the path of another index.")
+    learn_latents: str = Field("", description="Latent cache of the learn index when `learn` is a path (empty: encode its images with the VAE).")
+    learn_samples: int = Field(8, ge=1, description="Images of the learn set (the first N by key hash: the same ones for every checkpoint).")
+    preserve_prompts: list[str] = Field(default_factory=list, description="Prompts for the preserve set, rendered by the base with fixed seeds; empty = the architecture's defaults (sdxl: 'car, wrc', 'man with car', 'city street at night', '1girl, solo' and the empty prompt).")
+    preserve_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="Seeds per preserve prompt.")
+    preserve_steps: int = Field(30, ge=1, description="Sampler steps (Euler) for the preserve images.")
+    preserve_cfg: float | None = Field(None, ge=0.0, description="CFG scale for the preserve images; unset = the architecture's (sdxl 5, toy 2).")
+    timesteps: int = Field(8, ge=1, le=1000, description="Fixed timesteps per sample: stratified quantiles of the run's timestep distribution, split into low / mid / high noise bands.")
+    batch_size: int = Field(8, ge=1, description="UNet forwards per probe batch.")
+    seed: int = Field(0, ge=0, description="Seeds the probe's fixed noise.")
+    scorer: str = Field("", description="Image-level numbers: 'toy' (the toy world's concept reader) or 'module:function' (image, prompt -> {name: value}); empty = none. Renders the learn set's prompts and the preserve prompts with the preserve seeds.")
+
+
 class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -156,6 +174,7 @@ class RunConfig(_Section):
     save: SaveSection = Field(default_factory=SaveSection)
     log: LogSection = Field(default_factory=LogSection)
     grid: GridSection = Field(default_factory=GridSection)
+    probe: ProbeSection = Field(default_factory=ProbeSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":

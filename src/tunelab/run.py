@@ -317,6 +317,11 @@ def open_run(path: str | Path) -> RunDir:
     return run
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file was written at (its `ss_steps`), -1 when it does not say."""
+    return _written_at_step(path)
+
+
 def _written_at_step(path: Path) -> int:
     from tunelab.models.safetensors_io import read_header
 

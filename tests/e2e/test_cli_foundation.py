@@ -97,7 +97,7 @@ def test_world_size_mismatch_is_refused():
 
 
 def test_stages_not_yet_built_say_so(tmp_path):
-    proc = run_cli("probe", tmp_path / "x.safetensors", check=False)
+    proc = run_cli("merge", "run", tmp_path / "recipe.toml", check=False)
     assert proc.returncode == 2 and "not in this version yet" in proc.stderr
 
 

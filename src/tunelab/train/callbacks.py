@@ -16,7 +16,7 @@ A callback is a small object with a method per event it cares about (`on_start`,
 
 and does its work through a *functional twin*, a plain function usable outside the loop (the
 grid callback calls `sample.grid.render_training_grid`, which `tunelab grid` users can call on
-any checkpoint). The in-training grid is the first callback; probes, EMA and the report are next.
+any checkpoint). The in-training grid and the probes (`probe/callback.py`) are callbacks; EMA and the report are next.
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ class GridCallback(Callback):
 def default_callbacks(cfg: "RunConfig") -> Callbacks:
     """The callbacks a run file asks for."""
     items: list[Callback] = []
+    if cfg.probe.enabled:  # first: step 0's probe sees the base before any grid is rendered
+        from tunelab.probe.callback import ProbeCallback
+
+        items.append(ProbeCallback(cfg))
     if cfg.grid.prompts:
         items.append(GridCallback(cfg.grid.every_n_steps))
     return Callbacks(items)

@@ -12,7 +12,7 @@ modules may be DDP / compiled wrappers (calls go through them, configs are read 
                                                                    # the count of truncated prompts)
 
 `training_loss` is that sequence with the run's generator (what the trainer backpropagates);
-`denoise_loss` takes the noise and timesteps from the caller (what probes measure).
+`denoise` / `denoise_loss` take the noise and timesteps from the caller (what probes measure).
 """
 
 from __future__ import annotations
@@ -99,14 +99,27 @@ class StepLoss(NamedTuple):
     truncated: int  # prompts of the batch longer than text.max_chunks allows (cut)
 
 
-def denoise_loss(models: StepModels, batch: Mapping[str, Any], noised: NoisedBatch, objective: Objective,
-                 loss: LossSection, text: TextSettings, device: torch.device | str) -> StepLoss:
-    """(B,) per-sample loss of the batch at the given noise and timesteps (`objective.make`)."""
+class Denoised(NamedTuple):
+    prediction: torch.Tensor  # (B, C, H, W) the UNet's output
+    loss: torch.Tensor  # (B,) per sample
+    truncated: int  # prompts cut by text.max_chunks
+
+
+def denoise(models: StepModels, batch: Mapping[str, Any], noised: NoisedBatch, objective: Objective,
+            loss: LossSection, text: TextSettings, device: torch.device | str) -> Denoised:
+    """The prediction and (B,) per-sample loss of the batch at given noise and timesteps (probes)."""
     cond = conditioning(models, list(batch["prompt"]), text)
     pred = predict(models.unet, noised, cond, micro_conditioning(batch, device))
     per_sample = compute_loss(pred.float(), noised.target.float(), loss, objective.prediction, noised.timesteps,
                               noised.snr, objective.num_train_timesteps)
-    return StepLoss(per_sample, sum(1 for n in cond.truncated if n))
+    return Denoised(pred, per_sample, sum(1 for n in cond.truncated if n))
+
+
+def denoise_loss(models: StepModels, batch: Mapping[str, Any], noised: NoisedBatch, objective: Objective,
+                 loss: LossSection, text: TextSettings, device: torch.device | str) -> StepLoss:
+    """(B,) per-sample loss of the batch at the given noise and timesteps (`objective.make`)."""
+    out = denoise(models, batch, noised, objective, loss, text, device)
+    return StepLoss(out.loss, out.truncated)
 
 
 def training_loss(models: StepModels, batch: Mapping[str, Any], objective: Objective, loss: LossSection,

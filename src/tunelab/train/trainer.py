@@ -404,6 +404,11 @@ def banner(s: Setup) -> list[str]:
                  f"{' (bf16 weights)' if t.full_bf16 else ''}")
     converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
+    if cfg.probe.enabled:
+        pr = cfg.probe
+        every = f"every {pr.every_n_steps} steps" if pr.every_n_steps else "at ~1 % of the compute (interval logged at the start)"
+        lines.append(f"probes: learn ({pr.learn or 'none'}, {pr.learn_samples}) + preserve, {pr.timesteps} timesteps each, "
+                     f"{every}{', scorer ' + pr.scorer if pr.scorer else ''} -> {s.run.probes}")
     return lines
 
 

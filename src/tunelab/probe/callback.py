@@ -1,0 +1,135 @@
+"""The in-training probe (`[probe] enabled = true`): learn / preserve numbers every N steps.
+
+At START it prepares the probe (`suite.prepare`: the sets and the base's predictions, made from
+the live weights on a fresh run, from the base file on a resume that finds none) and measures
+step 0; then every `every_n_steps` and at the end. Each probe logs `probe/learn_loss`,
+`probe/preserve_loss`, `probe/drift_learn`, `probe/drift_preserve` (and `/low`, `/mid`, `/high`
+per noise band, and `probe/<set>_score/<name>` with a scorer) to tensorboard and
+metrics.parquet, and rewrites `RUN/probes/training.{parquet,csv,png}`.
+
+Under several processes the probe runs on rank 0 while the others wait (the model is not
+sharded: DDP keeps a whole copy on every rank). `every_n_steps = 0` chooses the interval at which
+a probe costs about 1 % of the training's compute, counting a training sample as three UNet
+forwards (forward and backward) and a probe item as one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+from tunelab.train.callbacks import Callback, LoopContext
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+TARGET_SHARE = 0.01  # of the training compute, for every_n_steps = 0
+
+
+def probe_cost(forwards: int, renders: int, render_steps: int) -> int:
+    """UNet forwards of one probe: one per item, and 2 per sampler step per rendered image (CFG)."""
+    return forwards + 2 * render_steps * renders
+
+
+def planned_cost(cfg: "RunConfig", arch: str) -> int:
+    """UNet forwards of one probe as the settings plan it (the learn set at its full `learn_samples`)."""
+    from tunelab.probe.images import render_count
+    from tunelab.probe.sets import default_preserve_prompts
+
+    p = cfg.probe
+    preserve = list(p.preserve_prompts) or default_preserve_prompts(arch)
+    learn = [""] * p.learn_samples if p.learn else []
+    items = (len(learn) + len(preserve) * len(p.preserve_seeds)) * p.timesteps
+    return probe_cost(items, render_count(p.scorer, {"learn": learn, "preserve": preserve}, p.preserve_seeds),
+                      p.preserve_steps)
+
+
+def auto_interval(cost: int, samples_per_step: int, share: float = TARGET_SHARE) -> int:
+    """Steps between probes so that a probe costs `share` of the training: a sample = 3 forwards."""
+    return max(1, math.ceil(cost / (share * 3 * max(1, samples_per_step))))
+
+
+class ProbeCallback(Callback):
+    all_ranks = False
+
+    def __init__(self, cfg: "RunConfig") -> None:
+        self.every_n_steps = cfg.probe.every_n_steps
+        self.prepared = None
+        self.rows: list[dict] = []
+
+    def due(self, event, ctx: LoopContext) -> bool:
+        if self.every_n_steps == 0:  # auto: from the settings alone, so that every rank agrees
+            per_step = ctx.progress.effective_batch // max(1, ctx.accelerator.num_processes)
+            self.every_n_steps = auto_interval(planned_cost(ctx.cfg, ctx.comps.arch), per_step)
+        return super().due(event, ctx)
+
+    def on_start(self, ctx: LoopContext) -> None:
+        from tunelab.probe.suite import TRAINING, prepare, read_table
+
+        cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
+        self.prepared = prepare(cfg, ctx.comps.arch, ctx.run.probes, lambda: self._base(ctx), acc.device, acc.autocast)
+        probe = self.prepared.probe
+        cost = planned_cost(cfg, ctx.comps.arch)
+        per_step = ctx.progress.effective_batch // max(1, acc.num_processes)
+        share = cost / (3 * max(1, per_step) * self.every_n_steps)
+        log.info("probe: %s x %d timesteps = %d UNet forwards per probe (%d with image scores), every %d steps "
+                 "(~%.1f %% of the training's compute); tables in %s", " + ".join(f"{s.name} {len(s)}" for s in probe.sets),
+                 len(probe.timesteps), probe.forwards, cost, self.every_n_steps, 100 * share, ctx.run.probes)
+        self.rows = [r for r in read_table(ctx.run.probes / f"{TRAINING}.parquet") if r["step"] <= step]
+        if not any(r["step"] == step for r in self.rows):
+            self._measure(ctx, base=self.prepared.base_measurement if step == 0 else None)
+
+    def on_step(self, ctx: LoopContext) -> None:
+        self._measure(ctx)
+
+    def on_end(self, ctx: LoopContext) -> None:
+        if not any(r["step"] == ctx.progress.step for r in self.rows):
+            self._measure(ctx)
+
+    def _score_prompts(self) -> dict[str, list[str]]:
+        return {s.name: list(s.prompts) for s in self.prepared.probe.sets}
+
+    def _base(self, ctx: LoopContext):
+        """The base's components: the live weights before the first step, else the base file."""
+        if ctx.progress.step == 0:
+            return ctx.comps, ctx.tokenizers
+        from tunelab.train.trainer import load_model
+
+        comps, tokenizers = load_model(ctx.cfg)
+        for name in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
+            getattr(comps, name).to(ctx.accelerator.device)
+        return comps, tokenizers
+
+    def _measure(self, ctx: LoopContext, base=None) -> None:
+        from tunelab.probe.images import image_scores
+        from tunelab.probe.measure import score_rows
+        from tunelab.probe.plots import plot_probes
+        from tunelab.probe.sets import preserve_scale
+        from tunelab.probe.suite import TRAINING, measure_models, write_table
+        from tunelab.train.step import StepModels
+
+        cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
+        m = base or measure_models(self.prepared, StepModels.of(ctx.comps, ctx.tokenizers), acc.device, acc.autocast)
+        scalars = m.scalars()
+        p = cfg.probe
+        scores = image_scores(ctx.comps, ctx.tokenizers, p.scorer, self._score_prompts(), p.preserve_seeds,
+                              p.preserve_steps, preserve_scale(p, ctx.comps.arch))
+        ctx.metrics.log(step, scalars | scores)
+        self.rows += m.rows(step) + score_rows(step, "", scores)
+        write_table(self.rows, ctx.run.probes, TRAINING)
+        plot_probes(self.rows, ctx.run.probes / f"{TRAINING}.png", f"{cfg.run.name}: probes during training")
+        log.info("probe at step %d: %s", step, summary_line(scalars | scores))
+
+
+def summary_line(scalars: dict[str, float]) -> str:
+    """The headline numbers of one probe, for the log and the terminal."""
+    parts = []
+    for tag, label in (("probe/learn_loss", "learn loss"), ("probe/preserve_loss", "preserve loss"),
+                       ("probe/drift_preserve", "preserve drift"), ("probe/drift_learn", "learn drift")):
+        if tag in scalars:
+            parts.append(f"{label} {scalars[tag]:.5g}")
+    parts += [f"{tag.removeprefix('probe/')} {100 * v:.1f} %" for tag, v in scalars.items() if tag.endswith("_score/all")]
+    return ", ".join(parts)
