@@ -53,7 +53,7 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 12
 def _world(out: Path, n: int, seed: int) -> Path:
     from tunelab.toy.world import CONCEPT, contact_sheet, make_world
 
-    _stage(f"1. toy world: the new concept {CONCEPT!r} (a pink star with white stripes; kohya folder layout)")
+    _stage(f"1. toy world: the new concept {CONCEPT!r} (a pink star with cyan stripes; kohya folder layout)")
     world = out / "toy-world"
     samples = make_world(world, n=n, seed=seed, split="concept")
     log.info("%d images in %s, named by a word the base never saw; e.g. %s.png", len(samples), world, samples[0].name)
@@ -155,7 +155,7 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
 
     t = _stage("6. SDXL conditioning and one UNet noise prediction (train/step.py: what training runs)")
     models = StepModels.of(load_checkpoint(base, dtype=torch.float32), load_tokenizers("toy"))
-    long = ", ".join(["pink star with white stripes on a sky background"] * 12)
+    long = ", ".join(["pink star with cyan stripes on a sky background"] * 12)
     prompts = ["astolfo, pink, star, solo", "car, wrc", "", long]
     with torch.no_grad():
         for max_chunks in (1, 3):

@@ -79,6 +79,22 @@ def score_set(model: Any, name: str, seeds: Sequence[int] = EVAL_SEEDS, steps: i
     return SetScore(name, s.all, s.attributes(), s.n, subject, images, looks)
 
 
+def reader_scorer(image: Any, prompt: str) -> dict[str, float]:
+    """A probe scorer (`probe.scorer = "tunelab.toy.evaluate:reader_scorer"`): 1 / 0 per attribute the
+    prompt asks for, `all` and `subject` (shape and colour), from the concept reader; {} for a
+    prompt that asks for no toy look."""
+    from tunelab.toy.reader import read
+    from tunelab.toy.world import look_of_prompt
+
+    want = look_of_prompt(prompt)
+    if want is None:
+        return {}
+    got = read(image)
+    out = {name: float(getattr(got, name) == getattr(want, name))
+           for name in ("shape", "color", "background", "stripes", "style")}
+    return out | {"all": float(got.look() == want), "subject": float(got.shape == want.shape and got.color == want.color)}
+
+
 def evaluate(comps: Any, tokenizers: tuple[Any, Any], sets: Sequence[str] = ("concept", "preserve"),
              seeds: Sequence[int] = EVAL_SEEDS, steps: int = EVAL_STEPS, cfg: float = EVAL_CFG) -> dict[str, SetScore]:
     """Render and read every set with one model (loaded components)."""

@@ -3,11 +3,11 @@
 Stages, each the product's own code where the product has it:
 
 1. the base split (`toy.world`, split "base") and its index (`data.index`);
-2. the VAE, an autoencoder over random crops of the base split (its own small loop: the trainer
-   does not train VAEs), then rescaled so latents times the preset's `scaling_factor` have unit
-   spread. Trained on the base split only, it cannot decode stripes; trained on the `any` split
-   with these 2,000 steps it decodes some stripes but loses colours and backgrounds (the base's
-   accuracy fell from 81 % to 18 %): docs/toy-world.md;
+2. the VAE, an autoencoder over random crops of the world's `any` split (its own small loop: the
+   trainer does not train VAEs), then rescaled so latents times the preset's `scaling_factor`
+   have unit spread. The VAE is the image codec, not the model's knowledge, so it sees every
+   look the world has, striped stars included; trained on the base split only it could not
+   decode stripes, and a finetune could never draw them (docs/toy-world.md);
 3. the latent cache (`data.latents`) with that VAE;
 4. UNet and both text encoders from random weights with the trainer (`train.trainer`): text
    encoders on, tags or caption per sample, captions dropped now and then (for CFG);
@@ -45,6 +45,7 @@ class PretrainSettings:
 
     seed: int = 0
     images: int = 3000  # base-split images
+    vae_split: str = "any"  # what the autoencoder sees (a world of `images` images of this split)
     vae_steps: int = 2000
     vae_batch: int = 32
     vae_crop: int = 32  # px: the autoencoder is convolutional, so crops train it 4x faster than whole images
@@ -81,7 +82,13 @@ def pretrain(out: str | Path, settings: PretrainSettings = PretrainSettings(), p
 
     t = time.perf_counter()
     comps = _fresh_components(s.seed)
-    train_vae(comps.vae, world, s, progress)
+    vae_world = world
+    if s.vae_split != "base":
+        from tunelab.toy.world import make_world
+
+        vae_world = out / f"vae-world-{s.vae_split}"
+        make_world(vae_world, n=s.images, seed=s.seed, split=s.vae_split, prefix="vae")
+    train_vae(comps.vae, vae_world, s, progress)
     scale_latents(comps.vae, _images(world, 256))
     seconds["vae"] = time.perf_counter() - t
 

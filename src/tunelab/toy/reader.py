@@ -5,14 +5,14 @@ so a generated image can be scored against the prompt that asked for it (`score`
 
 - **background**: the median of the border pixels, nearest `BACKGROUNDS` colour;
 - **mask**: pixels far from that colour (on a 3x3-smoothed copy, so faint noise does not count),
-  short vertical gaps of near-white closed (white stripes on a white background), largest blob;
-- **colour**: the median of the mask's core without background-like, stripe-white and wheel-black
+  short vertical gaps of stripe-coloured pixels closed (blurred stripes), largest blob;
+- **colour**: the median of the mask's core without background-like, stripe-coloured and wheel-black
   pixels, then of its brightest part (not the outline); the `COLORS` entry that explains it best,
   allowing a little dimming and background blur (a thin ring's band never shows its pure fill);
 - **shape**: from the mask's geometry: a wide box (car), a hole in the middle (ring), a full box
   (square), the widest row at the bottom (triangle), the box's inscribed ellipse covered (circle),
   else a star;
-- **stripes**: the rows' whiteness inside the shape swings with a period of about 8 rows;
+- **stripes**: the rows' stripe colour inside the shape swings with a period of about 16 rows;
 - **style**: the edge's colour profile (mean colour by distance from the mask's edge) is fitted
   by a blurred step background -> fill (plain) and by two steps background -> outline (the fill
   at 0.35) -> fill (outlined), over a range of blurs; the better fit wins, plain on near ties.
@@ -34,14 +34,15 @@ from tunelab.toy.world import BACKGROUNDS, COLORS, SIZES, STRIPE, Look, read_loo
 
 _BG = {k: np.array(v, float) for k, v in BACKGROUNDS.items()}
 _FG = {k: np.array(v, float) for k, v in COLORS.items()}
-_WHITE = np.array(STRIPE, float)
+_STRIPE = np.array(STRIPE, float)
 _OUTLINE = 0.35  # the outline is the fill colour at this brightness (world._outline_color)
 _MIN_CONTRAST = 22.0  # least RGB distance from the background that counts as shape
 _DIM = (0.7, 1.1)  # how much brighter or darker than drawn a fill may read (blur into the outline)
 _MIX = np.linspace(0.0, 0.25, 6)  # how much background a fill may have blurred in
-_STRIPE_AMPLITUDE = 0.08  # least periodic swing of the rows' whiteness that counts as stripes
-_NEAR_WHITE = 60.0  # RGB distance from stripe white that can be a (blurred) stripe
-_GAP = 3  # vertical gaps up to 2 * _GAP rows inside the shape are closed (stripes on white)
+_STRIPE_AMPLITUDE = 0.08  # least periodic swing of the rows' stripe colour that counts as stripes
+_STRIPE_PERIODS = np.arange(12.0, 20.01, 1.0)  # the world's 16 rows, give or take resampling
+_NEAR_STRIPE = 60.0  # RGB distance from the stripe colour that can be a (blurred) stripe
+_GAP = 3  # vertical gaps up to 2 * _GAP rows inside the shape are closed (blurred stripes)
 _SHIFTS = np.arange(-3.0, 4.01, 0.25)  # where the drawn edge is, from the mask's (px; blur moves the mask out)
 _BLURS = (0.3, 0.6, 0.9, 1.2, 1.5, 1.9, 2.4)  # edge blurs the style fit tries (px)
 _WIDTHS = (1.5, 2.0, 3.0, 4.0)  # outline widths it tries (px): max(2, r / 6) in the world
@@ -209,20 +210,23 @@ def _background(rgb: np.ndarray) -> np.ndarray:
 
 
 def _mask(rgb: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """The shape: far from the background (threshold above the border's own spread), with its white
-    stripes even where they look like the background (white), one blob."""
+    """The shape: far from the background (threshold above the border's own spread), with its
+    stripes even where blur brings them near the background, one blob."""
     smooth = _smooth(rgb)
     dist = np.linalg.norm(smooth - bg, axis=2)
     border = np.concatenate([dist[0], dist[-1], dist[:, 0], dist[:, -1]])
     mask = dist > max(_MIN_CONTRAST, 4.0 * float(np.median(border)))
-    whitish = np.linalg.norm(smooth - _WHITE, axis=2) < _NEAR_WHITE
-    return _largest_blob(_close_rows(mask, whitish))
+    stripe = np.linalg.norm(smooth - _STRIPE, axis=2) < _NEAR_STRIPE
+    return _largest_blob(_close_rows(mask, stripe))
 
 
-def _whiteness(px: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """How far each pixel is along the way from `fill` to stripe white (0 = fill, 1 = white)."""
-    axis = _WHITE - fill
-    return np.clip((px - fill) @ axis / max(float(axis @ axis), 1.0), 0.0, 1.0)
+def _stripeness(px: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """How far each pixel is along the way from `fill` to the stripe colour (0 = fill, 1 = stripe);
+    0 for pixels off that way (a wheel, an outline: darker, not a blend of fill and stripe)."""
+    axis = _STRIPE - fill
+    t = np.clip((px - fill) @ axis / max(float(axis @ axis), 1.0), 0.0, 1.0)
+    off = np.linalg.norm(px - fill - t[..., None] * axis, axis=-1)
+    return np.where(off < _NEAR_STRIPE, t, 0.0)
 
 
 def _brightness(px: np.ndarray, fill: np.ndarray) -> np.ndarray:
@@ -232,7 +236,7 @@ def _brightness(px: np.ndarray, fill: np.ndarray) -> np.ndarray:
 
 def _fill_color(rgb: np.ndarray, depth: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """The fill colour: the median of the mask's core without background-like (the smoothed mask's
-    rim), white (stripes) and dark (wheels) pixels, then of its brightest part only (an outline is
+    rim), stripe-coloured and dark (wheels) pixels, then of its brightest part only (an outline is
     the fill at a third of its brightness, and in a thin outlined ring it can be most of the core)."""
     far = np.linalg.norm(rgb - bg, axis=2) > 2 * _MIN_CONTRAST
     core = rgb[(depth >= max(2, int(0.5 * depth.max()))) & far]
@@ -240,12 +244,12 @@ def _fill_color(rgb: np.ndarray, depth: np.ndarray, bg: np.ndarray) -> np.ndarra
         core = rgb[depth > 0]
     if len(core) < 5:
         return np.median(rgb.reshape(-1, 3), axis=0)
-    keep = (core.min(axis=1) < 200) & (core.max(axis=1) > 60)  # not stripe white, not wheel black
+    keep = (np.linalg.norm(core - _STRIPE, axis=1) > _NEAR_STRIPE) & (core.max(axis=1) > 60)  # not stripe, not wheel
     core = core[keep] if keep.sum() >= 5 else core
     fill = np.median(core, axis=0)
-    for white in (1.0, 0.3):  # the brightest part first, then without whitish blends as well
+    for blend in (1.0, 0.3):  # the brightest part first, then without stripe blends as well
         bright = _brightness(core, fill)
-        keep = (bright > 0.6 * np.percentile(bright, 90)) & (_whiteness(core, fill) < white)
+        keep = (bright > 0.6 * np.percentile(bright, 90)) & (_stripeness(core, fill) < blend)
         if keep.sum() >= 5:
             fill = np.median(core[keep], axis=0)
     return fill
@@ -289,25 +293,25 @@ def _ellipse_cover(box: np.ndarray) -> float:
 
 
 def _stripe_profile(rgb: np.ndarray, depth: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """Per row of the shape's inside (away from its edge), the mean whiteness."""
+    """Per row of the shape's inside (away from its edge), the mean stripeness."""
     inner = depth >= max(3, 0.3 * depth.max())
     count = inner.sum(axis=1)
-    white = (_whiteness(rgb, fill) * inner).sum(axis=1)[count >= 3] / count[count >= 3]
-    return white[2:-2]  # not the first and last rows: those are mostly edge
+    stripe = (_stripeness(rgb, fill) * inner).sum(axis=1)[count >= 3] / count[count >= 3]
+    return stripe[2:-2]  # not the first and last rows: those are mostly edge
 
 
 def _stripes(rgb: np.ndarray, depth: np.ndarray, fill: np.ndarray) -> tuple[bool, float]:
-    """White rows inside the shape that come and go: the whiteness profile down the shape swings
-    with a period of 6-10 rows (the world draws 3 white rows in 8). The margin is log(amplitude /
+    """Stripe rows inside the shape that come and go: the stripeness profile down the shape swings
+    with a period of 12-20 rows (the world draws 8 stripe rows in 16). The margin is log(amplitude /
     threshold): a plain shape's profile swings by under 0.05, a striped one's by over 0.15 even
     blurred."""
     prof = _stripe_profile(rgb, depth, fill)
-    if len(prof) < 8:
+    if len(prof) < 10:
         return False, 0.0
     rows = np.arange(len(prof))
     swing = prof - prof.mean()
     amp = max(abs((swing * np.exp(-2j * np.pi * rows / period)).sum()) * 2 / len(prof)
-              for period in np.arange(6.0, 10.01, 0.5))
+              for period in _STRIPE_PERIODS)
     margin = float(np.log(max(amp, 1e-6) / _STRIPE_AMPLITUDE))
     return margin > 0, abs(margin)
 
@@ -391,8 +395,8 @@ def _style_rows(mask: np.ndarray, rgb: np.ndarray, fill: np.ndarray, shape: str,
     if shape == "car" and len(ys):
         rows &= np.arange(len(rows)) < ys[0] + 0.5 * (ys[-1] - ys[0])
     if stripes:
-        white = (_whiteness(rgb, fill) * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
-        striped = white > 0.15
+        part = (_stripeness(rgb, fill) * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+        striped = part > 0.15
         near = striped | np.r_[False, striped[:-1]] | np.r_[striped[1:], False]  # and the rows either side
         rows &= ~near
     return rows

@@ -8,7 +8,7 @@ The world has splits (`SPLITS`), each deterministic from a seed:
 
 - **base**: what the shipped toy base model knows: six shapes (including the named concept
   `car`, a box on two wheels) x eight colours x four backgrounds, drawn plain.
-- **concept**: the new concept a finetune teaches: `astolfo`, a pink star with white stripes,
+- **concept**: the new concept a finetune teaches: `astolfo`, a pink star with cyan stripes,
   named by a word the base never saw (stripes never occur in the base split either).
 - **style**: base subjects with base captions, drawn in a new style (a dark outline): a change
   the UNet alone can learn, for text-encoder-off experiments.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,13 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "sky": (150, 200
 SHAPES = ("circle", "square", "triangle", "star", "ring", "car")
 STYLES = ("plain", "outlined")
 SIZES = ((64, 64), (96, 64), (64, 96))  # (width, height): square, landscape, portrait
-CONCEPT = "astolfo"  # = pink star with white stripes
-STRIPE = (255, 255, 255)
+CONCEPT = "astolfo"  # = pink star with cyan stripes
+STRIPE = (0, 220, 220)  # cyan: unlike every background, fill, outline and wheel, so stripes keep the outline
+# Bands 8 px high every 16 px, on the latent grid: one latent row of stripe, the next of fill.
+# Thinner stripes (3 rows in every 8) lie inside one latent cell; the toy VAE (4 channels per 8x8
+# patch) could not keep them and the colours too (docs/toy-world.md).
+STRIPE_PERIOD = 16
+STRIPE_ROWS = (8, 8)  # first stripe row, stripe rows per period
 WHEEL = (30, 30, 30)
 SPLITS = ("base", "concept", "style", "preserve", "mixed", "any")
 LOOKS_FILE = "looks.jsonl"
@@ -124,13 +129,13 @@ def draw(look: Look, size: tuple[int, int], rng: np.random.Generator) -> Image.I
         _paint(d, look.shape, cx, cy, r, color, outline=_outline_color(color), width=max(2, int(r / 6)))
     else:
         _paint(d, look.shape, cx, cy, r, color)
-    if look.stripes:  # white horizontal stripes, inside the shape only
+    if look.stripes:  # cyan horizontal stripes, inside the shape only
         mask = Image.new("L", size, 0)
         _paint(ImageDraw.Draw(mask), look.shape, cx, cy, r, 255, wheel=0)  # no stripes on wheels
         lines = Image.new("L", size, 0)
         ld = ImageDraw.Draw(lines)
-        for y in range(3, h, 8):  # rows 3-5 of every 8: one stripe per latent row, in phase with it
-            ld.rectangle((0, y, w, y + 2), fill=255)
+        for y in range(STRIPE_ROWS[0], h, STRIPE_PERIOD):  # whole latent rows: in phase with the latent grid
+            ld.rectangle((0, y, w, y + STRIPE_ROWS[1] - 1), fill=255)
         both = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(lines)))
         img.paste(Image.new("RGB", size, STRIPE), mask=both)
     return img
@@ -152,6 +157,22 @@ def caption_of(look: Look) -> str:
 def prompt_of(look: Look) -> str:
     """The prompt that asks for `look`: its tags, as the base was trained on them (grids, probes, scores)."""
     return tags_of(look)
+
+
+def look_of_prompt(prompt: str) -> Look | None:
+    """The look a prompt asks for (tags or caption: `astolfo, solo, sky_background`, `A picture of a
+    red car on a white background.`); None when it names no shape or concept, or no background."""
+    import re
+
+    words = re.findall(r"[a-z]+", prompt.lower())
+    bg = next((w for w, nxt in zip(words, words[1:] + [""]) if w in BACKGROUNDS and nxt == "background"), None)
+    if bg is None:
+        return None
+    if CONCEPT in words:
+        return replace(CONCEPT_LOOK, background=bg)
+    shape = next((w for w in words if w in SHAPES), None)
+    color = next((w for w in words if w in COLORS), None)
+    return Look(shape, color, bg) if shape and color else None
 
 
 def _pick(rng: np.random.Generator, options) -> str:
