@@ -43,8 +43,9 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 12
     _config()
     log.info("\n== done in %.0f s; everything is in %s", time.perf_counter() - t0, out)
     log.info("look at: %s (the data), %s (grid over the checkpoints), %s / %s (what the base and the finetune "
-             "draw), %s (loss curve), %s (weight drift)", out / "toy-world.png", paths.get("grid", "-"),
-             out / "scores-before.png", out / "scores-after.png", paths["loss"], paths["drift"] / "trajectory.png")
+             "draw), %s (learned / forgot probes), %s (loss curve), %s (weight drift)", out / "toy-world.png",
+             paths.get("grid", "-"), out / "scores-before.png", out / "scores-after.png",
+             RunDir(paths["run"]).probes / "training.png", paths["loss"], paths["drift"] / "trajectory.png")
     log.info("next: `tunelab toy score %s`, `tunelab model inspect %s`, `tunelab config show --fields`",
              RunDir(paths["run"]).checkpoint_path("last"), paths["base"])
     return paths
@@ -175,12 +176,14 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
 
 
 def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
-    from tunelab.toy.finetune import FinetuneSettings, ToyData, write_run_file
+    from tunelab.toy.finetune import FinetuneSettings, ToyData, held_out_data, write_run_file
     from tunelab.train.trainer import train
 
-    t = _stage("7. train: finetune the base on the concept, text encoders on + 71 % of the UNet; grids at checkpoints")
-    data = ToyData(paths["world"], paths["index"], paths["latents"])
-    settings = FinetuneSettings(steps=steps, save_every=max(1, steps // 4), grid=True)
+    t = _stage("7. train: finetune the base on the concept, text encoders on + 71 % of the UNet; grids and probes "
+               "at checkpoints")
+    held_out = held_out_data(out / "held-out", paths["base"], "concept", 16)  # the probe's learn set
+    data = ToyData(paths["world"], paths["index"], paths["latents"], held_out)
+    settings = FinetuneSettings(steps=steps, save_every=max(1, steps // 4), grid=True, probe=True)
     run_file = write_run_file(out / "run.toml", out / "run", paths["base"], data, settings, name="demo")
     result = train(run_file)
     run = RunDir(out / "run")
@@ -189,8 +192,23 @@ def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
         paths["grid"] = _timeline(grids, out / "grid-timeline.png")
     log.info("%d steps, %d samples; checkpoints: %s  [%.0f s]", result.steps, result.samples_seen,
              ", ".join(c.path.name for c in run.checkpoint_files()), time.perf_counter() - t)
+    _probes(run)
     log.info("run it again (`tunelab train %s`) and it resumes from the saved state", run_file)
     return run.path
+
+
+def _probes(run: RunDir) -> None:
+    """The probe's headline: learn loss on held-out concept images, drift from the base on preserve looks."""
+    from tunelab.probe.plots import series
+    from tunelab.probe.suite import TRAINING, read_table
+
+    rows = read_table(run.probes / f"{TRAINING}.parquet")
+    steps, loss = series(rows, "learn", "loss")
+    _, drift = series(rows, "preserve", "drift")
+    log.info("  probes (same noise and timesteps every time; docs/probes.md), steps %s:", ", ".join(map(str, steps)))
+    log.info("    learn loss on 16 held-out concept images  %s", " -> ".join(f"{v:.4f}" for v in loss))
+    log.info("    preserve drift from the base              %s", " -> ".join(f"{v:.4f}" for v in drift))
+    log.info("    chart: %s", run.probes / f"{TRAINING}.png")
 
 
 def _timeline(grids: list[Path], out: Path) -> Path:

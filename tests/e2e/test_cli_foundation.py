@@ -120,7 +120,8 @@ def test_demo_runs_the_flow(tmp_path):
     out = tmp_path / "demo"
     for made in ("toy-world.png", "index.parquet", "run/checkpoints/last.safetensors", "scores-before.png",
                  "scores-after.png", "grid-timeline.png", "loss/loss.png", "drift/drift.json", "drift/trajectory.png",
-                 "drift/heatmaps.png", "drift/map.png"):
+                 "drift/heatmaps.png", "drift/map.png", "run/probes/training.png", "run/probes/training.parquet"):
         assert (out / made).exists(), made
     assert "sign agreement of the moves from [0]" in log
+    assert re.search(r"learn loss on 16 held-out concept images +\d\.\d+ -> ", log)
     assert list((out / "run" / "samples").glob("step-*/grid*.png"))

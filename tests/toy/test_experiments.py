@@ -27,7 +27,7 @@ def test_sets_are_fixed_prompt_lists():
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_each_experiment_runs_at_a_trivial_size(tmp_path, name):
-    tiny = FinetuneSettings(steps=1, batch=2)
+    tiny = FinetuneSettings(steps=1, batch=2, probe=name == "tte")  # one experiment with its probes
     images = 48 if name == "accumulation" else 6  # effective batch 16 needs 4 batches of 4 per epoch
     result = run_experiment(name, tmp_path, seeds=1, settings=tiny, eval_seeds=(11,), eval_steps=1, images=images)
     arms = [a.name for a in EXPERIMENTS[name].arms(tiny)]
@@ -38,6 +38,20 @@ def test_each_experiment_runs_at_a_trivial_size(tmp_path, name):
     text = result.files["md"].read_text()
     assert "base (before)" in text and all(a in text for a in arms)
     assert result.files["png"].stat().st_size > 5000
+    if tiny.probe:
+        assert all(r.probe["probe/drift_preserve"] > 0 and r.probe["probe/learn_loss"] > 0 for r in result.rows)
+        assert result.base_probe["probe/drift_preserve"] == 0.0
+        assert "learn loss (held out)" in text and "rank correlation" in text
+        assert all(r["drift_preserve"] for r in rows)
+
+
+def test_spearman_matches_its_definition():
+    from tunelab.toy.experiments import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: x ranks 1, 2.5, 2.5, 4 against 1, 2, 3, 4
+    assert spearman([0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
 
 
 def test_unknown_experiment_names_the_choices(tmp_path):

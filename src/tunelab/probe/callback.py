@@ -4,8 +4,8 @@ At START it prepares the probe (`suite.prepare`: the sets and the base's predict
 the live weights on a fresh run, from the base file on a resume that finds none) and measures
 step 0; then every `every_n_steps` and at the end. Each probe logs `probe/learn_loss`,
 `probe/preserve_loss`, `probe/drift_learn`, `probe/drift_preserve` (and `/low`, `/mid`, `/high`
-per noise band, and `probe/<set>_score/<name>` with a scorer) to tensorboard and
-metrics.parquet, and rewrites `RUN/probes/training.{parquet,csv,png}`.
+per noise band, `probe/<set>_score/<name>` with a scorer, and `probe/seconds`, what the probe
+took) to tensorboard and metrics.parquet, and rewrites `RUN/probes/training.{parquet,csv,png}`.
 
 Under several processes the probe runs on rank 0 while the others wait (the model is not
 sharded: DDP keeps a whole copy on every rank). `every_n_steps = 0` chooses the interval at which
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 from tunelab.train.callbacks import Callback, LoopContext
@@ -112,16 +113,18 @@ class ProbeCallback(Callback):
         from tunelab.train.step import StepModels
 
         cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
+        t0 = time.perf_counter()
         m = base or measure_models(self.prepared, StepModels.of(ctx.comps, ctx.tokenizers), acc.device, acc.autocast)
         scalars = m.scalars()
         p = cfg.probe
         scores = image_scores(ctx.comps, ctx.tokenizers, p.scorer, self._score_prompts(), p.preserve_seeds,
                               p.preserve_steps, preserve_scale(p, ctx.comps.arch))
-        ctx.metrics.log(step, scalars | scores)
+        seconds = time.perf_counter() - t0
+        ctx.metrics.log(step, scalars | scores | {"probe/seconds": seconds})
         self.rows += m.rows(step) + score_rows(step, "", scores)
         write_table(self.rows, ctx.run.probes, TRAINING)
         plot_probes(self.rows, ctx.run.probes / f"{TRAINING}.png", f"{cfg.run.name}: probes during training")
-        log.info("probe at step %d: %s", step, summary_line(scalars | scores))
+        log.info("probe at step %d (%.1f s): %s", step, seconds, summary_line(scalars | scores))
 
 
 def summary_line(scalars: dict[str, float]) -> str:

@@ -12,6 +12,8 @@ whose every attribute the prompt asks for came out right:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -131,5 +133,6 @@ def sheet(scores: dict[str, SetScore], out: str, cols: int = 16) -> str:
         page.paste(img.resize((64, 64)), (x + 2, y + 2))
         if read(img).look() != look:
             d.rectangle((x, y, x + w - 1, y + h - 1), outline=(230, 0, 0), width=2)
+    out = str(out) if Path(out).suffix else f"{out}.png"  # `--out sheet` means sheet.png
     page.save(out)
     return out

@@ -19,6 +19,7 @@ class ToyData:
     world: Path
     index: Path
     latents: Path
+    held_out: "ToyData | None" = None  # images of the same split the finetune never sees (the probe's learn set)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class FinetuneSettings:
     seed: int = 0
     save_every: int = 0  # checkpoint (and grid) every N steps; 0 = only the last
     grid: bool = False  # render the grid at each checkpoint
+    probe: bool = False  # probes during training: learn (the held-out images) and preserve (docs/probes.md)
+    probe_every: int = 0  # steps between probes; 0 = 4 probes per run (and step 0)
 
     def but(self, **changes) -> "FinetuneSettings":
         return replace(self, **changes)
@@ -47,9 +50,30 @@ def grid_prompts() -> list[str]:
     return [prompt_of(concept_looks()[2]), prompt_of(preserve_looks()[0]), prompt_of(preserve_looks()[8])]
 
 
+HELD_OUT_SEED = 1000  # the held-out images' world seed is the finetune data's seed + this
+
+
 def prepare(out: str | Path, base: str | Path, split: str = "concept", n: int = 48, seed: int = 0,
-            progress: bool = False) -> ToyData:
-    """The split's images, index and latent cache (encoded with the base's VAE)."""
+            progress: bool = False, held_out: int = 0) -> ToyData:
+    """The split's images, index and latent cache (encoded with the base's VAE); with `held_out`,
+    as many other images of the split (another world seed) for the probe's learn set."""
+    data = split_data(out, base, split, split, n, seed, seed, progress)
+    if held_out:
+        data = replace(data, held_out=held_out_data(out, base, split, held_out, seed, progress))
+    return data
+
+
+def held_out_data(out: str | Path, base: str | Path, split: str, n: int, seed: int = 0,
+                  progress: bool = False) -> ToyData:
+    """`n` images of the split the finetune never sees (world seed + HELD_OUT_SEED), indexed and cached."""
+    return split_data(out, base, split, f"{split}-held-out", n, seed + HELD_OUT_SEED, seed, progress)
+
+
+def split_data(out: str | Path, base: str | Path, split: str, name: str, n: int, world_seed: int, seed: int,
+               progress: bool = False) -> ToyData:
+    """`out/toy-NAME` (n images of the split), `out/NAME.parquet` and `out/NAME-latents`."""
+    import torch
+
     from tunelab.data.index import IndexOptions, build_index
     from tunelab.data.latents import cache_latents
     from tunelab.models.checkpoint import load_checkpoint
@@ -57,13 +81,11 @@ def prepare(out: str | Path, base: str | Path, split: str = "concept", n: int = 
     from tunelab.toy.world import make_world
 
     out = Path(out)
-    world = out / f"toy-{split}"
-    make_world(world, n=n, seed=seed, split=split, prefix=split)
-    index = out / f"{split}.parquet"
+    world = out / f"toy-{name}"
+    make_world(world, n=n, seed=world_seed, split=split, prefix=name)
+    index = out / f"{name}.parquet"
     build_index([f"folder:{world},prefix=toy/"], index, IndexOptions(buckets=TOY_BUCKETS, seed=seed))
-    latents = out / f"{split}-latents"
-    import torch
-
+    latents = out / f"{name}-latents"
     vae = load_checkpoint(base, dtype=torch.float32).vae  # fp32: the CPU's fp16 kernels are slow
     cache_latents(index, latents, vae, batch_size=32, progress=progress)
     return ToyData(world, index, latents)
@@ -109,6 +131,13 @@ steps = 30
 cfg = 2.0
 """
 
+_PROBE = """[probe]
+enabled = true
+every_n_steps = {every}
+learn = "{learn}"
+learn_latents = "{learn_latents}"
+"""
+
 
 def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: ToyData, s: FinetuneSettings,
                    name: str = "toy-finetune") -> Path:
@@ -122,6 +151,14 @@ def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: To
         full_bf16=str(s.full_bf16).lower(), te=s.text_encoder, unet=s.unet, lr_unet=s.lr_unet,
         lr_text=s.lr_text if s.text_encoder != "off" else 0.0, save_every=s.save_every, prompts=prompts,
         grid_every=s.save_every if s.grid else 0))
+    if s.probe:
+        from tunelab.errors import TunelabError
+
+        if data.held_out is None:
+            raise TunelabError("probes on a toy finetune need held-out images: prepare(..., held_out=16)")
+        with path.open("a") as f:
+            f.write(_PROBE.format(every=s.probe_every or max(1, s.steps // 4), learn=data.held_out.index,
+                                  learn_latents=data.held_out.latents))
     return path
 
 

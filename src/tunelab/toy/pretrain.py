@@ -45,7 +45,7 @@ class PretrainSettings:
 
     seed: int = 0
     images: int = 3000  # base-split images
-    vae_split: str = "any"  # what the autoencoder sees (a world of `images` images of this split)
+    vae_split: str = "base"  # what the autoencoder sees (a world of `images` images of this split)
     vae_steps: int = 2000
     vae_batch: int = 32
     vae_crop: int = 32  # px: the autoencoder is convolutional, so crops train it 4x faster than whole images
