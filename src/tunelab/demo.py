@@ -176,13 +176,12 @@ def _conditioning(base: Path, index: Path, seed: int) -> None:
 
 
 def _train(out: Path, paths: dict[str, Path], steps: int) -> Path:
-    from tunelab.toy.finetune import FinetuneSettings, ToyData, held_out_data, write_run_file
+    from tunelab.toy.finetune import FinetuneSettings, ToyData, write_run_file
     from tunelab.train.trainer import train
 
     t = _stage("7. train: finetune the base on the concept, text encoders on + 71 % of the UNet; grids and probes "
                "at checkpoints")
-    held_out = held_out_data(out / "held-out", paths["base"], "concept", 16)  # the probe's learn set
-    data = ToyData(paths["world"], paths["index"], paths["latents"], held_out)
+    data = ToyData(paths["world"], paths["index"], paths["latents"])  # probes learn on the index's holdout split
     settings = FinetuneSettings(steps=steps, save_every=max(1, steps // 4), grid=True, probe=True)
     run_file = write_run_file(out / "run.toml", out / "run", paths["base"], data, settings, name="demo")
     result = train(run_file)
@@ -206,8 +205,8 @@ def _probes(run: RunDir) -> None:
     steps, loss = series(rows, "learn", "loss")
     _, drift = series(rows, "preserve", "drift")
     log.info("  probes (same noise and timesteps every time; docs/probes.md), steps %s:", ", ".join(map(str, steps)))
-    log.info("    learn loss on 16 held-out concept images  %s", " -> ".join(f"{v:.4f}" for v in loss))
-    log.info("    preserve drift from the base              %s", " -> ".join(f"{v:.4f}" for v in drift))
+    log.info("    learn loss on 8 held-out concept images (the index's holdout split)  %s", " -> ".join(f"{v:.4f}" for v in loss))
+    log.info("    preserve drift from the base                                           %s", " -> ".join(f"{v:.4f}" for v in drift))
     log.info("    chart: %s", run.probes / f"{TRAINING}.png")
 
 

@@ -172,7 +172,7 @@ def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
     neighbouring steps). Each distance is summed from its own differences, so no figure comes from
     subtracting large ones: a Gram matrix of the raw weights would lose the distance to cancellation
     (error ~eps·(‖θ‖/‖Δ‖)²), and even a Gram of the deltas against θ_0 would in float32
-    (error ~1e-7·(‖θ − θ_0‖/‖Δ‖)², over 100 % here)."""
+    (error ~1e-7·(‖θ − θ_0‖/‖Δ‖)², tens of percent here: 45-100 % depending on the BLAS's summation order)."""
     gen = torch.Generator().manual_seed(3)
     base = (torch.randn(100_000, generator=gen, dtype=torch.float64) * 10).to(dtype)
     one = (base + torch.randn(100_000, generator=gen, dtype=torch.float64) * 3e-3).to(dtype)
@@ -185,11 +185,11 @@ def test_near_equal_models_far_from_the_first_keep_their_digits(dtype, rel):
     raw = torch.stack(ts).double() @ torch.stack(ts).double().T  # what the naive method would use
     naive = math.sqrt(max(float(raw[1, 1] + raw[2, 2] - 2 * raw[1, 2]), 0.0))
     assert abs(naive - math.sqrt(ref[1, 2])) / math.sqrt(ref[1, 2]) > 1e-6  # the test would catch it
-    if dtype == torch.float32:  # and a float32 Gram of the deltas from θ_0 is off by more than 100 %
+    if dtype == torch.float32:  # and a float32 Gram of the deltas from θ_0 is off by tens of percent
         d = torch.stack([one - base, two - base])
         g = d @ d.T
         gram = math.sqrt(max(float(g[0, 0] + g[1, 1] - 2 * g[0, 1]), 0.0))
-        assert abs(gram - math.sqrt(ref[1, 2])) / math.sqrt(ref[1, 2]) > 0.5
+        assert abs(gram - math.sqrt(ref[1, 2])) / math.sqrt(ref[1, 2]) > 0.1
 
 
 # --- whole files against the dense reference ---------------------------------------------------------

@@ -123,5 +123,5 @@ def test_demo_runs_the_flow(tmp_path):
                  "drift/heatmaps.png", "drift/map.png", "run/probes/training.png", "run/probes/training.parquet"):
         assert (out / made).exists(), made
     assert "sign agreement of the moves from [0]" in log
-    assert re.search(r"learn loss on 16 held-out concept images +\d\.\d+ -> ", log)
+    assert re.search(r"learn loss on 8 held-out concept images \(the index.s holdout split\) +\d\.\d+ -> ", log)
     assert list((out / "run" / "samples").glob("step-*/grid*.png"))

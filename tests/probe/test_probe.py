@@ -195,3 +195,25 @@ def test_reader_scorer_reads_a_world_image():
     assert wrong["all"] == 0.0 and wrong["shape"] == 0.0 and wrong["stripes"] == 0.0
     assert reader_scorer(draw(CONCEPT_LOOK, (64, 64), np.random.default_rng(0)), "astolfo, solo, sky_background")["all"] == 1.0
     assert reader_scorer(image, "") == {}
+
+
+def test_two_processes_probe_on_rank_zero_with_the_auto_interval(tmp_path, held_out):
+    """accelerate's 2-process DDP (gloo): the auto interval is agreed on by both ranks from the
+    settings, rank 0 probes while rank 1 waits, and the run ends (no rank left waiting)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = write_run(tmp_path / "two.toml", held_out, tmp_path / "two",
+                    train={"batch_size": 1, "grad_accumulation": 1, "max_steps": 2, "expect_world_size": 2},
+                    save={"every_n_steps": 2}, probe={**PROBE, "every_n_steps": 0})
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           "-m", "tunelab", "train", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("probe at step 0") == 1 and proc.stderr.count("probe at step 2") == 1  # rank 0 only
+    rows = pq.read_table(tmp_path / "two" / "probes" / "training.parquet").to_pylist()
+    drift = _by_step(rows, "drift", "preserve")
+    assert list(drift) == [0, 2] and drift[0] == 0.0 and drift[2] > 0

@@ -59,6 +59,7 @@ class ProbeCallback(Callback):
     def __init__(self, cfg: "RunConfig") -> None:
         self.every_n_steps = cfg.probe.every_n_steps
         self.prepared = None
+        self.prepare_seconds = 0.0
         self.rows: list[dict] = []
 
     def due(self, event, ctx: LoopContext) -> bool:
@@ -71,14 +72,17 @@ class ProbeCallback(Callback):
         from tunelab.probe.suite import TRAINING, prepare, read_table
 
         cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
+        t0 = time.perf_counter()
         self.prepared = prepare(cfg, ctx.comps.arch, ctx.run.probes, lambda: self._base(ctx), acc.device, acc.autocast)
+        self.prepare_seconds = time.perf_counter() - t0
         probe = self.prepared.probe
         cost = planned_cost(cfg, ctx.comps.arch)
         per_step = ctx.progress.effective_batch // max(1, acc.num_processes)
         share = cost / (3 * max(1, per_step) * self.every_n_steps)
-        log.info("probe: %s x %d timesteps = %d UNet forwards per probe (%d with image scores), every %d steps "
-                 "(~%.1f %% of the training's compute); tables in %s", " + ".join(f"{s.name} {len(s)}" for s in probe.sets),
-                 len(probe.timesteps), probe.forwards, cost, self.every_n_steps, 100 * share, ctx.run.probes)
+        scored = f" ({cost} with the image scores' renders)" if cfg.probe.scorer else ""
+        log.info("probe: %s x %d timesteps = %d UNet forwards per probe%s, every %d steps (~%.1f %% of the "
+                 "training's compute); tables in %s", " + ".join(f"{s.name} {len(s)}" for s in probe.sets),
+                 len(probe.timesteps), probe.forwards, scored, self.every_n_steps, 100 * share, ctx.run.probes)
         self.rows = [r for r in read_table(ctx.run.probes / f"{TRAINING}.parquet") if r["step"] <= step]
         if not any(r["step"] == step for r in self.rows):
             self._measure(ctx, base=self.prepared.base_measurement if step == 0 else None)
@@ -119,7 +123,7 @@ class ProbeCallback(Callback):
         p = cfg.probe
         scores = image_scores(ctx.comps, ctx.tokenizers, p.scorer, self._score_prompts(), p.preserve_seeds,
                               p.preserve_steps, preserve_scale(p, ctx.comps.arch))
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + (self.prepare_seconds if base is not None else 0.0)  # step 0: + the base's
         ctx.metrics.log(step, scalars | scores | {"probe/seconds": seconds})
         self.rows += m.rows(step) + score_rows(step, "", scores)
         write_table(self.rows, ctx.run.probes, TRAINING)

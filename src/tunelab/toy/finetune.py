@@ -151,14 +151,11 @@ def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: To
         full_bf16=str(s.full_bf16).lower(), te=s.text_encoder, unet=s.unet, lr_unet=s.lr_unet,
         lr_text=s.lr_text if s.text_encoder != "off" else 0.0, save_every=s.save_every, prompts=prompts,
         grid_every=s.save_every if s.grid else 0))
-    if s.probe:
-        from tunelab.errors import TunelabError
-
-        if data.held_out is None:
-            raise TunelabError("probes on a toy finetune need held-out images: prepare(..., held_out=16)")
+    if s.probe:  # the learn set: the held-out images, else the index's holdout split
         with path.open("a") as f:
-            f.write(_PROBE.format(every=s.probe_every or max(1, s.steps // 4), learn=data.held_out.index,
-                                  learn_latents=data.held_out.latents))
+            f.write(_PROBE.format(every=s.probe_every or max(1, s.steps // 4),
+                                  learn=data.held_out.index if data.held_out else "holdout",
+                                  learn_latents=data.held_out.latents if data.held_out else ""))
     return path
 
 

@@ -3,11 +3,11 @@
 Stages, each the product's own code where the product has it:
 
 1. the base split (`toy.world`, split "base") and its index (`data.index`);
-2. the VAE, an autoencoder over random crops of the world's `any` split (its own small loop: the
-   trainer does not train VAEs), then rescaled so latents times the preset's `scaling_factor`
-   have unit spread. The VAE is the image codec, not the model's knowledge, so it sees every
-   look the world has, striped stars included; trained on the base split only it could not
-   decode stripes, and a finetune could never draw them (docs/toy-world.md);
+2. the VAE, an autoencoder over random crops of the base split (`vae_split`; its own small loop:
+   the trainer does not train VAEs), then rescaled so latents times the preset's
+   `scaling_factor` have unit spread. Trained on the base split it cannot decode the concept's
+   stripes; `vae_split = "any"` shows it every look, striped stars included, and costs the base
+   some of what it draws (the measured trade-off is in docs/toy-world.md);
 3. the latent cache (`data.latents`) with that VAE;
 4. UNet and both text encoders from random weights with the trainer (`train.trainer`): text
    encoders on, tags or caption per sample, captions dropped now and then (for CFG);
