@@ -278,6 +278,10 @@ def _check_data(cfg) -> str | None:
     c, used = index.footer.get("bucket_config") or {}, len(set(index.bucket_ids().tolist()))
     line = (f"{len(index):,} images in {used} of the index's {len(index.buckets)} buckets (resolution "
             f"{c.get('resolution')}, sides {c.get('min_side')}-{c.get('max_side')}, step {c.get('step')})")
+    if cfg.probe.enabled and cfg.probe.learn in ("holdout", "train"):
+        from tunelab.probe.sets import check_learn_rows
+
+        check_learn_rows(cfg.probe, index.rows_in_split(cfg.probe.learn), cfg.data.index)
     if cfg.data.latents and Path(cfg.data.latents).exists():
         kind = "tunelab shards" if isinstance(open_latents(cfg.data.latents, index), LatentStore) else "kohya .npz"
         line += f"; latents: {kind}, fit the index"

@@ -217,3 +217,10 @@ def test_two_processes_probe_on_rank_zero_with_the_auto_interval(tmp_path, held_
     rows = pq.read_table(tmp_path / "two" / "probes" / "training.parquet").to_pylist()
     drift = _by_step(rows, "drift", "preserve")
     assert list(drift) == [0, 2] and drift[0] == 0.0 and drift[2] > 0
+
+
+def test_config_check_refuses_a_learn_split_without_rows(tmp_path):
+    index = _index(tmp_path, 0.0)
+    cfg = write_run(tmp_path / "r.toml", index, tmp_path / "r", probe={"enabled": True})
+    proc = run_cli("config", "check", cfg, check=False)
+    assert proc.returncode == 2 and "no holdout rows" in proc.stderr and "--holdout 0.05" in proc.stderr

@@ -150,6 +150,14 @@ def probe_noise(seed: int, set_index: int, sample: int, k: int, shape: tuple[int
 # --- building the sets -----------------------------------------------------------------------------------
 
 
+def check_learn_rows(p: "ProbeSection", rows: Sequence[int], path: str | Path) -> None:
+    """A learn split without rows is refused with the fix (by `config check` and at the probe's start)."""
+    if len(rows) == 0:
+        raise TunelabError(f"probe.learn = {p.learn!r} but {path} has no {p.learn} rows; rebuild the index with "
+                           "`tunelab data index ... --holdout 0.05`, or set probe.learn = 'train' (it then measures "
+                           "fit to the training images, not generalisation)")
+
+
 def learn_set(cfg: "RunConfig", vae: torch.nn.Module, device: torch.device | str = "cpu") -> ProbeSet:
     """The learn set of `cfg.probe` (its `learn`, `learn_samples`), latents scaled for the UNet."""
     from tunelab.data.index import key_uniform
@@ -166,10 +174,7 @@ def learn_set(cfg: "RunConfig", vae: torch.nn.Module, device: torch.device | str
                            "(build one with `tunelab data index`)")
     index = open_index(path)
     rows = index.rows_in_split(p.learn) if own else torch.arange(len(index)).numpy()
-    if len(rows) == 0:
-        raise TunelabError(f"probe.learn = {p.learn!r} but {path} has no {p.learn} rows; rebuild the index with "
-                           "`tunelab data index ... --holdout 0.05`, or set probe.learn = 'train' (it then measures "
-                           "fit to the training images, not generalisation)")
+    check_learn_rows(p, rows, path)
     order = key_uniform(index.keys(rows.tolist()), p.seed).argsort(kind="stable")
     chosen = [int(rows[i]) for i in order[: p.learn_samples]]
     latents_dir = (cfg.data.latents if own else p.learn_latents) or None
