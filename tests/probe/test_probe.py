@@ -224,3 +224,15 @@ def test_config_check_refuses_a_learn_split_without_rows(tmp_path):
     cfg = write_run(tmp_path / "r.toml", index, tmp_path / "r", probe={"enabled": True})
     proc = run_cli("config", "check", cfg, check=False)
     assert proc.returncode == 2 and "no holdout rows" in proc.stderr and "--holdout 0.05" in proc.stderr
+
+
+def test_probe_command_with_the_toy_scorer(probed_run, tmp_path):
+    """`--scorer toy`: the toy world's concept (learn) and preserve sets, as `tunelab toy score` reads them."""
+    out = tmp_path / "toy"
+    proc = run_cli("probe", probed_run, "--out", out, "--timesteps", "1", "--scorer", "toy")
+    rows = pq.read_table(out / "checkpoints.parquet").to_pylist()
+    for s in ("learn", "preserve"):
+        scores = _by_step(rows, "score/all", s)
+        assert list(scores) == [0, 2, 4, 6] and all(0.0 <= v <= 1.0 for v in scores.values())
+        assert _by_step(rows, "score/subject", s)
+    assert "learn_score/all" in proc.stdout and "preserve_score/all" in proc.stdout
