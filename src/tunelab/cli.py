@@ -876,7 +876,7 @@ def toy_score(
 
 @toy_app.command("experiment")
 def toy_experiment(
-    name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16), accumulation (effective batch 16 vs 4).")],
+    name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16 nearest vs stochastic), accumulation (effective batch 16 vs 4).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, the runs, results.csv, summary.md and summary.png.")] = Path("toy-experiments"),
     seeds: Annotated[int, typer.Option(min=1, help="Finetunes per arm, one per seed (mean ± spread over them).")] = 3,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each finetune.")] = 120,

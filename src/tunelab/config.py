@@ -79,6 +79,7 @@ class TrainSection(_Section):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 = use epochs.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="Autocast precision; 'no' on CPU-only machines.")
     full_bf16: bool = Field(False, description="Keep the weights themselves in bf16 (saves memory; the field's 24 GB recipe); needs mixed_precision = 'bf16'.")
+    bf16_update: Literal["stochastic", "kahan", "nearest"] = Field("stochastic", description="How full_bf16 writes an optimizer step back into bf16 weights: 'stochastic' rounding (unbiased, no extra memory; OneTrainer's default), 'kahan' (compensated, +2 bytes per weight), or 'nearest' (plain rounding: at the field's LRs most updates vanish; the banner gives the estimate). The optimizer's math runs in fp32 for the first two.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~20 % slower.")
     compile: bool = Field(False, description="torch.compile the UNet (faster steps after a slow first one).")
     max_grad_norm: float = Field(0.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")

@@ -60,8 +60,9 @@ def _lr(s: FinetuneSettings) -> list[Arm]:
 def _bf16(s: FinetuneSettings) -> list[Arm]:
     # The field's ratio: UNet 1.5e-6, text encoders 1.2e-5 (8x); scaled to the toy's step count.
     field_ratio = s.but(lr_unet=s.lr_text / 8 * 2, lr_text=s.lr_text * 2)
-    return [Arm("fp32 master", field_ratio),
-            Arm("full_bf16 nearest", field_ratio.but(mixed_precision="bf16", full_bf16=True))]
+    bf16 = field_ratio.but(mixed_precision="bf16", full_bf16=True)
+    return [Arm("fp32 master", field_ratio), Arm("full_bf16 nearest", bf16.but(bf16_update="nearest")),
+            Arm("full_bf16 stochastic", bf16.but(bf16_update="stochastic"))]
 
 
 def _accumulation(s: FinetuneSettings) -> list[Arm]:
@@ -76,7 +77,8 @@ EXPERIMENTS = {
     "unet-parts": Experiment("unet-parts", "the full UNet vs 71 % vs 63 %, text encoders on, at the same LR",
                              _unet_parts),
     "lr": Experiment("lr", "learning rate x0.3 / x1 / x3 (text encoders on, 71 % UNet)", _lr),
-    "bf16": Experiment("bf16", "fp32 master weights vs full_bf16 with round-to-nearest at the field's LR ratio", _bf16),
+    "bf16": Experiment("bf16", "fp32 master weights vs full_bf16 with round-to-nearest or stochastic rounding at the "
+                       "field's LR ratio", _bf16),
     "accumulation": Experiment("accumulation", "effective batch 16 as intended vs 4 (the run moved to 1 GPU)",
                                _accumulation),
 }

@@ -35,6 +35,7 @@ class FinetuneSettings:
     grad_accumulation: int = 1
     mixed_precision: str = "no"
     full_bf16: bool = False
+    bf16_update: str = "stochastic"  # how bf16 weights take their updates (train.bf16_update)
     seed: int = 0
     save_every: int = 0  # checkpoint (and grid) every N steps; 0 = only the last
     grid: bool = False  # render the grid at each checkpoint
@@ -110,6 +111,7 @@ grad_accumulation = {accum}
 max_steps = {steps}
 mixed_precision = "{precision}"
 full_bf16 = {full_bf16}
+bf16_update = "{bf16_update}"
 gradient_checkpointing = false
 [train.parts]
 text_encoder = "{te}"
@@ -148,7 +150,7 @@ def write_run_file(path: str | Path, run: str | Path, base: str | Path, data: To
     path.write_text(_RUN.format(
         name=name, run=run, seed=s.seed, base=base, index=data.index, latents=data.latents, batch=s.batch,
         accum=s.grad_accumulation, steps=s.steps, precision=s.mixed_precision,
-        full_bf16=str(s.full_bf16).lower(), te=s.text_encoder, unet=s.unet, lr_unet=s.lr_unet,
+        full_bf16=str(s.full_bf16).lower(), bf16_update=s.bf16_update, te=s.text_encoder, unet=s.unet, lr_unet=s.lr_unet,
         lr_text=s.lr_text if s.text_encoder != "off" else 0.0, save_every=s.save_every, prompts=prompts,
         grid_every=s.save_every if s.grid else 0))
     if s.probe:  # the learn set: the held-out images, else the index's holdout split

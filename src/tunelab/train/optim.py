@@ -57,10 +57,25 @@ def param_groups(plan: TrainablePlan, optim: OptimSection) -> list[dict]:
     return groups
 
 
-def build_optimizer(plan: TrainablePlan, optim: OptimSection) -> torch.optim.Optimizer:
-    """The optimizer named by `optim.name` over the plan's trainable parameters."""
+def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str = "nearest",
+                    seed: int = 0) -> torch.optim.Optimizer:
+    """The optimizer named by `optim.name` over the plan's trainable parameters; `bf16_update`
+    'stochastic' / 'kahan' (bf16 weights: `train.full_bf16`) picks its low-precision twin
+    (`train/lowprec.py`), with fp32 math and states."""
     groups = param_groups(plan, optim)
     lr = groups[0]["lr"]  # every group sets its own lr; this is only the constructor default
+    if bf16_update != "nearest":
+        from tunelab.train.lowprec import LowPrecisionAdamW, LowPrecisionLion
+
+        if optim.name == "adamw":
+            return LowPrecisionAdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                                     update=bf16_update, seed=seed)
+        if optim.name == "lion":
+            return LowPrecisionLion(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                                    update=bf16_update, seed=seed)
+        raise TunelabError(f"train.bf16_update = {bf16_update!r} is built for optim.name = 'adamw' or 'lion', not "
+                           f"{optim.name!r}; use one of those, or train.bf16_update = 'nearest' (updates below half a "
+                           "bf16 step are then lost)")
     if optim.name == "adamw":
         # foreach: one multi-tensor kernel per group instead of a Python loop over ~2,500 tensors
         # (torch picks it by itself only on CUDA).

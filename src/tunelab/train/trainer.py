@@ -350,7 +350,8 @@ def _prepare(s: Setup) -> Training:
         module.train(trains)
         if trains and cfg.train.gradient_checkpointing:
             _enable_checkpointing(module)
-    optimizer = build_optimizer(s.plan, cfg.optim)
+    optimizer = build_optimizer(s.plan, cfg.optim, cfg.train.bf16_update if cfg.train.full_bf16 else "nearest",
+                                cfg.run.seed)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, s.total_steps)
     names = [n for n in ("unet", "text_encoder_1", "text_encoder_2")
              if any(p.requires_grad for p in getattr(comps, n).parameters())]
@@ -378,6 +379,26 @@ def _enable_checkpointing(module: torch.nn.Module) -> None:
 # --- the banner ---------------------------------------------------------------------------------------------
 
 
+def bf16_line(s: Setup) -> str:
+    """How bf16 weights take their updates; for 'nearest', the share of UNet weights whose update
+    at lr_unet is below half a bf16 step (lost at every step)."""
+    t, o = s.cfg.train, s.cfg.optim
+    if t.bf16_update == "stochastic":
+        return "bf16 weights: updates by stochastic rounding (fp32 optimizer math and states; unbiased)"
+    if t.bf16_update == "kahan":
+        return "bf16 weights: updates with Kahan compensation (fp32 optimizer math and states; +2 bytes per weight)"
+    from tunelab.train.lowprec import fraction_vanishing
+
+    params = s.plan.param_groups["unet"] or [p for ps in s.plan.param_groups.values() for p in ps]
+    if not params or params[0].device.type == "meta":
+        return "bf16 weights: updates rounded to nearest (train.bf16_update = 'nearest')"
+    lost = fraction_vanishing(params, o.lr_unet)
+    warn = (" — most updates vanish; set train.bf16_update = 'stochastic' (the default) or 'kahan'"
+            if lost > 0.5 else "")
+    return (f"bf16 weights: updates rounded to nearest; at lr_unet {o.lr_unet:g}, {100 * lost:.1f} % of the trained UNet "
+            f"weights have |w| so large that an update of ~lr is below half a bf16 step and is lost{warn}")
+
+
 def banner(s: Setup) -> list[str]:
     """The derived numbers, printed before training (and by --dry-run)."""
     from tunelab.train.parts import banner_rows
@@ -402,6 +423,8 @@ def banner(s: Setup) -> list[str]:
     lines.append(f"optimizer {o.name}, LR unet {o.lr_unet:g} / te1 {o.lr_text_encoder_1:g} / te2 {o.lr_text_encoder_2:g}, "
                  f"schedule {o.schedule}; loss {cfg.loss.type}; precision {t.mixed_precision}"
                  f"{' (bf16 weights)' if t.full_bf16 else ''}")
+    if t.full_bf16:
+        lines.append(bf16_line(s))
     converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     if cfg.probe.enabled:
