@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--skip-trainer", action="store_true")
     args = ap.parse_args()
     print(f"isolated AdamW, 1 M weights, |w| log-uniform 1e-4..0.3, {args.steps} steps; progress = displacement / fp32's")
-    print("| lr | arm | updates vanished | progress | |w| < 3e-3 | 3e-3..3e-2 | 3e-2..0.3 |")
+    print("| lr | arm | stored weight unchanged (per step) | progress | abs(w) < 3e-3 | 3e-3 to 3e-2 | 3e-2 to 0.3 |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for lr in (1.5e-6, 1e-5, 1e-4):
         res = isolated(lr, args.steps)
