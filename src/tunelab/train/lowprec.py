@@ -97,12 +97,32 @@ class _LowPrecision(torch.optim.Optimizer):
                 if torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device)
 
-    def _params(self):
-        index = 0
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = -1
         for group in self.param_groups:
             for p in group["params"]:
-                yield group, index, p
                 index += 1
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, **self._new(p))
+                state["step"] += 1
+                w = self._weight(p, state)
+                self._apply(group, p.grad.float(), w, state)  # the optimizer's math, in fp32, on w
+                self._write(p, w, state, index, state["step"])
+        return loss
+
+    def _new(self, p: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _apply(self, group: dict, g: torch.Tensor, w: torch.Tensor, state: dict) -> None:
+        raise NotImplementedError
 
 
 def _seed(seed: int, step: int, index: int) -> int:
@@ -117,34 +137,17 @@ class LowPrecisionAdamW(_LowPrecision):
                  eps: float = 1e-8, weight_decay: float = 1e-2, update: str = "stochastic", seed: int = 0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, update, seed)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, index, p in self._params():
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
-            t = state["step"]
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            g = p.grad.float()
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            w = self._weight(p, state)
-            w.mul_(1 - lr * group["weight_decay"])
-            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-            w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-            self._write(p, w, state, index, t)
-        return loss
+    def _new(self, p: torch.Tensor) -> dict:
+        return {"exp_avg": torch.zeros_like(p, dtype=torch.float32), "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+
+    def _apply(self, group: dict, g: torch.Tensor, w: torch.Tensor, state: dict) -> None:
+        t, (beta1, beta2), lr = state["step"], group["betas"], group["lr"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        w.mul_(1 - lr * group["weight_decay"])
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
 
 
 class LowPrecisionLion(_LowPrecision):
@@ -154,25 +157,11 @@ class LowPrecisionLion(_LowPrecision):
                  weight_decay: float = 0.0, update: str = "stochastic", seed: int = 0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay}, update, seed)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, index, p in self._params():
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            g, m = p.grad.float(), state["exp_avg"]
-            update = (beta1 * m + (1 - beta1) * g).sign_()
-            w = self._weight(p, state)
-            w.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
-            m.mul_(beta2).add_(g, alpha=1 - beta2)
-            self._write(p, w, state, index, state["step"])
-        return loss
+    def _new(self, p: torch.Tensor) -> dict:
+        return {"exp_avg": torch.zeros_like(p, dtype=torch.float32)}
+
+    def _apply(self, group: dict, g: torch.Tensor, w: torch.Tensor, state: dict) -> None:
+        (beta1, beta2), m = group["betas"], state["exp_avg"]
+        update = (beta1 * m + (1 - beta1) * g).sign_()
+        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
