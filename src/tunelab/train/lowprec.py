@@ -24,6 +24,7 @@ index), so a resumed run draws the same ones.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Iterable
 
@@ -58,7 +59,7 @@ def fraction_vanishing(params: Iterable[torch.Tensor], lr: float) -> float:
     return lost / max(1, total)
 
 
-class _LowPrecision(torch.optim.Optimizer):
+class _LowPrecision(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """fp32 math on any weight dtype; the write-back of bf16 (and fp16) weights by `update`."""
 
     def __init__(self, params: Iterable, defaults: dict, update: str = "stochastic", seed: int = 0) -> None:
@@ -118,11 +119,13 @@ class _LowPrecision(torch.optim.Optimizer):
                 self._write(p, w, state, index, state["step"])
         return loss
 
+    @abc.abstractmethod
     def _new(self, p: torch.Tensor) -> dict:
-        raise NotImplementedError
+        """The fresh state of a weight (its fp32 moments)."""
 
+    @abc.abstractmethod
     def _apply(self, group: dict, g: torch.Tensor, w: torch.Tensor, state: dict) -> None:
-        raise NotImplementedError
+        """One step of the optimizer's math on the fp32 weight `w`, in place."""
 
 
 def _seed(seed: int, step: int, index: int) -> int:

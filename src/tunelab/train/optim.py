@@ -26,12 +26,13 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from tunelab.config import OptimSection
 from tunelab.errors import TunelabError
+from tunelab.train.lowprec import LowPrecisionLion
 from tunelab.train.parts import TrainablePlan
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str =
     groups = param_groups(plan, optim)
     lr = groups[0]["lr"]  # every group sets its own lr; this is only the constructor default
     if bf16_update != "nearest":
-        from tunelab.train.lowprec import LowPrecisionAdamW, LowPrecisionLion
+        from tunelab.train.lowprec import LowPrecisionAdamW
 
         if optim.name == "adamw":
             return LowPrecisionAdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
@@ -108,7 +109,7 @@ def _adamw8bit(groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer
                                weight_decay=optim.weight_decay)
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(LowPrecisionLion):
     """Lion (Chen et al. 2023, Algorithm 2), with decoupled weight decay:
 
         u = sign(beta1 m + (1 - beta1) g)
@@ -116,31 +117,15 @@ class Lion(torch.optim.Optimizer):
         m = beta2 m + (1 - beta2) g
 
     One state tensor per parameter (`exp_avg` = m), so it needs half of AdamW's optimizer memory.
-    Lion wants a 3-10x smaller lr and 3-10x larger weight decay than AdamW.
+    Lion wants a 3-10x smaller lr and 3-10x larger weight decay than AdamW. The math is
+    `train/lowprec.py`'s, in fp32, written back to the weights' dtype by plain rounding.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0) -> None:
         if lr < 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
             raise ValueError(f"Lion needs lr >= 0, 0 <= betas < 1, weight_decay >= 0; got {lr}, {betas}, {weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                update = (beta1 * m + (1 - beta1) * p.grad).sign_()
-                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
-                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
-        return loss
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, update="nearest")
 
 
 @dataclass
