@@ -910,11 +910,20 @@ def demo(
 
 @app.command("report")
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (or several runs to compare).")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="A run directory, or several runs to compare side by side.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The HTML file to write (default: RUN/report.html for one run, ./report.html for several).")] = None,
+    drift: Annotated[bool, typer.Option(help="Compute the weight drift over the base and every checkpoint into RUN/drift when it is missing or out of date (streams each file once); --no-drift shows only what is there.")] = True,
+    title: Annotated[str, typer.Option(help="Page title (default: the runs' names).")] = "",
 ) -> None:
-    """(Planned, not in this version yet.) One self-contained HTML report for a run: config,
-    curves, grids, probes, drift."""
-    _not_yet("report", "HTML reports")
+    """Write one self-contained HTML page about a finetune: derived numbers and the resolved run
+    file, loss with its trend verdict, what it learned and forgot (probes), each grid prompt across
+    the checkpoints, weight drift, the dataset; for several runs, a comparison with the settings
+    that differ highlighted. No network needed to view it; the trainer refreshes RUN/report.html at
+    every checkpoint."""
+    from tunelab.report import write_report
+
+    path = write_report(run_dirs, out, drift=drift, title=title)
+    typer.echo(f"report: {path} (open it in a browser)")
 
 
 def main() -> None:

@@ -164,6 +164,12 @@ class ProbeSection(_Section):
     scorer: str = Field("", description="Image-level numbers: 'toy' (the toy world's concept reader) or 'module:function' (image, prompt -> {name: value}); empty = none. Renders the learn set's prompts and the preserve prompts with the preserve seeds.")
 
 
+class ReportSection(_Section):
+    """The run report (RUN/report.html; `tunelab report` for the full one and comparisons)."""
+
+    enabled: bool = Field(True, description="Rewrite RUN/report.html at every checkpoint and at the end (a second or so; the drift section appears once `tunelab report RUN` has computed it).")
+
+
 class RunConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -176,6 +182,7 @@ class RunConfig(_Section):
     log: LogSection = Field(default_factory=LogSection)
     grid: GridSection = Field(default_factory=GridSection)
     probe: ProbeSection = Field(default_factory=ProbeSection)
+    report: ReportSection = Field(default_factory=ReportSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":

@@ -41,8 +41,10 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 12
     paths["loss"] = _loss(out, paths["run"])
     paths["drift"] = _drift(out, paths)
     _config()
+    paths["report"] = _report(paths["run"])
     log.info("\n== done in %.0f s; everything is in %s", time.perf_counter() - t0, out)
-    log.info("look at: %s (the data), %s (grid over the checkpoints), %s / %s (what the base and the finetune "
+    log.info("open %s in a browser: the whole run on one page", paths["report"])
+    log.info("or look at: %s (the data), %s (grid over the checkpoints), %s / %s (what the base and the finetune "
              "draw), %s (learned / forgot probes), %s (loss curve), %s (weight drift)", out / "toy-world.png",
              paths.get("grid", "-"), out / "scores-before.png", out / "scores-after.png",
              RunDir(paths["run"]).probes / "training.png", paths["loss"], paths["drift"] / "trajectory.png")
@@ -236,14 +238,25 @@ def _loss(out: Path, run: Path) -> Path:
 
 def _drift(out: Path, paths: dict[str, Path]) -> Path:
     from tunelab.analyze.drift import run_drift, summary
+    from tunelab.report.collect import DRIFT
 
     _stage("9. weight drift: base -> mid-run -> last, streamed key by key")
     ckpts = [c.path for c in RunDir(paths["run"]).checkpoint_files()]  # training order, `last` at the end
-    report = run_drift([paths["base"], *ckpts], out / "drift", progress=False, signs=True)
+    folder = RunDir(paths["run"]).path / DRIFT  # where the report looks for it
+    report = run_drift([paths["base"], *ckpts], folder, progress=False, signs=True)
     lines = summary(report)
     for line in lines[:8] + [line for line in lines if line.startswith("sign agreement")]:
         log.info("%s", line)
-    return out / "drift"
+    return folder
+
+
+def _report(run: Path) -> Path:
+    from tunelab.report import write_report
+
+    t = _stage("11. the run report: one HTML page (numbers, loss, probes, grids over training, drift, data, settings)")
+    path = write_report([run], progress=False)  # the trainer rewrote it at every checkpoint; now with drift
+    log.info("%s (%.0f kB)  [%.2f s]", path, path.stat().st_size / 1e3, time.perf_counter() - t)
+    return path
 
 
 def _config() -> None:

@@ -4,6 +4,7 @@ One run = one directory (DESIGN.md decision 6). Train writes it; grid, loss, dri
 report read it; all of them take the names from here and nowhere else:
 
     config.json                     the resolved run file (every default filled in)
+    banner.txt                      the derived numbers the trainer printed at its last (re)start
     checkpoints/                    SGM single-file checkpoints, for users and other tools:
         step-00010000.safetensors       every save.every_n_steps steps
         epoch-0008.safetensors          every save.every_n_epochs epochs (8 = epochs completed)
@@ -26,6 +27,7 @@ Retention: `save.keep_last` step/epoch checkpoints (0 = all; `last` always stays
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -43,6 +45,7 @@ METRICS = "metrics.parquet"
 SAMPLES = "samples"
 PROBES = "probes"
 REPORT = "report.html"
+BANNER = "banner.txt"
 TRAINER_INFO = "trainer.json"
 LOCK = ".lock"
 PARTIAL = ".partial"
@@ -56,6 +59,24 @@ METRICS_SCHEMA = pa.schema([("step", pa.int64()), ("tag", pa.string()), ("value"
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 _EPOCH_RE = re.compile(r"^epoch-(\d{4,})$")
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, write) -> Path:  # noqa: ANN001 - write(tmp_path) writes the whole file
+    """Write through a temporary sibling renamed into place: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # --- names ------------------------------------------------------------------------------------------
@@ -172,6 +193,10 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / REPORT
+
+    @property
+    def banner(self) -> Path:
+        return self.path / BANNER
 
     def make(self) -> None:
         for p in (self.path, self.checkpoints, self.states, self.events, self.samples):

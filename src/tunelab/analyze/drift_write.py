@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from tunelab.analyze.drift_groups import TENSOR_METRICS, GroupDrift, groupings, tensor_figures
 from tunelab.analyze.drift_scan import DriftScan
+from tunelab.run import write_atomic
 
 DEFINITIONS = {
     "dm": "L2 distance sqrt(sum over the group's tensors of ||theta_i - theta_j||^2), over tensors both models hold",
@@ -90,21 +90,11 @@ def _num(v: float) -> str:
     return f"{v:.9g}" if np.isfinite(v) else ""
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling renamed into place, so no half-written output survives."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(doc: dict, result: DriftScan, out: Path) -> list[Path]:
     """drift.json, drift.csv and tensors.csv into `out` (created if needed); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "drift.json", out / "drift.csv", out / "tensors.csv"]
-    _write_atomic(written[0], lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
-    _write_atomic(written[1], lambda p: write_pairs_csv(doc, p))
-    _write_atomic(written[2], lambda p: write_tensors_csv(result, p))
+    write_atomic(written[0], lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    write_atomic(written[1], lambda p: write_pairs_csv(doc, p))
+    write_atomic(written[2], lambda p: write_tensors_csv(result, p))
     return written

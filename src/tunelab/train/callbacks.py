@@ -16,7 +16,7 @@ A callback is a small object with a method per event it cares about (`on_start`,
 
 and does its work through a *functional twin*, a plain function usable outside the loop (the
 grid callback calls `sample.grid.render_training_grid`, which `tunelab grid` users can call on
-any checkpoint). The in-training grid and the probes (`probe/callback.py`) are callbacks; EMA and the report are next.
+any checkpoint). The in-training grid, the probes (`probe/callback.py`) and the report (`report/callback.py`) are callbacks.
 """
 
 from __future__ import annotations
@@ -141,4 +141,8 @@ def default_callbacks(cfg: "RunConfig") -> Callbacks:
         items.append(ProbeCallback(cfg))
     if cfg.grid.prompts:
         items.append(GridCallback(cfg.grid.every_n_steps))
+    if cfg.report.enabled:  # last: it shows what the others just wrote
+        from tunelab.report.callback import ReportCallback
+
+        items.append(ReportCallback())
     return Callbacks(items)

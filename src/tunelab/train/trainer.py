@@ -38,7 +38,7 @@ import torch
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
-from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name
+from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name, write_text_atomic
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
 from tunelab.train.state import check_resume, choose_state, load_state, save_state
 from tunelab.train.step import StepLoss, StepModels, TextSettings, batch_seed, training_loss
@@ -125,8 +125,11 @@ def train(run: RunConfig | str | Path, allow_config_change: bool = False, init_f
     if callbacks is not None:
         s.callbacks = callbacks
     if s.accelerator is None or s.accelerator.is_main_process:  # one banner per run, not per process
-        for line in banner(s):
+        lines = banner(s)
+        for line in lines:
             log.info("%s", line)
+        if not dry_run:  # kept for the report: the numbers this (re)start derived
+            write_text_atomic(s.run.banner, "\n".join(lines) + "\n")
     if dry_run:
         return None
     return loop(s)  # 9
