@@ -37,4 +37,5 @@ else
 fi
 
 "${pip[@]}" install -q -e ".${extras}"
+if [ -n "$extras" ]; then bash scripts/install-browser.sh; fi  # the report's browser test
 echo "tunelab ready: $(.venv/bin/tunelab --version)   (activate with: source .venv/bin/activate)"

@@ -112,16 +112,20 @@ def test_demo_runs_the_flow(tmp_path):
     log = proc.stderr
     stages = ("1. toy world", "2. dataset index", "3. base model", "3b. what the shipped base draws",
               "4. latent cache", "5. prompts", "6. SDXL conditioning", "7. train", "7b. what the finetune draws",
-              "8. loss curve", "9. weight drift", "10. run files")
+              "8. loss curve", "9. weight drift", "10. run files", "11. the run report")
     for stage in stages:
         assert stage in log
     assert "reloaded identical: True" in log and "all entries present and intact" in log
     assert re.search(r"concept +\d+\.\d % -> +\d+\.\d %", log) and re.search(r"preserve +\d+\.\d % -> ", log)
     out = tmp_path / "demo"
     for made in ("toy-world.png", "index.parquet", "run/checkpoints/last.safetensors", "scores-before.png",
-                 "scores-after.png", "grid-timeline.png", "loss/loss.png", "drift/drift.json", "drift/trajectory.png",
-                 "drift/heatmaps.png", "drift/map.png", "run/probes/training.png", "run/probes/training.parquet"):
+                 "scores-after.png", "grid-timeline.png", "loss/loss.png", "run/drift/drift.json", "run/drift/trajectory.png",
+                 "run/drift/heatmaps.png", "run/drift/map.png", "run/probes/training.png", "run/probes/training.parquet",
+                 "run/report.html"):
         assert (out / made).exists(), made
     assert "sign agreement of the moves from [0]" in log
     assert re.search(r"learn loss on 8 held-out concept images \(the index.s holdout split\) +\d\.\d+ -> ", log)
     assert list((out / "run" / "samples").glob("step-*/grid*.png"))
+    assert f"open {out / 'run' / 'report.html'} in a browser" in log
+    html = (out / "run" / "report.html").read_text(encoding="utf-8")
+    assert "weight drift" in html and "not computed yet" not in html  # the demo's drift is the report's

@@ -4,6 +4,7 @@ for the trainer's end-to-end tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,5 +64,7 @@ def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
+        return json.dumps(v)  # a TOML basic string: quotes, backslashes and control characters escaped
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
     return repr(v)
