@@ -18,7 +18,8 @@ report read it; all of them take the names from here and nowhere else:
     metrics.parquet                 the scalars as a table, METRICS_SCHEMA
     samples/step-00000024/          grids rendered during training
     probes/                         probe results (learn / preserve numbers per checkpoint)
-    report.html                     the run report
+    drift/                          `tunelab drift` over the base and the checkpoints (the report's)
+    report.html                     the run report (rewritten at every checkpoint)
 
 Retention: `save.keep_last` step/epoch checkpoints (0 = all; `last` always stays) and
 `save.keep_states` training states (at least 1: the newest complete state is never removed).

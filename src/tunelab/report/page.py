@@ -141,10 +141,10 @@ class Page:
         verdict = (f'<p class="verdict v-{esc(trend.verdict.replace(" ", "-"))}">trend after the first 10 % of steps: '
                    f"<b>{esc(trend.verdict)}</b> &mdash; {esc(trend.describe())}</p>")
         extra = []
-        for tag, label in (("grad_norm", "gradient norm"), ("lr/unet", "learning rate (UNet)")):
+        for tag, label, axis in (("grad_norm", "gradient norm", "norm"), ("lr/unet", "learning rate (UNet)", "LR")):
             if tag in run.metrics:
                 s, v = run.metrics[tag]
-                extra.append(svg(Chart(label, "step", label, [Curve(label, s, v, PALETTE[2])], width=360, height=200)))
+                extra.append(svg(Chart(label, "step", axis, [Curve(label, s, v, PALETTE[2])], width=300, height=200)))
         note = f"{len(steps):,} steps; non-finite losses: {nonfinite}" + (
             "; drawn as min/max per bin (spikes kept)" if len(steps) > 600 else "")
         main = svg(Chart("training loss", "step", "loss", curves, note=note))
@@ -452,7 +452,7 @@ table.timeline img{width:128px;height:auto;image-rendering:pixelated;border-radi
 svg .ct{font-size:12.5px;font-weight:600;fill:#1d2330}svg .tick{font-size:10px;fill:#667085}
 svg .axis{font-size:11px;fill:#475467}svg .lg{font-size:10.5px;fill:#1d2330}svg .plot{fill:none;stroke:#d0d5dd}
 svg .grid{stroke:#eef0f3}svg .na{fill:#98a2b3;font-size:12px}
-figure.fig{margin:0 8px 8px 0}figure.fig figcaption{color:var(--mute);font-size:11.5px;max-width:560px}
+figure.fig{margin:0 0 8px 0}figure.fig figcaption{color:var(--mute);font-size:11.5px;max-width:560px}
 .legend{display:flex;flex-wrap:wrap;gap:2px 12px;font-size:11px;max-width:490px;margin:2px 0 0 62px}
 .legend span{white-space:nowrap}.legend svg{margin-right:4px;vertical-align:middle}
 .verdict b{padding:1px 6px;border-radius:4px;background:#eef4fb}.v-converging b{background:#dcfae6}
