@@ -38,6 +38,8 @@ def test_each_experiment_runs_at_a_trivial_size(tmp_path, name):
     text = result.files["md"].read_text()
     assert "base (before)" in text and all(a in text for a in arms)
     assert result.files["png"].stat().st_size > 5000
+    html = result.files["html"].read_text(encoding="utf-8")  # the arms compared on one page
+    assert "settings that differ" in html and all(f"{name}-{a}" in html for a in arms)
     if tiny.probe:
         assert all(r.probe["probe/drift_preserve"] > 0 and r.probe["probe/learn_loss"] > 0 for r in result.rows)
         assert result.base_probe["probe/drift_preserve"] == 0.0

@@ -81,14 +81,16 @@ def test_a_pickle_base_is_refused_with_the_command_that_converts_it(tmp_path, wo
     assert code == 2 and fix in err
 
 
-def test_only_the_main_process_prints_the_banner(monkeypatch):
+def test_only_the_main_process_prints_the_banner(monkeypatch, tmp_path):
+    from tunelab.run import RunDir
     from tunelab.train import trainer
 
     printed = []
     for main in (True, False):  # rank 0, then any other rank
-        fake = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=main), callbacks=None)
+        fake = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=main), callbacks=None, run=RunDir(tmp_path))
         monkeypatch.setattr(trainer, "setup", lambda *args, fake=fake, **kw: fake)
         monkeypatch.setattr(trainer, "banner", lambda s: printed.append(s.accelerator.is_main_process) or ["line"])
         monkeypatch.setattr(trainer, "loop", lambda s: "trained")
         assert trainer.train(RunConfig()) == "trained"
     assert printed == [True]  # before: every process of a multi-process launch printed it
+    assert (tmp_path / "banner.txt").read_text() == "line\n"  # kept for the report, by rank 0 alone

@@ -275,4 +275,15 @@ def _write(result: ExperimentResult, exp: Experiment, out: Path) -> dict[str, Pa
     fig.tight_layout()
     fig.savefig(files["png"], dpi=110)
     plt.close(fig)
+    files["html"] = _report(result, exp, out)
     return files
+
+
+def _report(result: ExperimentResult, exp: Experiment, out: Path) -> Path:
+    """The arms side by side (their first seed): settings that differ, loss, probes, last grids, drift."""
+    from tunelab.report import write_report
+
+    first = min(r.seed for r in result.rows)
+    runs = [out / "runs" / f"{_slug(arm)}-seed{first}" for arm in dict.fromkeys(r.arm for r in result.rows)]
+    return write_report(runs, out / "report.html", progress=False,
+                        title=f"toy experiment {exp.name}: {exp.question} (seed {first} of each arm)")
