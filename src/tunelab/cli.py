@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,57 @@ def _check_data(cfg) -> str | None:
     return line
 
 
+@config_app.command("from-kohya", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config_from_kohya(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run file (TOML) to write.")],
+    index: Annotated[Optional[Path], typer.Option(help="Where the run's dataset index goes (default: index.parquet beside --out).")] = None,
+    build_index: Annotated[bool, typer.Option("--build-index", help="Also build that index now from the kohya dataset (train_data_dir, in_json or dataset_config).")] = False,
+) -> None:
+    """Convert a kohya-ss sd-scripts launch (sdxl_train.py) into a tunelab run file.
+
+    Give the script (train.sh, train.bat, train.ps1), or the command line after `--`:
+
+      tunelab config from-kohya train.sh --out run.toml
+
+      tunelab config from-kohya --out run.toml -- accelerate launch --num_processes 4 sdxl_train.py --learning_rate=1.5e-6 ...
+
+    Every flag tunelab supports becomes a setting (kohya's defaults written out where tunelab's
+    differ); the others are listed with the reason. The run file passes `tunelab config check`."""
+    from tunelab.config import parse_config
+    from tunelab.kohya.convert import convert, derived, index_command, read_launch, table
+    from tunelab.run import write_text_atomic
+
+    index = index or out.with_name("index.parquet")
+    result = convert(read_launch(list(ctx.args)), str(index))
+    import tomllib
+
+    parse_config(tomllib.loads(result.text), str(out))  # what `config check` reads must validate
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, result.text)
+    c = result.conversion
+    mapped = sum(r.status == "mapped" for r in c.rows)
+    typer.echo(f"{result.launch.source}: {len(c.rows)} flags, {mapped} mapped -> {out}")
+    for line in derived(c):
+        typer.echo(f"  {line}")
+    typer.echo("")
+    for line in table(c):
+        typer.echo(f"  {line}")
+    for note in c.notes:
+        typer.echo(f"  note: {note}")
+    words = index_command(c)
+    if build_index and words:
+        from tunelab.data.buckets import BucketConfig
+        from tunelab.data.index import IndexOptions, build_index as build
+
+        buckets = BucketConfig(**c.settings.get("data.buckets", {}))
+        summary = build(c.data_sources, index, IndexOptions(buckets=buckets))
+        typer.echo(f"index: {index}, {summary.rows:,} images, {summary.rejected:,} rejected")
+    elif words:
+        typer.echo("next: " + " ".join(shlex.quote(w) for w in words))
+    typer.echo(f"then: tunelab config check {out}   and   tunelab train {out}")
+
+
 @config_app.command("show")
 def config_show(
     run_file: Annotated[Optional[Path], typer.Argument(help="A run file; prints it with every default filled in, as JSON.")] = None,
@@ -431,13 +483,24 @@ def data_verify(
     model: Annotated[Optional[str], typer.Option(help="Checkpoint (or 'toy') whose VAE re-encodes, for --repair.")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", "-c", hidden=True)] = None,  # deprecated: --latents
 ) -> None:
-    """Check every cached entry's checksum and find missing ones; --repair fixes them.
+    """Check every cached entry's checksum and find missing ones; --repair fixes them. A folder of
+    kohya .npz caches is checked file by file (present, readable, its keys, the index's bucket) and
+    the files to re-cache are named.
 
     Exit status 1 when problems remain.
     """
-    from tunelab.data.latents import repair_cache, verify_cache
+    from tunelab.data.latents import is_kohya_folder, repair_cache, verify_cache, verify_kohya
 
     latents = _renamed(ctx, "--latents", latents, "--cache", cache, missing="the folder of latent shards, e.g. --latents data/latents")
+    if is_kohya_folder(latents):
+        if repair:
+            raise TunelabError("--repair writes tunelab shards; kohya's .npz files are re-cached with sd-scripts "
+                               "(or cache the index with `tunelab data cache --out NEW_FOLDER`)")
+        kohya = verify_kohya(index, latents)
+        typer.echo(kohya.text())
+        if not kohya.ok:
+            raise typer.Exit(1)
+        return
     report = verify_cache(index, latents)
     typer.echo(report.text())
     if repair and not report.ok:

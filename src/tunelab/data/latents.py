@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -164,9 +165,14 @@ class KohyaNpzLatents:
     File, in kohya's order of preference: `STEM.npz` (older versions; kept first "for backward
     compatibility"), then `STEM_WWWWxHHHH_sdxl.npz` with the original image size zero-padded to 4
     digits. STEM is `ROOT/KEY` (kohya's fine-tuning layout, `image_dir/image_key.npz`) or the image
-    path without its extension (cached beside the images). Keys: `latents` (4, H/8, W/8) float32,
-    `original_size` [w, h], `crop_ltrb` [l, t, r, b] (very old caches have `latents` only);
-    `latents_flipped` and `alpha_mask` are not used.
+    path without its extension (cached beside the images). Names match exactly: `img` never takes
+    `img_0`'s file.
+
+    Keys, in either of kohya's layouts: `latents` (4, H/8, W/8), `original_size` [w, h],
+    `crop_ltrb` [l, t, r, b] (very old caches have `latents` only), or the per-resolution keys
+    of its newer strategy code, `latents_{h}x{w}`, `original_size_{h}x{w}`, `crop_ltrb_{h}x{w}`
+    with h x w the latent size of the bucket (several buckets may share one file); fp16 or fp32.
+    `latents_flipped` and `alpha_mask` are not used. The latents must fit the index's bucket.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -193,8 +199,11 @@ class KohyaNpzLatents:
         for path in self.candidates(key, record):
             if path.is_file():
                 return path
-        if record is None:  # no image size known: any size in the name
-            sized = sorted(self.root.glob(f"{glob.escape(key)}_*x*{KOHYA_SDXL_SUFFIX}"))  # literal key
+        if record is None:  # no image size known: exactly KEY_WWWWxHHHH_sdxl.npz, any size
+            stem = self.root / key
+            pattern = re.compile(re.escape(stem.name) + r"_\d{4,}x\d{4,}" + re.escape(KOHYA_SDXL_SUFFIX) + "$")
+            sized = sorted(p for p in stem.parent.glob(f"{glob.escape(stem.name)}_*{KOHYA_SDXL_SUFFIX}")
+                           if pattern.match(p.name))
             return sized[0] if sized else None
         return None
 
@@ -207,26 +216,103 @@ class KohyaNpzLatents:
         path = self.find(key, record)
         if path is None:
             return None
-        try:
-            with np.load(path) as npz:
-                latents = npz["latents"]
-                size = tuple(int(v) for v in npz["original_size"]) if "original_size" in npz else None
-                crop = tuple(int(v) for v in npz["crop_ltrb"]) if "crop_ltrb" in npz else (0, 0, 0, 0)
-        except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
-            raise TunelabError(f"{path} is not a readable kohya latent cache ({exc}); delete it and re-cache") from exc
-        if latents.ndim != 3 or latents.shape[0] != 4:
-            raise TunelabError(f"{path}: `latents` has shape {latents.shape}, not SDXL's (4, H/8, W/8); re-cache it")
-        if record is not None and record.get("bucket_width"):
-            want = (int(record["bucket_height"]) // 8, int(record["bucket_width"]) // 8)
-            if latents.shape[1:] != want:
-                raise TunelabError(
-                    f"{path} holds latents of a {latents.shape[2] * 8}x{latents.shape[1] * 8} bucket, but the index "
-                    f"puts {key!r} in {record['bucket_width']}x{record['bucket_height']}: build the index with the "
-                    "bucket settings kohya cached with (resolution, min/max side, step), or re-cache the latents"
-                )
-        if size is None:  # old kohya caches: no size stored; the latents' own size is all we know
-            size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
-        return LatentEntry(latents, size, crop)
+        return read_kohya_npz(path, key, record)
+
+
+_RESO_KEY = re.compile(r"^latents_(\d+)x(\d+)$")
+
+
+def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEntry:
+    """One kohya `.npz`, either key layout, checked against the record's bucket (see `KohyaNpzLatents`)."""
+    want = (int(record["bucket_height"]) // 8, int(record["bucket_width"]) // 8) \
+        if record is not None and record.get("bucket_width") else None
+    try:
+        with np.load(path) as npz:
+            names = set(npz.files)
+            if "latents" in names:
+                suffix = ""
+            else:
+                sizes = sorted((int(m[1]), int(m[2])) for n in names if (m := _RESO_KEY.match(n)))
+                if not sizes:
+                    raise TunelabError(f"{path}: no `latents` and no per-resolution `latents_HxW` array (it holds "
+                                       f"{', '.join(sorted(names)) or 'nothing'}): not a kohya latent cache; re-cache it")
+                if want is not None and want not in sizes:
+                    raise TunelabError(
+                        f"{path} holds latents for the bucket(s) {', '.join(f'{w * 8}x{h * 8}' for h, w in sizes)}, but "
+                        f"the index puts {key!r} in {want[1] * 8}x{want[0] * 8}: build the index with the bucket settings "
+                        "kohya cached with (resolution, min/max side, step), or re-cache the latents")
+                h, w = want if want is not None else sizes[0]
+                suffix = f"_{h}x{w}"
+            latents = npz["latents" + suffix]
+            size = tuple(int(v) for v in npz["original_size" + suffix]) if "original_size" + suffix in names else None
+            crop = tuple(int(v) for v in npz["crop_ltrb" + suffix]) if "crop_ltrb" + suffix in names else (0, 0, 0, 0)
+    except TunelabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
+        raise TunelabError(f"{path} is not a readable kohya latent cache ({exc}); delete it and re-cache") from exc
+    if latents.ndim != 3 or latents.shape[0] != 4:
+        raise TunelabError(f"{path}: `latents{suffix}` has shape {latents.shape}, not SDXL's (4, H/8, W/8); re-cache it")
+    if want is not None and latents.shape[1:] != want:
+        raise TunelabError(
+            f"{path} holds latents of a {latents.shape[2] * 8}x{latents.shape[1] * 8} bucket, but the index "
+            f"puts {key!r} in {record['bucket_width']}x{record['bucket_height']}: build the index with the "
+            "bucket settings kohya cached with (resolution, min/max side, step), or re-cache the latents"
+        )
+    if size is None:  # old kohya caches: no size stored; the latents' own size is all we know
+        size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
+    return LatentEntry(latents, size, crop)
+
+
+@dataclass
+class KohyaVerifyReport:
+    """`tunelab data verify` on a folder of kohya `.npz` caches."""
+
+    entries_ok: int = 0
+    missing: list[str] = field(default_factory=list)  # index keys without a file
+    problems: dict[str, str] = field(default_factory=dict)  # file -> what is wrong with it
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.problems)
+
+    def text(self) -> str:
+        lines = [f"kohya .npz caches: {self.entries_ok:,} good, {len(self.missing):,} missing, "
+                 f"{len(self.problems):,} unusable"]
+        if self.missing:
+            lines.append(f"  missing e.g.: {', '.join(self.missing[:5])}")
+        lines += [f"  {path}: {why}" for path, why in list(self.problems.items())[:20]]
+        if not self.ok:
+            lines.append("  re-cache those images with sd-scripts (--cache_latents_to_disk), or cache the index with "
+                         "`tunelab data cache` instead")
+        return "\n".join(lines)
+
+
+def verify_kohya(index_path: str | Path, folder: str | Path, progress: bool = True) -> KohyaVerifyReport:
+    """Every index row's kohya file: present, readable, with the keys and the bucket the index expects."""
+    from tunelab.data.loader import open_index
+
+    index = open_index(index_path)
+    kohya = KohyaNpzLatents(folder)
+    report = KohyaVerifyReport()
+    rows = np.arange(len(index))
+    for start in tqdm(range(0, len(rows), 4096), desc="verifying", unit=" batch", disable=not progress):
+        for rec in index.records(rows[start:start + 4096]):
+            path = kohya.find(rec["key"], rec)
+            if path is None:
+                report.missing.append(rec["key"])
+                continue
+            try:
+                read_kohya_npz(path, rec["key"], rec)
+                report.entries_ok += 1
+            except TunelabError as err:
+                report.problems[str(path)] = str(err).removeprefix(f"{path}").lstrip(": ")
+    return report
+
+
+def is_kohya_folder(folder: str | Path) -> bool:
+    """A folder with kohya `.npz` caches and no tunelab shards."""
+    root = Path(folder)
+    return root.is_dir() and next(root.glob(SHARD_GLOB), None) is None and next(root.rglob("*.npz"), None) is not None
 
 
 def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:

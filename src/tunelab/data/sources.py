@@ -118,8 +118,8 @@ def read_source(
 
 
 _ALLOWED_OPTIONS = {
-    "folder": set(),
-    "kohya": {"images"},
+    "folder": {"repeats", "class_tokens"},
+    "kohya": {"images", "repeats"},
     "table": {"template", "tar", "member", "root", "id", "tags", "caption", "width", "height"},
     "tar": set(),
 }
@@ -232,11 +232,26 @@ def _folder_row(root: Path, img: Path, repeats: int | None = None, class_tokens:
             "tags": tags, "caption": caption, "repeats": repeats}
 
 
+def source_repeats(spec: SourceSpec) -> int | None:
+    """The `repeats=N` option (a kohya dataset TOML subset's `num_repeats`), or None."""
+    text = spec.option("repeats")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise TunelabError(f"source {spec.kind}:{spec.path}: repeats={text!r} must be a whole number >= 1")
+    return int(text)
+
+
 def _read_folder(spec: SourceSpec, reject: Reject, workers: int, folder_repeats: bool = True) -> Iterator[pa.RecordBatch]:
     root = Path(spec.path)
-    layout = _kohya_layout(root) if folder_repeats and root.is_dir() else None
+    subset_repeats = source_repeats(spec)
+    layout = _kohya_layout(root) if folder_repeats and subset_repeats is None and root.is_dir() else None
 
     def rows() -> Iterator[dict]:
+        if subset_repeats is not None:  # a kohya subset: the images directly in image_dir, each N times
+            for img in _images_in(root):
+                yield _folder_row(root, img, subset_repeats, spec.option("class_tokens", ""))
+            return
         if layout is None:
             for img in _walk_images(root):
                 yield _folder_row(root, img)
@@ -351,6 +366,7 @@ def _read_kohya(spec: SourceSpec, reject: Reject, workers: int) -> Iterator[pa.R
     """kohya metadata: keys are image paths without extension (absolute, or under `images=`)."""
     images = Path(spec.option("images") or Path(spec.path).parent)
     lookup = _image_lookup(images) if images.is_dir() else {}
+    repeats = source_repeats(spec)
 
     def rows() -> Iterator[dict]:
         for key, meta in iter_json_object(spec.path):
@@ -369,6 +385,7 @@ def _read_kohya(spec: SourceSpec, reject: Reject, workers: int) -> Iterator[pa.R
                 "size": None,
                 "tags": _join_tags(meta.get("tags")),
                 "caption": str(caption).strip() or None if caption is not None else None,
+                "repeats": repeats,
             }
 
     yield from _batched(rows(), reject, workers)

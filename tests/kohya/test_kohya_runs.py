@@ -1,0 +1,124 @@
+"""Converted kohya runs train on the toy preset: a DreamBooth folder (N_concept, repeats) and a
+metadata JSON with its .npz latents in both of kohya's cache layouts, fp16 and fp32 (written the
+way sd-scripts' `save_latents_to_disk` writes them); `data verify` on such a folder; exact names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_cli
+from tunelab.data.latents import KohyaNpzLatents, read_kohya_npz
+from tunelab.errors import TunelabError
+
+BUCKETS = "--resolution=80 --min_bucket_reso=32 --max_bucket_reso=128 --bucket_reso_steps=32"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from tunelab.toy.world import make_world
+
+    root = tmp_path_factory.mktemp("kohya-world")
+    make_world(root / "flat", n=8, seed=0, split="concept")
+    return root
+
+
+def _script(path: Path, flags: str) -> Path:
+    from tunelab.toy.pretrain import shipped_base
+
+    path.write_text("#!/bin/bash\n"
+                    f"BASE={shipped_base()}\n"
+                    "accelerate launch --num_processes 1 sdxl_train.py \\\n"
+                    '  --pretrained_model_name_or_path="$BASE" \\\n'
+                    f"  {BUCKETS} \\\n"
+                    "  # --xformers \\\n"
+                    "  --learning_rate=1e-5 --train_batch_size=2 --max_train_steps=2 --save_every_n_steps=2 \\\n"
+                    f"  {flags}\n")
+    return path
+
+
+def _train(run_toml: Path) -> str:
+    return run_cli("train", run_toml, timeout=600).stderr
+
+
+def test_a_dreambooth_folder_with_repeats_trains(world, tmp_path):
+    img = tmp_path / "img" / "3_astolfo"
+    img.mkdir(parents=True)
+    for p in (world / "flat").glob("toy_0000[0-3].*"):
+        shutil.copy(p, img / p.name)
+    script = _script(tmp_path / "train.sh", f"--train_data_dir={tmp_path / 'img'} --caption_extension=.txt "
+                                            f"--output_dir={tmp_path / 'run'} --shuffle_caption --keep_tokens=1")
+    out = run_cli("config", "from-kohya", script, "--out", tmp_path / "run.toml", "--build-index")
+    assert "index:" in out.stdout and "4 images" in out.stdout
+    table = pq.read_table(tmp_path / "index.parquet").to_pylist()
+    assert {r["repeats"] for r in table} == {3}  # kohya's N_concept count
+    log = _train(tmp_path / "run.toml")
+    assert "12 samples per epoch with repeats" in log
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def _kohya_npz(path: Path, latents: np.ndarray, size: tuple[int, int], per_resolution: bool) -> None:
+    """As sd-scripts' strategy_base.save_latents_to_disk: latents, original_size [w, h], crop_ltrb;
+    `_{h}x{w}` key suffixes (latent size) in the per-resolution layout."""
+    suffix = f"_{latents.shape[1]}x{latents.shape[2]}" if per_resolution else ""
+    kwargs = {"latents" + suffix: latents, "original_size" + suffix: np.array(size),
+              "crop_ltrb" + suffix: np.array([0, 0, latents.shape[2] * 8, latents.shape[1] * 8])}
+    if per_resolution:  # another bucket cached into the same file earlier
+        kwargs["latents_4x4"] = np.zeros((4, 4, 4), np.float32)
+    np.savez(path, **kwargs)
+
+
+@pytest.mark.parametrize("per_resolution,dtype", [(False, np.float32), (True, np.float16)])
+def test_metadata_json_and_its_npz_latents_train_without_reencoding(world, tmp_path, per_resolution, dtype):
+    images = tmp_path / "train"
+    shutil.copytree(world / "flat", images)
+    meta = {p.stem: {"tags": p.with_suffix(".txt").read_text(), "caption": p.with_suffix(".caption").read_text()}
+            for p in sorted(images.glob("*.png"))}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    script = _script(tmp_path / "train.sh", f"--in_json={tmp_path / 'meta.json'} --train_data_dir={images} "
+                                            f"--cache_latents --cache_latents_to_disk --output_dir={tmp_path / 'run'}")
+    run_cli("config", "from-kohya", script, "--out", tmp_path / "run.toml", "--build-index")
+    rng = np.random.default_rng(0)
+    for rec in pq.read_table(tmp_path / "index.parquet").to_pylist():  # kohya cached with the same buckets
+        lat = rng.standard_normal((4, rec["bucket_height"] // 8, rec["bucket_width"] // 8)).astype(dtype)
+        name = images / (f"{rec['key']}_{rec['width']:04d}x{rec['height']:04d}_sdxl.npz" if per_resolution
+                         else f"{rec['key']}.npz")
+        _kohya_npz(name, lat, (rec["width"], rec["height"]), per_resolution)
+    verify = run_cli("data", "verify", tmp_path / "index.parquet", "--latents", images)
+    assert "8 good, 0 missing, 0 unusable" in verify.stdout
+    check = run_cli("config", "check", tmp_path / "run.toml")
+    assert "latents: kohya .npz" in check.stdout
+    log = _train(tmp_path / "run.toml")
+    assert "data.latents: kohya .npz caches" in log
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+    # a damaged and a missing file are named by `data verify`, with what to do
+    first = sorted(images.glob("*.npz"))
+    first[0].write_bytes(b"PK\x03\x04 broken")
+    first[1].unlink()
+    bad = run_cli("data", "verify", tmp_path / "index.parquet", "--latents", images, check=False)
+    assert bad.returncode == 1 and "1 missing, 1 unusable" in bad.stdout and "re-cache" in bad.stdout
+    assert first[0].name in bad.stdout
+
+
+def test_kohya_names_match_exactly_and_buckets_are_checked(tmp_path):
+    lat = np.zeros((4, 8, 8), np.float32)
+    np.savez(tmp_path / "img_0_0064x0064_sdxl.npz", latents=lat)
+    np.savez(tmp_path / "photo_x.npz", latents=lat)
+    kohya = KohyaNpzLatents(tmp_path)
+    assert kohya.find("img") is None  # not img_0's file
+    assert kohya.find("photo") is None  # not photo_x's
+    assert kohya.find("img_0") == tmp_path / "img_0_0064x0064_sdxl.npz"
+    rec = {"key": "p", "bucket_width": 96, "bucket_height": 64}
+    _kohya_npz(tmp_path / "p.npz", np.ones((4, 8, 8), np.float32), (64, 64), per_resolution=True)
+    with pytest.raises(TunelabError, match=r"holds latents for the bucket\(s\) 32x32, 64x64, but the index puts 'p' in 96x64"):
+        read_kohya_npz(tmp_path / "p.npz", "p", rec)
+    got = read_kohya_npz(tmp_path / "p.npz", "p", {"key": "p", "bucket_width": 64, "bucket_height": 64})
+    assert got.latents.shape == (4, 8, 8) and float(got.latents.mean()) == 1.0 and got.original_size == (64, 64)
+    np.savez(tmp_path / "q.npz", something=lat)
+    with pytest.raises(TunelabError, match="no `latents` and no per-resolution"):
+        read_kohya_npz(tmp_path / "q.npz", "q")
