@@ -189,6 +189,7 @@ def _format_inspect(r: dict) -> str:
                        ("extra keys", "extra_keys")):
         if r.get(key):
             lines.append(f"  {label:<13} {len(r[key])}: {', '.join(r[key][:4])}{' ...' if len(r[key]) > 4 else ''}")
+    lines += [f"  {'training' if i == 0 else '':<13} {line}" for i, line in enumerate(r.get("training") or [])]
     for k, v in sorted(r.get("metadata", {}).items()):
         lines.append(f"  meta {k} = {v if len(v) < 100 else v[:97] + '...'}")
     return "\n".join(lines)

@@ -163,3 +163,12 @@ def test_read_launch_takes_a_file_or_words(tmp_path):
     with pytest.raises(TunelabError, match="give a kohya launch script"):
         read_launch([])
     assert Path(p).is_file()
+
+
+def test_the_docs_list_every_flag_tunelab_knows():
+    from tunelab.kohya.flags import ACCELERATE, flag_reference
+
+    doc = (Path(__file__).parents[2] / "docs" / "coming-from-kohya.md").read_text()
+    missing = [name for name, _, _ in flag_reference() if f"| `--{name}` |" not in doc]
+    missing += [name for name in ACCELERATE if f"| `--{name}` |" not in doc]
+    assert not missing, f"docs/coming-from-kohya.md lacks {missing}: regenerate its flag table"

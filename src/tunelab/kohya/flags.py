@@ -16,6 +16,7 @@ states kohya's value, so the run means what the script meant (the defaults below
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -99,22 +100,32 @@ def _one(f: Flag) -> str:
 Handler = Callable[[Conversion, Flag], tuple[str, str]]
 
 
+def _documented(handler: Handler, status: str, doc: str) -> Handler:
+    handler.status, handler.doc = status, doc  # type: ignore[attr-defined]  # for the flag reference
+    return handler
+
+
 def to(key: str, kind: Callable[[str, str], Any] = lambda v, f: v) -> Handler:
     def apply(c: Conversion, f: Flag) -> tuple[str, str]:
         return MAPPED, c.set(key, kind(_one(f), f.name))
-    return apply
+    return _documented(apply, MAPPED, f"`{key}`")
 
 
 def switch(key: str, value: Any = True) -> Handler:
-    return lambda c, f: (MAPPED, c.set(key, value))
+    return _documented(lambda c, f: (MAPPED, c.set(key, value)), MAPPED, f"`{key} = {json.dumps(value)}`")
 
 
 def na(reason: str) -> Handler:
-    return lambda c, f: (NOT_APPLICABLE, reason)
+    return _documented(lambda c, f: (NOT_APPLICABLE, reason), NOT_APPLICABLE, reason)
 
 
 def later(reason: str) -> Handler:
-    return lambda c, f: (NOT_YET, reason)
+    return _documented(lambda c, f: (NOT_YET, reason), NOT_YET, reason)
+
+
+def mapped(doc: str) -> Callable[[Handler], Handler]:
+    """A hand-written handler's line in the flag reference."""
+    return lambda handler: _documented(handler, MAPPED, doc)
 
 
 def _number(v: str, f: str) -> float:
@@ -128,10 +139,12 @@ def _whole(v: str, f: str) -> int:
 # --- handlers that need more than one value ---------------------------------------------------------
 
 
+@mapped('`optim.lr_unet` (0 freezes the UNet, as in kohya); the text encoders follow it unless `--learning_rate_te1/te2`')
 def _lr(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("optim.lr_unet", _float(_one(f), f.name))
 
 
+@mapped("`train.parts.block_lrs`: kohya's 23 learning rates divided by `--learning_rate` (multipliers; 0 freezes a block)")
 def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     values = [v for text in f.values for v in text.split(",") if v.strip()]
     lrs = [_float(v, f.name) for v in values]
@@ -145,6 +158,7 @@ def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, f"train.parts.block_lrs (kohya's learning rates / lr_unet {base:g}: multipliers; 0 freezes)"
 
 
+@mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor (others: not yet supported)')
 def _optimizer(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).rsplit(".", 1)[-1].lower()  # full class paths: bitsandbytes.optim.AdamW8bit, came_pytorch.CAME
     if name in _OPTIMIZERS:
@@ -154,6 +168,7 @@ def _optimizer(c: Conversion, f: Flag) -> tuple[str, str]:
     return UNKNOWN, f"optimizer {_one(f)} is not one tunelab knows; the run file keeps adamw"
 
 
+@mapped('`weight_decay`, `betas`, `eps` -> `optim.*`; other items listed as not yet supported')
 def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
     done, left = [], []
     for item in f.values:
@@ -181,6 +196,7 @@ def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, ", ".join(done)
 
 
+@mapped('`optim.schedule`: constant, constant_with_warmup, cosine, linear (others: not yet supported)')
 def _schedule(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).lower()
     if name in _SCHEDULES:
@@ -188,6 +204,7 @@ def _schedule(c: Conversion, f: Flag) -> tuple[str, str]:
     return NOT_YET, f"schedule {name!r} (tunelab has {', '.join(_SCHEDULES)}); the run file keeps constant"
 
 
+@mapped("`optim.warmup_steps` (a value below 1 is kohya's share of the total steps)")
 def _warmup(c: Conversion, f: Flag) -> tuple[str, str]:
     v = _float(_one(f), f.name)
     if v < 1 and v != 0:  # kohya: a float below 1 is a share of the total steps
@@ -199,10 +216,12 @@ def _warmup(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("optim.warmup_steps", int(v))
 
 
+@mapped('`train.parts.text_encoder = "on"` (`"only"` with `--learning_rate 0`; absent: `"off"`)')
 def _text_encoder(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "train.parts.text_encoder (with --learning_rate: on, or only when it is 0)"
 
 
+@mapped("`model.max_chunks`: 75 -> 1, 150 -> 2, 225 -> 3 (absent: 1, kohya's 75 tokens)")
 def _tokens(c: Conversion, f: Flag) -> tuple[str, str]:
     n = _int(_one(f), f.name)
     if n not in _TOKENS_TO_CHUNKS:
@@ -210,6 +229,7 @@ def _tokens(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("model.max_chunks", _TOKENS_TO_CHUNKS[n])
 
 
+@mapped('`data.buckets.resolution` (W,H: the side of a square of the same area)')
 def _resolution(c: Conversion, f: Flag) -> tuple[str, str]:
     parts = [_int(v, f.name) for v in _one(f).replace("x", ",").split(",") if v.strip()]
     if len(parts) == 2 and parts[0] != parts[1]:
@@ -219,6 +239,7 @@ def _resolution(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("data.buckets.resolution", parts[0])
 
 
+@mapped('`loss.type`: l2, huber, smooth_l1 (l1: not yet supported)')
 def _loss_type(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).lower()
     if name in ("l2", "huber", "smooth_l1"):
@@ -226,6 +247,7 @@ def _loss_type(c: Conversion, f: Flag) -> tuple[str, str]:
     return NOT_YET, f"loss {name!r} (tunelab has l2, huber, smooth_l1); the run file keeps l2"
 
 
+@mapped('`save.dtype`: float -> fp32, fp16, bf16 (absent: the training dtype, as kohya)')
 def _save_precision(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).lower()
     if name not in _SAVE_DTYPES:
@@ -233,6 +255,7 @@ def _save_precision(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("save.dtype", _SAVE_DTYPES[name])
 
 
+@mapped('`save.keep_last` = steps / `--save_every_n_steps`')
 def _save_last_n_steps(c: Conversion, f: Flag) -> tuple[str, str]:
     every = c.number("save_every_n_steps")
     if not every:
@@ -242,6 +265,7 @@ def _save_last_n_steps(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, f"save.keep_last = {keep} (the last {_one(f)} steps of checkpoints every {every:g})"
 
 
+@mapped('`log.wandb = true` for wandb / all (tensorboard is always written)')
 def _log_with(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).lower()
     if name in ("wandb", "all"):
@@ -250,6 +274,7 @@ def _log_with(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "tensorboard: always written, to RUN/events"
 
 
+@mapped('`grid.sampler` (euler -> Euler, euler_a -> Euler a, ddim -> DDIM, dpmsolver++ -> DPM++ 2M, ...)')
 def _sampler(c: Conversion, f: Flag) -> tuple[str, str]:
     name = _one(f).lower()
     if name in _SAMPLERS:
@@ -257,6 +282,7 @@ def _sampler(c: Conversion, f: Flag) -> tuple[str, str]:
     return NOT_YET, f"sampler {name!r} has no A1111 equivalent in tunelab; grids use Euler"
 
 
+@mapped('`grid.prompts` from the file (and its `--n`, `--d`, `--l`, `--s`)')
 def _sample_prompts(c: Conversion, f: Flag) -> tuple[str, str]:
     path = Path(_one(f))
     if not path.is_file():
@@ -286,19 +312,23 @@ def _sample_prompts(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, f"grid.prompts ({len(prompts)} prompts from {path.name}; --n, --d, --l, --s read; --w/--h: the bucket)"
 
 
+@mapped("the index's source: `folder:DIR` (kohya's N_concept folders count N times), or the images of `--in_json`")
 def _data_dir(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "the index's source (folder, or the images of --in_json)"
 
 
+@mapped("the index's source: `kohya:META.json,images=DIR`; captions `concat`, caption first (kohya: caption, then tags)")
 def _in_json(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "the index's source: kohya metadata JSON"
 
 
+@mapped("the index's sources (one per subset, `repeats=num_repeats`) and caption and bucket settings")
 def _dataset_config(c: Conversion, f: Flag) -> tuple[str, str]:
     c.dataset_config = _one(f)
     return MAPPED, "the index's sources and caption settings (kohya dataset TOML)"
 
 
+@mapped("`data.captions.mode`: .txt -> tags, .caption -> caption (absent: kohya's .caption)")
 def _caption_extension(c: Conversion, f: Flag) -> tuple[str, str]:
     from tunelab.kohya.dataset import caption_mode
 
@@ -307,6 +337,7 @@ def _caption_extension(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, f"data.captions.mode = {c.get('data.captions.mode')!r}"
 
 
+@mapped("`data.latents` = the image folder: kohya's .npz files read as they are")
 def _cache_to_disk(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "data.latents: kohya's .npz files beside the images, read as they are"
 
@@ -485,3 +516,8 @@ ACCELERATE = {
     "num_cpu_threads_per_process": "pass it to `accelerate launch` for tunelab the same way",
     "dynamo_backend": "train.compile = true compiles the UNet",
 }
+
+
+def flag_reference() -> list[tuple[str, str, str]]:
+    """(flag, status, what it becomes or why not) for every flag tunelab knows: docs/coming-from-kohya.md."""
+    return [(name, getattr(h, "status", MAPPED), getattr(h, "doc", "")) for name, h in TABLE.items()]

@@ -396,8 +396,11 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     except TunelabError as err:
         arch, why = None, str(err)
     report = _report(arch, shapes, {k: v.dtype for k, v in header.tensors.items()})
+    from tunelab.kohya.metadata import training_summary
+
     report.update(file=str(path), bytes=path.stat().st_size, dtype=_file_dtype(header), metadata=header.metadata,
-                  prediction=PredictionRecord.read(header.tensors.keys(), header.metadata).describe())
+                  prediction=PredictionRecord.read(header.tensors.keys(), header.metadata).describe(),
+                  training=training_summary(header.metadata))
     if arch is None:
         report["problem"] = why
     return report

@@ -664,9 +664,13 @@ def _finish(s: Setup, ctx: LoopContext) -> Path | None:
 
 def _training_info(s: Setup) -> dict[str, Any]:
     o, p = s.cfg.optim, s.progress
+    # kohya's ss_* names where it has one (model browsers read them), tunelab's where it has none
+    t = s.cfg.train
     return {"steps": p.step, "epoch": p.epoch, "effective_batch": p.effective_batch, "learning_rate": o.lr_unet,
-            "text_encoder_lr1": o.lr_text_encoder_1, "text_encoder_lr2": o.lr_text_encoder_2,
-            "optimizer": o.name, "run": s.cfg.run.name}
+            "text_encoder_lr": o.lr_text_encoder_1, "text_encoder_lr1": o.lr_text_encoder_1,
+            "text_encoder_lr2": o.lr_text_encoder_2, "optimizer": o.name, "lr_scheduler": o.schedule,
+            "gradient_accumulation_steps": s.accumulation, "mixed_precision": t.mixed_precision,
+            "sd_model_name": Path(s.cfg.model.base).name, "run": s.cfg.run.name}
 
 
 def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
