@@ -122,3 +122,44 @@ def test_kohya_names_match_exactly_and_buckets_are_checked(tmp_path):
     np.savez(tmp_path / "q.npz", something=lat)
     with pytest.raises(TunelabError, match="no `latents` and no per-resolution"):
         read_kohya_npz(tmp_path / "q.npz", "q")
+
+
+def test_a_windows_script_with_a_two_subset_dataset_toml_trains(world, tmp_path):
+    from tunelab.toy.pretrain import shipped_base
+
+    concept, general = tmp_path / "astolfo", tmp_path / "general"
+    concept.mkdir()
+    general.mkdir()
+    for p in sorted((world / "flat").glob("toy_0000[0-2].png")):
+        shutil.copy(p, concept / p.name)  # no caption files: kohya's class tokens become the prompt
+    meta = {}
+    for p in sorted((world / "flat").glob("toy_0000[3-7].png")):
+        shutil.copy(p, general / p.name)
+        meta[p.stem] = {"tags": p.with_suffix(".txt").read_text(), "caption": p.with_suffix(".caption").read_text()}
+    (general / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "dataset.toml").write_text(
+        '[general]\nshuffle_caption = true\nkeep_tokens = 1\ncaption_extension = ".txt"\n\n'
+        "[[datasets]]\nresolution = 80\nbatch_size = 2\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n\n"
+        f'  [[datasets.subsets]]\n  image_dir = "{concept.as_posix()}"\n  num_repeats = 4\n  class_tokens = "astolfo, solo"\n\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{general.as_posix()}"\n  metadata_file = "{(general / "meta.json").as_posix()}"\n'
+        "  num_repeats = 1\n")
+    bat = tmp_path / "train.bat"
+    bat.write_text("\r\n".join([
+        "@echo off", "REM kohya on Windows, two subsets",
+        f"set BASE={shipped_base()}",
+        "accelerate launch --num_cpu_threads_per_process 2 sdxl_train.py ^",
+        '  --pretrained_model_name_or_path="%BASE%" ^',
+        f'  --dataset_config="{tmp_path / "dataset.toml"}" ^',
+        ":: --xformers ^",
+        f'  --output_dir="{tmp_path / "run"}" --output_name=two-subsets ^',
+        "  --learning_rate=1e-5 --max_train_steps=2 --save_every_n_steps=2 ^",
+        '  --optimizer_type=AdamW --optimizer_args "weight_decay=0.01" "eps=1e-8"',
+    ]))
+    out = run_cli("config", "from-kohya", bat, "--out", tmp_path / "run.toml", "--build-index")
+    assert "8 images" in out.stdout
+    rows = pq.read_table(tmp_path / "index.parquet").to_pylist()
+    assert sorted(r["repeats"] for r in rows) == [1] * 5 + [4] * 3
+    assert {r["tags"] for r in rows if r["repeats"] == 4} == {"astolfo, solo"}
+    log = _train(tmp_path / "run.toml")
+    assert "17 samples per epoch with repeats" in log  # 3 x 4 + 5 x 1
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()

@@ -76,14 +76,16 @@ class SourceSpec:
                 f"source {text!r}: start it with one of {', '.join(k + ':' for k in _KINDS)} "
                 "e.g. `folder:./images` or `table:tags.parquet,template={id}.webp,root=./images`"
             )
-        # Split options on commas outside {...}: templates like {id % 1000:04d} stay whole.
-        parts = re.split(r",(?![^{]*\})", rest)
+        parts = _split_options(rest)
         options = {}
         for part in parts[1:]:
             name, eq, value = part.partition("=")
             if not eq:
                 raise TunelabError(f"source {text!r}: option {part!r} must look like name=value")
-            options[name.strip()] = value.strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            options[name.strip()] = value
         prefix = options.pop("prefix", "")
         return cls(kind, parts[0], prefix, options)
 
@@ -93,6 +95,26 @@ class SourceSpec:
 
     def option(self, name: str, default: str | None = None) -> str | None:
         return self.options.get(name, default)
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on commas outside {...} and "...": templates like {id % 1000:04d} and quoted values
+    such as class_tokens="astolfo, solo" stay whole."""
+    parts, cur, depth, quoted = [], [], 0, False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "{":
+            depth += 1
+        elif not quoted and ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0 and not quoted:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
 
 
 def read_source(

@@ -87,7 +87,8 @@ def read_dataset_config(path: Path) -> DatasetPlan:
             else:
                 source = f"folder:{image_dir}"
                 if merged.get("class_tokens"):
-                    source += f",class_tokens={merged['class_tokens']}"
+                    tokens = str(merged["class_tokens"]).replace('"', "")
+                    source += f',class_tokens="{tokens}"' if "," in tokens else f",class_tokens={tokens}"
             plan.sources.append(source + f",repeats={repeats}")
             plan.latents = plan.latents or image_dir
             values = caption_mode(str(merged.get("caption_extension", ".caption")), bool(meta))
