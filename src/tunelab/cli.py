@@ -40,7 +40,7 @@ model_app = typer.Typer(help="Create, inspect and convert model checkpoints (sin
 data_app = typer.Typer(help="Build the dataset index, preview captions, cache latents, verify caches.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and explain run files (TOML).", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: tiny models and synthetic data for trying tunelab on a laptop.", no_args_is_help=True)
-merge_app = typer.Typer(help="(Planned) Merge checkpoints with sd-mecha recipes (weighted sum, add difference, TIES, ...).", no_args_is_help=True)
+merge_app = typer.Typer(help="Merge checkpoints on sd-mecha: recipes as users have them, the field's methods as presets, merge-back sweeps.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -866,12 +866,119 @@ def drift(
 # --- merge ---------------------------------------------------------------------------------------
 
 
+_MapOpt = typer.Option("--map", help="OLD=NEW: a model path prefix as the recipe has it (Windows paths too) and where it is here; repeatable.")
+_ModelsDirOpt = typer.Option("--models-dir", help="Folder that relative model paths of the recipe are in.")
+
+
 @merge_app.command("run")
 def merge_run(
-    recipe: Annotated[Path, typer.Argument(help="An sd-mecha recipe (.mecha) or a tunelab merge preset (TOML).")],
+    recipe: Annotated[Path, typer.Argument(help="An sd-mecha recipe (.mecha): the current format, or older ones without a version header (upgraded in memory).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged checkpoint (.safetensors); the recipe that made it goes beside it (.mecha) and into its metadata.")],
+    models_dir: Annotated[Optional[Path], _ModelsDirOpt] = None,
+    map_: Annotated[Optional[list[str]], _MapOpt] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the output: fp16 (what UIs load), bf16, fp32.")] = "fp16",
+    merge_dtype: Annotated[str, typer.Option(help="dtype the merge computes in (fp64: no accumulated rounding).")] = "fp64",
 ) -> None:
-    """(Planned, not in this version yet.) Execute a merge recipe with sd-mecha, streaming key by key."""
-    _not_yet("merge run", "sd-mecha merging")
+    """Merge checkpoints by an sd-mecha recipe, key by key with a progress bar.
+
+    Model paths are found under --models-dir or rewritten with --map 'D:\\sd\\models=/models';
+    a merge method the installed sd-mecha lacks is named with its recipe line."""
+    from tunelab.merge.recipe import parse_maps
+    from tunelab.merge.run import run_file
+
+    merged = run_file(recipe, out, models_dir, parse_maps(map_ or []), dtype, merge_dtype)
+    for note in merged.recipe.notes:
+        typer.echo(f"  {note}")
+    typer.echo(f"merged: {merged.path} ({dtype}); recipe: {merged.mecha}")
+
+
+@merge_app.command("upgrade")
+def merge_upgrade(
+    recipe: Annotated[Path, typer.Argument(help="An older sd-mecha recipe (no `version 0.1.0` header: 2024-era `model ... \"sdxl\" \"base\"`, `call` lines, per-component dictionaries).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The upgraded recipe (.mecha).")],
+    models_dir: Annotated[Optional[Path], _ModelsDirOpt] = None,
+    map_: Annotated[Optional[list[str]], _MapOpt] = None,
+) -> None:
+    """Rewrite an older recipe in the current sd-mecha format (what `merge run` does in memory)."""
+    from tunelab.merge.recipe import parse_maps, to_sd_mecha
+    from tunelab.merge.run import prepare
+
+    r = prepare(recipe.read_text(encoding="utf-8") if recipe.is_file() else _missing(recipe), str(recipe), models_dir,
+                parse_maps(map_ or []))
+    from tunelab.run import write_text_atomic
+
+    write_text_atomic(out, to_sd_mecha(r))
+    for note in r.notes:
+        typer.echo(f"  {note}")
+    typer.echo(f"upgraded: {out}")
+
+
+def _missing(path: Path) -> str:
+    raise TunelabError(f"{path}: no such recipe")
+
+
+@merge_app.command("preset")
+def merge_preset(
+    method: Annotated[str, typer.Argument(help="weighted_sum, add_difference, ties, dare, della, geometric_median, model_stock, dgmla.")],
+    models: Annotated[list[Path], typer.Argument(help="The models: A B (weighted_sum), A B C (add_difference: A + alpha (B - C)), or the finetunes to merge into --base.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged checkpoint (.safetensors); its recipe goes beside it (.mecha).")],
+    base: Annotated[Optional[Path], typer.Option(help="The base the finetunes' differences are taken from (ties, dare, della, model_stock, dgmla).")] = None,
+    alpha: Annotated[str, typer.Option(help="Ratio: one number, or per part: 'unet=0.5,te1=0.2,te2=0.2,vae=0,IN04=0.3,default=1'. Default: 0.5 for weighted_sum, else 1 (alpha > 1 amplifies a difference).")] = "",
+    k: Annotated[float, typer.Option(help="TIES: share of each difference kept, by magnitude per tensor.")] = 0.2,
+    p: Annotated[float, typer.Option(help="DARE / DELLA / DGMLA: drop probability.")] = 0.9,
+    rescale: Annotated[bool, typer.Option(help="DARE / DELLA / DGMLA: scale kept differences by 1 / (1 - p).")] = True,
+    eps: Annotated[float, typer.Option(help="DELLA / DGMLA: how much lower the drop probability of the largest differences is.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the random drops (the same seed, the same merge).")] = 0,
+    vae: Annotated[Optional[Path], typer.Option(help="Bake this VAE in (a checkpoint or VAE-only file with first_stage_model.* keys).")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the output.")] = "fp16",
+    merge_dtype: Annotated[str, typer.Option(help="dtype the merge computes in.")] = "fp64",
+) -> None:
+    """Merge with one of the field's methods, through sd-mecha; writes the equivalent recipe (.mecha)
+    beside the output so it can be rerun or edited."""
+    from tunelab.merge.presets import build, parse_ratio
+    from tunelab.merge.run import merge_recipe
+
+    ratio = parse_ratio(alpha, 0.5 if method == "weighted_sum" else 1.0) if alpha else None
+    recipe = build(method, [str(m) for m in models], base=base, alpha=ratio, k=k, p=p, rescale=rescale, eps=eps,
+                   seed=seed, vae=vae)
+    merged = merge_recipe(recipe, out, dtype, merge_dtype)
+    typer.echo(f"merged: {merged.path} ({method}, alpha {ratio.describe() if ratio else 'default'}); recipe: {merged.mecha}")
+
+
+@merge_app.command("back")
+def merge_back(
+    base: Annotated[Path, typer.Option(help="The base the finetune was trained from (or the merged base it goes back into).")],
+    finetune: Annotated[Path, typer.Option(help="The finetune's checkpoint.")],
+    ratios: Annotated[str, typer.Option(help="The finetune's share in each candidate, e.g. 0.25,0.5,0.75.")] = "0.25,0.5,0.75",
+    parts: Annotated[str, typer.Option(help="Merge only these parts at the ratio (te1,te2,unet,vae); the others stay the base's. Default: all.")] = "",
+    run: Annotated[Optional[Path], typer.Option(help="The finetune's run directory: probes use its inputs, and results go to RUN/merges/back unless --out.")] = None,
+    probe: Annotated[bool, typer.Option("--probe", help="Measure every candidate with the run's probes (learn loss, preserve drift, scores).")] = False,
+    drift: Annotated[bool, typer.Option("--drift", help="Add each candidate's weight distance from the base.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the candidates, merge-back.csv/.json/.png.")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the candidates.")] = "fp16",
+) -> None:
+    """Merge a finetune back into its base at several ratios, and (with --run --probe) show what
+    each candidate learned and forgot in one table and one chart."""
+    from tunelab.merge.back import merge_back as back, parse_ratios
+    from tunelab.run import RunDir
+
+    folder = out or (RunDir(run).path / "merges" / "back" if run else Path("merge-back"))
+    result = back(base, finetune, parse_ratios(ratios), folder, [p for p in parts.split(",") if p] or None, run,
+                  probe, drift, dtype)
+    cols = [c for c in ("probe/learn_loss", "probe/drift_preserve", "weights/distance_from_base")
+            if any(r.get(c) is not None for r in result.rows)]
+    typer.echo("  ".join(f"{h:>16}" for h in ["ratio", "file", *(c.split("/")[-1] for c in cols)]))
+    for r in result.rows:
+        typer.echo("  ".join([f"{r['ratio']:>16.3g}", f"{r['file'][-16:]:>16}",
+                              *(f"{r[c]:>16.5g}" if r.get(c) is not None else f"{'-':>16}" for c in cols)]))
+    typer.echo(f"table and chart: {folder / 'merge-back.csv'}, {folder / 'merge-back.png'}")
+
+
+@merge_app.command("evolve")
+def merge_evolve() -> None:
+    """(Planned, not in this version yet.) CMA-ES search over per-block / per-component ratios with
+    probe numbers as the fitness, resumable."""
+    _not_yet("merge evolve", "the evolutionary merge search")
 
 
 # --- toy / demo / report -------------------------------------------------------------------------

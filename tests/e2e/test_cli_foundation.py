@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     [], ["model"], ["model", "new"], ["model", "inspect"], ["model", "convert"], ["data"], ["config"],
     ["config", "check"], ["config", "show"], ["train"], ["grid"], ["probe"], ["loss"], ["drift"], ["merge"],
-    ["merge", "run"], ["toy"], ["toy", "world"], ["toy", "pretrain"], ["toy", "score"], ["toy", "experiment"], ["demo"], ["report"],
+    ["merge", "run"], ["merge", "preset"], ["merge", "back"], ["merge", "upgrade"], ["toy"], ["toy", "world"], ["toy", "pretrain"], ["toy", "score"], ["toy", "experiment"], ["demo"], ["report"],
 ]
 
 
@@ -97,7 +97,7 @@ def test_world_size_mismatch_is_refused():
 
 
 def test_stages_not_yet_built_say_so(tmp_path):
-    proc = run_cli("merge", "run", tmp_path / "recipe.toml", check=False)
+    proc = run_cli("merge", "evolve", check=False)
     assert proc.returncode == 2 and "not in this version yet" in proc.stderr
 
 

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.run import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ProbeOptions:
     scorer: str | None = None
     device: str = "auto"
     precision: str = "fp32"  # fp32 / bf16 / fp16 autocast (CUDA only for half precision)
+    run: str | None = None  # files measured on this run's settings and probe inputs (merge back candidates)
 
 
 @dataclass
@@ -63,7 +65,9 @@ class ProbeReport:
 
 
 def run_probe(targets: Sequence[Path], out: Path | None = None, options: ProbeOptions = ProbeOptions(),
-              progress: bool = True) -> ProbeReport:
+              progress: bool = True, table: str | None = None, steps: Sequence[int] | None = None) -> ProbeReport:
+    """`table` names the output tables (default `checkpoints`); `steps` replaces the files' steps
+    (the x axis of the chart: merge back gives each candidate its ratio's index)."""
     from tunelab.probe.callback import summary_line
     from tunelab.probe.images import image_scores
     from tunelab.probe.measure import score_rows
@@ -73,6 +77,9 @@ def run_probe(targets: Sequence[Path], out: Path | None = None, options: ProbeOp
     from tunelab.train.step import StepModels
 
     cfg, checkpoints, folder = _resolve(list(targets), out, options)
+    inputs = Path(RunDir(options.run).probes) if options.run else folder
+    if steps is not None:
+        checkpoints = [(name, int(s), path) for (name, _, path), s in zip(checkpoints, steps)]
     device = _device(options.device)
     autocast = _autocast(device, options.precision)
     arch = _arch(cfg.model.base)
@@ -81,7 +88,7 @@ def run_probe(targets: Sequence[Path], out: Path | None = None, options: ProbeOp
     def base_models():
         return _base(cfg, device), tokenizers
 
-    prepared = prepare(cfg, arch, folder, base_models, device, autocast)
+    prepared = prepare(cfg, arch, inputs, base_models, device, autocast)
     p = cfg.probe
     prompts = {s.name: list(s.prompts) for s in prepared.probe.sets}
     scale = preserve_scale(p, arch)
@@ -105,8 +112,10 @@ def run_probe(targets: Sequence[Path], out: Path | None = None, options: ProbeOp
         gc.collect()
         bar.update(1)
     bar.close()
-    files = list(write_table(rows, folder, CHECKPOINTS))
-    files.append(plot_probes(rows, folder / f"{CHECKPOINTS}.png", "probes over checkpoints"))
+    name = table or CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    files = list(write_table(rows, folder, name))
+    files.append(plot_probes(rows, folder / f"{name}.png", f"probes over {name}"))
     return ProbeReport(folder, prepared.probe.forwards, numbers, rows, files)
 
 
@@ -135,7 +144,17 @@ def _resolve(targets: list[Path], out: Path | None, o: ProbeOptions):
 
     if not targets:
         raise TunelabError("give a run directory or checkpoint files to probe")
-    if len(targets) == 1 and targets[0].is_dir():
+    if o.run:
+        run = RunDir(o.run)
+        if not run.config.is_file():
+            raise TunelabError(f"{o.run}: not a run directory (no config.json)")
+        cfg = parse_config(json.loads(run.config.read_text()), str(run.config))
+        for t in targets:
+            if not t.is_file():
+                raise TunelabError(f"{t}: no such checkpoint file")
+        checkpoints = [(t.stem, i, t) for i, t in enumerate(targets)]
+        folder = out or run.probes
+    elif len(targets) == 1 and targets[0].is_dir():
         run = RunDir(targets[0])
         if not run.config.is_file():
             raise TunelabError(f"{targets[0]}: not a run directory (no config.json); pass a run.output_dir "

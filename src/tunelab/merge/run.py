@@ -1,0 +1,115 @@
+"""`tunelab merge run`: a recipe (any era) merged by sd-mecha into one `.safetensors` file.
+
+sd-mecha does the merging (tunelab never re-implements its methods); tunelab reads the recipe
+(`recipe.py`: upgrade, model paths, methods checked first), merges key by key with a progress bar
+in fp64 by default, writes the output through a temporary file renamed into place, with the
+recipe that made it in its metadata (`mecha_recipe`, sd-mecha's own key) and a `.mecha` beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.merge.recipe import Recipe, check_methods, parse, resolve_models, to_sd_mecha, upgrade
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass
+class Merged:
+    path: Path
+    recipe: Recipe
+    text: str  # the current-format recipe sd-mecha ran
+    mecha: Path  # the .mecha written beside the output
+
+
+def _keys(path: str) -> list[str]:
+    from tunelab.models.safetensors_io import read_header
+
+    return list(read_header(Path(path)).tensors)
+
+
+def prepare(text: str, source: str, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None) -> Recipe:
+    """Read, locate the models, upgrade and check a recipe (nothing is merged)."""
+    recipe, version = parse(text, source)
+    resolve_models(recipe, models_dir, maps or [])
+    recipe = upgrade(recipe, version, _keys)
+    check_methods(recipe)
+    return recipe
+
+
+def dtype_of(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise TunelabError(f"{what} {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: str = "fp64",
+                 progress: bool = True) -> Merged:
+    import sd_mecha
+    from tqdm import tqdm
+
+    text = to_sd_mecha(recipe)
+    try:
+        node = sd_mecha.deserialize(text.rstrip("\n"))  # sd-mecha reads every line, an empty last one too
+    except Exception as err:  # noqa: BLE001 - sd-mecha's own message, with the recipe named
+        raise TunelabError(f"{recipe.source}: sd-mecha cannot read the recipe: {err}") from None
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TunelabError(f"--out {out}: the merge is written as one .safetensors file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.safetensors")
+    try:
+        sd_mecha.merge(node, output=tmp, output_dtype=dtype_of(dtype, "--dtype"),
+                       merge_dtype=dtype_of(merge_dtype, "--merge-dtype"), strict_mandatory_keys=False,
+                       tqdm=tqdm if progress else _Silent)
+        os.replace(tmp, out)
+    except TunelabError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise TunelabError(f"{recipe.source}: the merge failed: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    mecha = out.with_suffix(".mecha")
+    mecha.write_text(text, encoding="utf-8")  # what sd-mecha ran: opens in sd-mecha as it is
+    return Merged(out, recipe, text, mecha)
+
+
+def run_file(path: Path, out: Path, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None,
+             dtype: str = "fp16", merge_dtype: str = "fp64", progress: bool = True) -> Merged:
+    if not path.is_file():
+        raise TunelabError(f"{path}: no such recipe")
+    recipe = prepare(path.read_text(encoding="utf-8"), str(path), models_dir, maps)
+    for note in recipe.notes:
+        log.info("%s", note)
+    return merge_recipe(recipe, out, dtype, merge_dtype, progress)
+
+
+class _Silent:
+    """A tqdm stand-in that shows nothing (tests, the demo)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
