@@ -967,10 +967,10 @@ def merge_back(
                   probe, drift, dtype)
     cols = [c for c in ("probe/learn_loss", "probe/drift_preserve", "weights/distance_from_base")
             if any(r.get(c) is not None for r in result.rows)]
-    typer.echo("  ".join(f"{h:>16}" for h in ["ratio", "file", *(c.split("/")[-1] for c in cols)]))
+    typer.echo("  ".join([f"{'ratio':>6}", f"{'file':>24}", *(f"{c.split('/')[-1]:>20}" for c in cols)]))
     for r in result.rows:
-        typer.echo("  ".join([f"{r['ratio']:>16.3g}", f"{r['file'][-16:]:>16}",
-                              *(f"{r[c]:>16.5g}" if r.get(c) is not None else f"{'-':>16}" for c in cols)]))
+        typer.echo("  ".join([f"{r['ratio']:>6.3g}", f"{r['file'][-24:]:>24}",
+                              *(f"{r[c]:>20.5g}" if r.get(c) is not None else f"{'-':>20}" for c in cols)]))
     typer.echo(f"table and chart: {folder / 'merge-back.csv'}, {folder / 'merge-back.png'}")
 
 

@@ -41,6 +41,7 @@ def run_demo(out: str | Path, n_images: int = 48, seed: int = 0, steps: int = 12
     paths["loss"] = _loss(out, paths["run"])
     paths["drift"] = _drift(out, paths)
     _config()
+    paths["merge"] = _merge_back(paths)
     paths["report"] = _report(paths["run"])
     log.info("\n== done in %.0f s; everything is in %s", time.perf_counter() - t0, out)
     log.info("open %s in a browser: the whole run on one page", paths["report"])
@@ -250,10 +251,25 @@ def _drift(out: Path, paths: dict[str, Path]) -> Path:
     return folder
 
 
+def _merge_back(paths: dict[str, Path]) -> Path:
+    from tunelab.merge.back import merge_back
+
+    t = _stage("11. merge back: the finetune into its base at 0.5 (sd-mecha), measured with the run's probes")
+    run = RunDir(paths["run"])
+    result = merge_back(paths["base"], run.checkpoint_path("last"), [0.5], run.path / "merges" / "back", run=run.path,
+                        probe=True, progress=False)
+    for r in result.rows:
+        log.info("  ratio %-4g %-26s learn loss %.4f   preserve drift %.4f", r["ratio"], r["file"],
+                 r["probe/learn_loss"], r["probe/drift_preserve"])
+    log.info("  chart: %s  [%.0f s]", result.out / "merge-back.png", time.perf_counter() - t)
+    return result.out
+
+
 def _report(run: Path) -> Path:
     from tunelab.report import write_report
 
-    t = _stage("11. the run report: one HTML page (numbers, loss, probes, grids over training, drift, data, settings)")
+    t = _stage("12. the run report: one HTML page (numbers, loss, probes, grids over training, drift, merges, data, "
+               "settings)")
     path = write_report([run], progress=False)  # the trainer rewrote it at every checkpoint; now with drift
     log.info("%s (%.0f kB)  [%.2f s]", path, path.stat().st_size / 1e3, time.perf_counter() - t)
     return path

@@ -112,7 +112,7 @@ def test_demo_runs_the_flow(tmp_path):
     log = proc.stderr
     stages = ("1. toy world", "2. dataset index", "3. base model", "3b. what the shipped base draws",
               "4. latent cache", "5. prompts", "6. SDXL conditioning", "7. train", "7b. what the finetune draws",
-              "8. loss curve", "9. weight drift", "10. run files", "11. the run report")
+              "8. loss curve", "9. weight drift", "10. run files", "11. merge back", "12. the run report")
     for stage in stages:
         assert stage in log
     assert "reloaded identical: True" in log and "all entries present and intact" in log
@@ -121,7 +121,7 @@ def test_demo_runs_the_flow(tmp_path):
     for made in ("toy-world.png", "index.parquet", "run/checkpoints/last.safetensors", "scores-before.png",
                  "scores-after.png", "grid-timeline.png", "loss/loss.png", "run/drift/drift.json", "run/drift/trajectory.png",
                  "run/drift/heatmaps.png", "run/drift/map.png", "run/probes/training.png", "run/probes/training.parquet",
-                 "run/report.html"):
+                 "run/report.html", "run/merges/back/merge-back.png", "run/merges/back/back-0.5.safetensors"):
         assert (out / made).exists(), made
     assert "sign agreement of the moves from [0]" in log
     assert re.search(r"learn loss on 8 held-out concept images \(the index.s holdout split\) +\d\.\d+ -> ", log)

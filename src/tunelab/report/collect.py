@@ -47,6 +47,7 @@ class RunData:
     data_rows: list[dict[str, Any]] = field(default_factory=list)
     data_stats: dict[str, Any] | None = None
     data_note: str = ""
+    merges: list[tuple[Path, list[dict[str, Any]]]] = field(default_factory=list)  # (folder, merge-back rows)
 
     @property
     def step(self) -> int:
@@ -75,7 +76,18 @@ def read_run(path: str | Path, drift_dir: Path | None = None) -> RunData:
             log.warning("%s", err)
     data.drift, data.drift_note = read_drift(drift_dir or run.path / DRIFT, drift_inputs(data))
     _read_dataset(data)
+    data.merges = read_merges(run)
     return data
+
+
+def read_merges(run: RunDir) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """`tunelab merge back --run RUN` results: RUN/merges/*/merge-back.json."""
+    found = []
+    for doc_path in sorted((run.path / "merges").glob("*/merge-back.json")):
+        doc = _json(doc_path)
+        if doc and isinstance(doc.get("rows"), list):
+            found.append((doc_path.parent, doc["rows"]))
+    return found
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -83,7 +83,7 @@ class Page:
 
     def run_section(self, run: RunData, i: int) -> str:
         parts = [self.summary(run), self.loss(run), self.probes(run), self.grid_timeline(run), self.drift(run),
-                 self.dataset(run, i), self.config(run)]
+                 self.merges(run), self.dataset(run, i), self.config(run)]
         self.data["runs"].append(self.run_json(run))
         inner = "".join(parts)
         if len(self.runs) > 1:
@@ -242,6 +242,34 @@ class Page:
                 f'<div class="row">{trajectory}</div><div class="row">{block_chart}</div>'
                 f"<h4>L2 distance between every pair (all weights)</h4>{heat}</div>")
 
+    def merges(self, run: RunData) -> str:
+        """`tunelab merge back --run RUN`: each candidate ratio with what it learned and kept."""
+        if not run.merges:
+            return ""
+        cols = [("probe/learn_loss", "learn loss"), ("probe/preserve_loss", "preserve loss"),
+                ("probe/drift_preserve", "preserve drift"), ("weights/distance_from_base", "weight distance")]
+        out = []
+        for folder, rows in run.merges:
+            scores = sorted({k for r in rows for k in r if k.endswith("_score/all")})
+            present = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
+            present += [(k, k.removeprefix("probe/").removesuffix("/all")) for k in scores]
+            head = "".join(f"<th>{esc(h)}</th>" for _, h in present)
+            body = []
+            for r in rows:
+                f = folder / str(r.get("file", ""))
+                name = (f'<a href="{esc(self.link(f))}">{esc(r.get("file", ""))}</a>' if f.is_file()
+                        else esc(r.get("file", "")))
+                cells = "".join(f"<td>{_fmt_cell(r.get(k))}</td>" for k, _ in present)
+                body.append(f"<tr><th>{float(r.get('ratio', 0)):.3g}</th><td>{name}</td><td>{esc(r.get('parts', ''))}</td>"
+                            f"{cells}</tr>")
+            chart = folder / "merge-back.png"
+            img = self.image(chart, "merge back", 720) if chart.is_file() else ""
+            out.append(f"<h4>{esc(self.link(folder))}</h4><table class=\"cmp\"><tr><th>ratio</th><th>file</th>"
+                       f"<th>parts</th>{head}</tr>{''.join(body)}</table><div class=\"row\">{img}</div>")
+        return (f'<div class="card"><h3>merging back</h3><p>the finetune merged into its base at each ratio '
+                f"(0 = base, 1 = finetune), every candidate on the run's probe inputs "
+                f"(<code>tunelab merge back --run</code>).</p>{''.join(out)}</div>")
+
     def dataset(self, run: RunData, i: int) -> str:
         stats = run.data_stats
         if stats is None:
@@ -353,6 +381,15 @@ def _total_steps(run: RunData) -> int | None:
     return None
 
 
+def _fmt_cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    try:
+        return f"{float(v):.5g}"
+    except (TypeError, ValueError):
+        return esc(v)
+
+
 def _model_steps(doc: dict[str, Any], run: RunData) -> np.ndarray:
     """The training step of each model drift compared: 0 for the base, a checkpoint's own step."""
     from tunelab.run import checkpoint_step
@@ -447,6 +484,7 @@ text-align:left;vertical-align:top}table.kv th{color:var(--mute);font-weight:500
 table.cmp td.diff{background:#fff4d6}table.heat td{text-align:right;min-width:54px}
 .scroll{overflow-x:auto}table.timeline td,table.timeline th{text-align:center;border:none;padding:2px}
 table.timeline img{width:128px;height:auto;image-rendering:pixelated;border-radius:3px}
+.card > .row img{max-width:720px;height:auto}
 .thumbs img{width:64px;height:auto;margin:2px;image-rendering:pixelated;border-radius:3px}
 .prompt{font-weight:600;margin:10px 0 2px;word-break:break-word}svg.chart{background:#fff;max-width:100%;height:auto}
 svg .ct{font-size:12.5px;font-weight:600;fill:#1d2330}svg .tick{font-size:10px;fill:#667085}
