@@ -74,13 +74,6 @@ def _root(
     logging.getLogger("transformers").setLevel(logging.ERROR)  # optional-backend notices
 
 
-def _not_yet(command: str, what: str) -> None:
-    """Commands whose stage has not landed yet say so plainly instead of pretending."""
-    raise TunelabError(
-        f"`tunelab {command}` ({what}) is not in this version yet; see docs/roadmap.md for what is planned."
-    )
-
-
 def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -975,10 +968,34 @@ def merge_back(
 
 
 @merge_app.command("evolve")
-def merge_evolve() -> None:
-    """(Planned, not in this version yet.) CMA-ES search over per-block / per-component ratios with
-    probe numbers as the fitness, resumable."""
-    _not_yet("merge evolve", "the evolutionary merge search")
+def merge_evolve(
+    base: Annotated[Path, typer.Option(help="The base the models' differences are taken from.")],
+    finetune: Annotated[list[Path], typer.Option(help="A model to merge into the base (repeat for several).")],
+    run: Annotated[Path, typer.Option(help="The run whose probe inputs measure each candidate (the finetune's run directory).")],
+    budget: Annotated[int, typer.Option(help="Evaluations of the search; the uniform-ratio baseline gets as many.")] = 60,
+    space: Annotated[str, typer.Option(help="blocks: te1, te2 and the UNet's 21 blocks; components: te1, te2, unet.")] = "blocks",
+    fitness: Annotated[str, typer.Option(help="Weighted probe numbers to minimise, e.g. learn_loss=1,drift_preserve=1 (a score with a negative weight rewards it).")] = "learn_loss=1,drift_preserve=1",
+    popsize: Annotated[int, typer.Option(help="Candidates per generation; 0 = CMA-ES's default.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the search.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the state, history.csv, summary.json, evolve.png and best.safetensors (default RUN/merges/evolve).")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of best.safetensors.")] = "fp16",
+) -> None:
+    """Search per-part merge ratios with CMA-ES, each candidate mixed in memory and measured with
+    the run's probes; beats (or not) the best uniform ratio at the same budget, and says by how
+    much. Killed? Run the same command again: it resumes after the last finished generation."""
+    from tunelab.merge.evolve import EvolveSettings, evolve, parse_fitness
+    from tunelab.run import RunDir
+
+    settings = EvolveSettings(budget=budget, space=space, fitness=parse_fitness(fitness), popsize=popsize, seed=seed)
+    folder = out or RunDir(run).path / "merges" / "evolve"
+    r = evolve(base, list(finetune), run, folder, settings, dtype)
+    rel = 100 * r.improvement / abs(r.uniform_fitness) if r.uniform_fitness else float("nan")
+    typer.echo(f"best uniform ratio {r.uniform_ratio:.3g}: fitness {r.uniform_fitness:.6g}")
+    typer.echo(f"CMA-ES ({budget} evaluations): fitness {r.best_fitness:.6g}  "
+               f"({'better' if r.improvement > 0 else 'not better'} by {r.improvement:.3g}, {rel:.2f} %)")
+    typer.echo("ratios: " + ", ".join(f"{p} {w:.2f}" for p, w in zip(r.parts * len(finetune), r.best_weights)))
+    typer.echo(f"written: {folder / 'best.safetensors'}, {folder / 'best.mecha'}, {folder / 'history.csv'}, "
+               f"{folder / 'evolve.png'}")
 
 
 # --- toy / demo / report -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     [], ["model"], ["model", "new"], ["model", "inspect"], ["model", "convert"], ["data"], ["config"],
     ["config", "check"], ["config", "show"], ["train"], ["grid"], ["probe"], ["loss"], ["drift"], ["merge"],
-    ["merge", "run"], ["merge", "preset"], ["merge", "back"], ["merge", "upgrade"], ["toy"], ["toy", "world"], ["toy", "pretrain"], ["toy", "score"], ["toy", "experiment"], ["demo"], ["report"],
+    ["merge", "run"], ["merge", "preset"], ["merge", "back"], ["merge", "upgrade"], ["merge", "evolve"], ["toy"], ["toy", "world"], ["toy", "pretrain"], ["toy", "score"], ["toy", "experiment"], ["demo"], ["report"],
 ]
 
 
@@ -94,11 +94,6 @@ def test_config_check_good_and_bad(tmp_path):
 def test_world_size_mismatch_is_refused():
     proc = run_cli("config", "check", ROOT / "examples" / "sdxl-12m-epoch.toml", "--world-size", "1", check=False)
     assert proc.returncode == 2 and "expect_world_size is 4" in proc.stderr
-
-
-def test_stages_not_yet_built_say_so(tmp_path):
-    proc = run_cli("merge", "evolve", check=False)
-    assert proc.returncode == 2 and "not in this version yet" in proc.stderr
 
 
 def test_toy_world(tmp_path):

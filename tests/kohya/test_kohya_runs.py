@@ -46,6 +46,7 @@ def _train(run_toml: Path) -> str:
     return run_cli("train", run_toml, timeout=600).stderr
 
 
+@pytest.mark.slow  # repeats are also trained by the dataset-TOML test below
 def test_a_dreambooth_folder_with_repeats_trains(world, tmp_path):
     img = tmp_path / "img" / "3_astolfo"
     img.mkdir(parents=True)
@@ -73,7 +74,8 @@ def _kohya_npz(path: Path, latents: np.ndarray, size: tuple[int, int], per_resol
     np.savez(path, **kwargs)
 
 
-@pytest.mark.parametrize("per_resolution,dtype", [(False, np.float32), (True, np.float16)])
+@pytest.mark.parametrize("per_resolution,dtype", [pytest.param(False, np.float32, marks=pytest.mark.slow),
+                                                   (True, np.float16)])  # the classic layout: slow (and tests/data)
 def test_metadata_json_and_its_npz_latents_train_without_reencoding(world, tmp_path, per_resolution, dtype):
     images = tmp_path / "train"
     shutil.copytree(world / "flat", images)

@@ -32,3 +32,30 @@ def toy_models(tmp_path_factory) -> dict[str, Path]:
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in load_file(path).items()}
+
+
+PROBE = {"enabled": True, "every_n_steps": 0, "learn_samples": 2, "preserve_seeds": [0], "preserve_steps": 4,
+         "timesteps": 2}
+
+
+@pytest.fixture(scope="session")
+def probed_run(tmp_path_factory):
+    from tunelab.data.buckets import BucketConfig
+    from tunelab.data.index import IndexOptions, build_index
+    from tunelab.models.checkpoint import new_checkpoint
+    from tunelab.toy.world import make_world
+    from tunelab.train.trainer import train
+
+    root = tmp_path_factory.mktemp("probed")
+    make_world(root / "img", n=12, seed=0, split="concept")
+    build_index([f"folder:{root / 'img'}"], root / "i.parquet",
+                IndexOptions(buckets=BucketConfig(resolution=80, min_side=32, max_side=128, step=32), holdout=0.25))
+    base = new_checkpoint("toy", root / "base.safetensors", seed=5, dtype="fp32")
+    from tests.train.conftest import write_run
+
+    cfg = write_run(root / "r.toml", root / "i.parquet", root / "run", probe=PROBE, model={"base": str(base)},
+                    train={"max_steps": 4}, save={"every_n_steps": 0})
+    train(cfg)
+    return root / "run", base
+
+

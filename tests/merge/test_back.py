@@ -5,33 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import run_cli
-from tests.train.conftest import write_run
-
-PROBE = {"enabled": True, "every_n_steps": 0, "learn_samples": 2, "preserve_seeds": [0], "preserve_steps": 4,
-         "timesteps": 2}
-
-
-@pytest.fixture(scope="module")
-def probed_run(tmp_path_factory):
-    from tunelab.data.buckets import BucketConfig
-    from tunelab.data.index import IndexOptions, build_index
-    from tunelab.models.checkpoint import new_checkpoint
-    from tunelab.toy.world import make_world
-    from tunelab.train.trainer import train
-
-    root = tmp_path_factory.mktemp("back")
-    make_world(root / "img", n=12, seed=0, split="concept")
-    build_index([f"folder:{root / 'img'}"], root / "i.parquet",
-                IndexOptions(buckets=BucketConfig(resolution=80, min_side=32, max_side=128, step=32), holdout=0.25))
-    base = new_checkpoint("toy", root / "base.safetensors", seed=5, dtype="fp32")
-    cfg = write_run(root / "r.toml", root / "i.parquet", root / "run", probe=PROBE, model={"base": str(base)},
-                    train={"max_steps": 4}, save={"every_n_steps": 0})
-    train(cfg)
-    return root / "run", base
-
 
 def test_merge_back_measures_every_candidate_and_the_report_shows_it(probed_run):
     run, base = probed_run

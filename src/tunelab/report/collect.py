@@ -48,6 +48,7 @@ class RunData:
     data_stats: dict[str, Any] | None = None
     data_note: str = ""
     merges: list[tuple[Path, list[dict[str, Any]]]] = field(default_factory=list)  # (folder, merge-back rows)
+    searches: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # (folder, merge evolve summary.json)
 
     @property
     def step(self) -> int:
@@ -77,6 +78,8 @@ def read_run(path: str | Path, drift_dir: Path | None = None) -> RunData:
     data.drift, data.drift_note = read_drift(drift_dir or run.path / DRIFT, drift_inputs(data))
     _read_dataset(data)
     data.merges = read_merges(run)
+    data.searches = [(p.parent, doc) for p in sorted((run.path / "merges").glob("*/summary.json"))
+                     if (doc := _json(p)) and "best_fitness" in doc]
     return data
 
 

@@ -243,8 +243,9 @@ class Page:
                 f"<h4>L2 distance between every pair (all weights)</h4>{heat}</div>")
 
     def merges(self, run: RunData) -> str:
-        """`tunelab merge back --run RUN`: each candidate ratio with what it learned and kept."""
-        if not run.merges:
+        """`tunelab merge back --run RUN` (each ratio with what it learned and kept) and
+        `tunelab merge evolve` (the search against the best uniform ratio)."""
+        if not run.merges and not run.searches:
             return ""
         cols = [("probe/learn_loss", "learn loss"), ("probe/preserve_loss", "preserve loss"),
                 ("probe/drift_preserve", "preserve drift"), ("weights/distance_from_base", "weight distance")]
@@ -266,9 +267,19 @@ class Page:
             img = self.image(chart, "merge back", 720) if chart.is_file() else ""
             out.append(f"<h4>{esc(self.link(folder))}</h4><table class=\"cmp\"><tr><th>ratio</th><th>file</th>"
                        f"<th>parts</th>{head}</tr>{''.join(body)}</table><div class=\"row\">{img}</div>")
-        return (f'<div class="card"><h3>merging back</h3><p>the finetune merged into its base at each ratio '
+        for folder, doc in run.searches:
+            parts = ", ".join(f"{esc(p)} {w:.2f}" for p, w in zip(doc.get("parts", []), (doc.get("best_weights") or [[]])[0]))
+            chart = folder / "evolve.png"
+            out.append(f"<h4>{esc(self.link(folder))}: merge evolve</h4><table class=\"kv\"><tr><th>best uniform ratio</th>"
+                       f"<td>{_fmt_cell(doc.get('uniform_ratio'))}: fitness {_fmt_cell(doc.get('uniform_fitness'))}</td></tr>"
+                       f"<tr><th>CMA-ES ({esc(doc.get('evaluations'))} evaluations)</th><td>fitness "
+                       f"{_fmt_cell(doc.get('best_fitness'))} (better by {_fmt_cell(doc.get('improvement'))})</td></tr>"
+                       f"<tr><th>ratios</th><td>{parts}</td></tr></table>"
+                       f"<div class=\"row\">{self.image(chart, 'merge evolve', 900) if chart.is_file() else ''}</div>")
+        return (f'<div class="card"><h3>merging</h3><p>merging back: the finetune merged into its base at each ratio '
                 f"(0 = base, 1 = finetune), every candidate on the run's probe inputs "
-                f"(<code>tunelab merge back --run</code>).</p>{''.join(out)}</div>")
+                f"(<code>tunelab merge back --run</code>); merge evolve: per-part ratios searched with the probes "
+                f"as the fitness (<code>tunelab merge evolve</code>).</p>{''.join(out)}</div>")
 
     def dataset(self, run: RunData, i: int) -> str:
         stats = run.data_stats
