@@ -947,6 +947,7 @@ def merge_back(
     run: Annotated[Optional[Path], typer.Option(help="The finetune's run directory: probes use its inputs, and results go to RUN/merges/back unless --out.")] = None,
     probe: Annotated[bool, typer.Option("--probe", help="Measure every candidate with the run's probes (learn loss, preserve drift, scores).")] = False,
     drift: Annotated[bool, typer.Option("--drift", help="Add each candidate's weight distance from the base.")] = False,
+    grid: Annotated[bool, typer.Option("--grid", help="Render the run's [grid] prompts and seeds for the base, every candidate and the finetune (grids/, in ratio order).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for the candidates, merge-back.csv/.json/.png.")] = None,
     dtype: Annotated[str, typer.Option(help="dtype of the candidates.")] = "fp16",
 ) -> None:
@@ -957,7 +958,7 @@ def merge_back(
 
     folder = out or (RunDir(run).path / "merges" / "back" if run else Path("merge-back"))
     result = back(base, finetune, parse_ratios(ratios), folder, [p for p in parts.split(",") if p] or None, run,
-                  probe, drift, dtype)
+                  probe, drift, dtype, grid=grid)
     cols = [c for c in ("probe/learn_loss", "probe/drift_preserve", "weights/distance_from_base")
             if any(r.get(c) is not None for r in result.rows)]
     typer.echo("  ".join([f"{'ratio':>6}", f"{'file':>24}", *(f"{c.split('/')[-1]:>20}" for c in cols)]))

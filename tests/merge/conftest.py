@@ -54,7 +54,8 @@ def probed_run(tmp_path_factory):
     from tests.train.conftest import write_run
 
     cfg = write_run(root / "r.toml", root / "i.parquet", root / "run", probe=PROBE, model={"base": str(base)},
-                    train={"max_steps": 4}, save={"every_n_steps": 0})
+                    train={"max_steps": 4}, save={"every_n_steps": 0},
+                    grid={"prompts": ["astolfo, solo"], "seeds": [3], "steps": 2, "cfg": 2.0})
     train(cfg)
     return root / "run", base
 

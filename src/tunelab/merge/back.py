@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tunelab.errors import TunelabError
 from tunelab.merge.presets import Ratio, build
 from tunelab.merge.run import merge_recipe
@@ -56,13 +58,15 @@ def _ratio(r: float, parts: list[str] | None) -> Ratio:
 
 def merge_back(base: Path, finetune: Path, ratios: list[float], out: Path, parts: list[str] | None = None,
                run: Path | None = None, probe: bool = False, drift: bool = False, dtype: str = "fp16",
-               progress: bool = True) -> BackResult:
+               progress: bool = True, grid: bool = False) -> BackResult:
     from tunelab.models.vocab import parse_component
 
     parts = [parse_component(p) for p in parts] if parts else None
     if probe and run is None:
         raise TunelabError("--probe measures the candidates on a run's probe inputs: give --run (the finetune's run "
                            "directory, trained with [probe] enabled, or any run: its inputs are built)")
+    if grid and run is None:
+        raise TunelabError("--grid renders the run's [grid] prompts and seeds for each candidate: give --run")
     out.mkdir(parents=True, exist_ok=True)
     result = BackResult(out)
     files = []
@@ -76,6 +80,8 @@ def merge_back(base: Path, finetune: Path, ratios: list[float], out: Path, parts
         _probe(result, files, base, finetune, run, progress)
     if drift:
         _drift(result, files, base, finetune, progress)
+    if grid:
+        _grids(result, [base, *files, finetune], run)
     result.files = files + _write(result)
     return result
 
@@ -107,6 +113,31 @@ def _drift(result: BackResult, files: list[Path], base: Path, finetune: Path, pr
         idx = 0 if name == base.name else len(files) + 1 if name == finetune.name else \
             1 + [f.name for f in files].index(name)
         row["weights/distance_from_base"] = rel[idx]
+
+
+def _grids(result: BackResult, paths: list[Path], run: Path) -> None:
+    """The run's [grid] for the base, every candidate and the finetune: grids/step-0000000i/ (i in
+    ratio order), so each prompt and seed can be compared across the ratios."""
+    import json as _json
+
+    from tunelab.config import parse_config
+    from tunelab.models.checkpoint import load_checkpoint
+    from tunelab.models.text import load_tokenizers
+    from tunelab.run import RunDir
+    from tunelab.sample.grid import render_training_grid
+
+    cfg = parse_config(_json.loads(RunDir(run).config.read_text()), str(RunDir(run).config))
+    if not cfg.grid.prompts:
+        raise TunelabError(f"--grid: the run {run} has no [grid] prompts to render")
+    for i, path in enumerate(paths):
+        comps = load_checkpoint(path, dtype=torch.float32)
+        toks = load_tokenizers(comps.arch if cfg.model.tokenizers == "auto" else cfg.model.tokenizers)
+        grid = render_training_grid(comps, toks, cfg, result.out / "grids", i).grid
+        name = path.name
+        for row in result.rows:
+            if row["file"] == name or (i == 0 and row.get("parts") == "base"):
+                row["grid"] = str(grid.relative_to(result.out))
+        log.info("grid of %s: %s", name, grid)
 
 
 def _write(result: BackResult) -> list[Path]:

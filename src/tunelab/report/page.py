@@ -254,13 +254,16 @@ class Page:
             scores = sorted({k for r in rows for k in r if k.endswith("_score/all")})
             present = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
             present += [(k, k.removeprefix("probe/").removesuffix("/all")) for k in scores]
-            head = "".join(f"<th>{esc(h)}</th>" for _, h in present)
+            head = "".join(f"<th>{esc(h)}</th>" for _, h in present) + ("<th>grid</th>" if any(r.get("grid") for r in rows) else "")
             body = []
             for r in rows:
                 f = folder / str(r.get("file", ""))
                 name = (f'<a href="{esc(self.link(f))}">{esc(r.get("file", ""))}</a>' if f.is_file()
                         else esc(r.get("file", "")))
                 cells = "".join(f"<td>{_fmt_cell(r.get(k))}</td>" for k, _ in present)
+                if any(x.get("grid") for x in rows):
+                    g = folder / str(r.get("grid", ""))
+                    cells += f"<td>{self.image(g, 'grid', 192) if r.get('grid') and g.is_file() else ''}</td>"
                 body.append(f"<tr><th>{float(r.get('ratio', 0)):.3g}</th><td>{name}</td><td>{esc(r.get('parts', ''))}</td>"
                             f"{cells}</tr>")
             chart = folder / "merge-back.png"
