@@ -321,16 +321,20 @@ def parse_config(data: dict[str, Any], source: str = "run file") -> RunConfig:
         raise TunelabError(format_errors(err, source)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run file; raises TunelabError listing every problem."""
+def read_toml(path: str | Path, what: str = "run file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a TunelabError naming it (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise TunelabError(f"{path}: no such run file")
+        raise TunelabError(f"{path}: no such {what}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise TunelabError(f"{path}: not valid TOML: {err}") from None
-    cfg = parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run file; raises TunelabError listing every problem."""
+    cfg = parse_config(read_toml(path), str(path))
     check_installed(cfg, str(path))
     return cfg
 

@@ -13,7 +13,6 @@ values are used and the notes say which differ.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,9 @@ def caption_mode(extension: str, metadata: bool) -> dict[str, Any]:
 
 
 def read_dataset_config(path: Path) -> DatasetPlan:
-    if not path.is_file():
-        raise TunelabError(f"--dataset_config {path}: no such file")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise TunelabError(f"{path}: not valid TOML: {err}") from None
+    from tunelab.config import read_toml
+
+    doc = read_toml(path, "dataset config (--dataset_config)")
     general = doc.get("general", {}) or {}
     datasets = doc.get("datasets") or []
     if not isinstance(datasets, list) or not datasets:

@@ -123,6 +123,16 @@ def later(reason: str) -> Handler:
     return _documented(lambda c, f: (NOT_YET, reason), NOT_YET, reason)
 
 
+def choose(key: str, table: dict[str, str], what: str, kept: str, doc: str) -> Handler:
+    """A flag whose value is one of kohya's names, looked up in `table` (any case)."""
+    def apply(c: Conversion, f: Flag) -> tuple[str, str]:
+        name = _one(f).lower()
+        if name in table:
+            return MAPPED, c.set(key, table[name])
+        return NOT_YET, f"{what} {name!r} (tunelab has {', '.join(dict.fromkeys(table.values()))}); {kept}"
+    return _documented(apply, MAPPED, doc)
+
+
 def mapped(doc: str) -> Callable[[Handler], Handler]:
     """A hand-written handler's line in the flag reference."""
     return lambda handler: _documented(handler, MAPPED, doc)
@@ -196,14 +206,6 @@ def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, ", ".join(done)
 
 
-@mapped('`optim.schedule`: constant, constant_with_warmup, cosine, linear (others: not yet supported)')
-def _schedule(c: Conversion, f: Flag) -> tuple[str, str]:
-    name = _one(f).lower()
-    if name in _SCHEDULES:
-        return MAPPED, c.set("optim.schedule", _SCHEDULES[name])
-    return NOT_YET, f"schedule {name!r} (tunelab has {', '.join(_SCHEDULES)}); the run file keeps constant"
-
-
 @mapped("`optim.warmup_steps` (a value below 1 is kohya's share of the total steps)")
 def _warmup(c: Conversion, f: Flag) -> tuple[str, str]:
     v = _float(_one(f), f.name)
@@ -272,14 +274,6 @@ def _log_with(c: Conversion, f: Flag) -> tuple[str, str]:
         c.set("log.wandb", True)
         return MAPPED, "log.wandb = true (tensorboard events are always written, to RUN/events)"
     return MAPPED, "tensorboard: always written, to RUN/events"
-
-
-@mapped('`grid.sampler` (euler -> Euler, euler_a -> Euler a, ddim -> DDIM, dpmsolver++ -> DPM++ 2M, ...)')
-def _sampler(c: Conversion, f: Flag) -> tuple[str, str]:
-    name = _one(f).lower()
-    if name in _SAMPLERS:
-        return MAPPED, c.set("grid.sampler", _SAMPLERS[name])
-    return NOT_YET, f"sampler {name!r} has no A1111 equivalent in tunelab; grids use Euler"
 
 
 @mapped('`grid.prompts` from the file (and its `--n`, `--d`, `--l`, `--s`)')
@@ -366,7 +360,8 @@ TABLE: dict[str, Handler] = {
     "use_8bit_adam": switch("optim.name", "adamw8bit"),
     "use_lion_optimizer": switch("optim.name", "lion"),
     "optimizer_args": _optimizer_args,
-    "lr_scheduler": _schedule,
+    "lr_scheduler": choose("optim.schedule", _SCHEDULES, "schedule", "the run file keeps constant",
+                           "`optim.schedule`: constant, constant_with_warmup, cosine, linear (others: not yet supported)"),
     "lr_warmup_steps": _warmup,
     "lr_scheduler_num_cycles": later("cosine with restarts (cycles)"),
     "lr_scheduler_power": later("polynomial schedules"),
@@ -494,7 +489,8 @@ TABLE: dict[str, Handler] = {
     "sample_every_n_steps": to("grid.every_n_steps", _whole),
     "sample_every_n_epochs": later("grids every N epochs (use grid.every_n_steps)"),
     "sample_at_first": na("the probes measure the base at step 0 ([probe] enabled)"),
-    "sample_sampler": _sampler,
+    "sample_sampler": choose("grid.sampler", _SAMPLERS, "sampler", "grids use Euler",
+                             "`grid.sampler` (euler -> Euler, euler_a -> Euler a, ddim -> DDIM, dpmsolver++ -> DPM++ 2M, ...)"),
     "training_comment": na("tunelab's checkpoints carry the run name and the training numbers in their metadata"),
     "output_config": na("`tunelab config show RUN.toml` prints the resolved run file"),
     "config_file": na("read: its settings are merged under the command line's"),
