@@ -96,8 +96,13 @@ class OptimSection(_Section):
     weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/Lion betas.")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
-    schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field("constant", description="LR schedule over the optimizer steps.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (constant_with_warmup, cosine, linear).")
+    schedule: Literal["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial",
+                      "warmup_stable_decay"] = Field("constant", description="LR schedule over the optimizer steps (definitions: docs/training.md, as transformers').")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (every schedule but constant).")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Decaying schedules end at this share of the LR instead of 0 (cosine, linear, cosine_with_restarts, polynomial, warmup_stable_decay).")
+    num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: how many cosine cycles (each restarts at the full LR).")
+    power: float = Field(1.0, gt=0.0, description="polynomial: the decay's power (1 = linear).")
+    decay_steps: int = Field(0, ge=0, description="warmup_stable_decay: the final decay's length in steps; 0 = the last 10 % of the run.")
 
 
 class ObjectiveSection(_Section):

@@ -18,6 +18,14 @@ steps), the definitions transformers / diffusers use, so runs compare with the f
     constant_with_warmup  s / W for s < W, then 1
     cosine                s / W for s < W, then 0.5 (1 + cos(pi p)), p = (s - W) / (N - W)
     linear                s / W for s < W, then (N - s) / (N - W), floored at 0
+    cosine_with_restarts  s / W for s < W, then 0.5 (1 + cos(pi ((c p) mod 1))), 0 from p = 1 (c = num_cycles;
+                          transformers' get_cosine_with_hard_restarts_schedule_with_warmup)
+    polynomial            s / W for s < W, then (1 - p)^power (transformers' polynomial decay, lr_end = min)
+    warmup_stable_decay   s / W for s < W, 1 until the last D steps, then 0.5 (1 + cos(pi q)) over them
+                          (D = decay_steps or N / 10; transformers' get_wsd_schedule, cosine decay)
+
+A decaying schedule with `min_lr_ratio` m > 0 ends at m instead of 0: m + (1 - m) x the above
+(transformers' cosine_with_min_lr for cosine).
 """
 
 from __future__ import annotations
@@ -128,6 +136,9 @@ class Lion(LowPrecisionLion):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, update="nearest")
 
 
+_DECAYING = ("cosine", "linear", "cosine_with_restarts", "polynomial", "warmup_stable_decay")
+
+
 @dataclass
 class ScheduleMultiplier:
     """LR multiplier at optimizer step s (module docstring); a plain object so LambdaLR saves its state."""
@@ -135,6 +146,10 @@ class ScheduleMultiplier:
     kind: str
     warmup_steps: int = 0
     total_steps: int = 0
+    min_ratio: float = 0.0
+    num_cycles: int = 1
+    power: float = 1.0
+    decay_steps: int = 0
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
@@ -143,20 +158,40 @@ class ScheduleMultiplier:
             return step / self.warmup_steps
         if self.kind == "constant_with_warmup":
             return 1.0
+        if self.kind not in _DECAYING:
+            raise TunelabError(f"optim.schedule = {self.kind!r} is unknown; choose constant, constant_with_warmup, "
+                               + ", ".join(_DECAYING))
+        m = self.min_ratio
+        return m + (1.0 - m) * self._decay(step)
+
+    def _decay(self, step: int) -> float:
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         if self.kind == "linear":
             return max(0.0, 1.0 - progress)
-        raise TunelabError(f"optim.schedule = {self.kind!r} is unknown; choose constant, constant_with_warmup, cosine or linear")
+        if self.kind == "cosine_with_restarts":
+            return 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((self.num_cycles * progress) % 1.0)))
+        if self.kind == "polynomial":
+            return max(0.0, 1.0 - progress) ** self.power
+        decay = self.decay_steps or max(1, self.total_steps // 10)  # warmup_stable_decay
+        start = self.total_steps - decay
+        if step < start:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - start) / decay)))
+
+
+def schedule_multiplier(optim: OptimSection, total_steps: int) -> ScheduleMultiplier:
+    return ScheduleMultiplier(optim.schedule, optim.warmup_steps, total_steps, optim.min_lr_ratio, optim.num_cycles,
+                              optim.power, optim.decay_steps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over every group; call `.step()` once per optimizer step."""
-    if optim.schedule in ("cosine", "linear") and total_steps <= optim.warmup_steps:
+    if optim.schedule in _DECAYING and total_steps <= optim.warmup_steps:
         raise TunelabError(f"optim.schedule = {optim.schedule!r} decays after optim.warmup_steps = {optim.warmup_steps}, "
                            f"but the run has only {total_steps} optimizer steps; lower warmup_steps or train longer")
-    fn = ScheduleMultiplier(optim.schedule, optim.warmup_steps, total_steps)
+    fn = schedule_multiplier(optim, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
 
 

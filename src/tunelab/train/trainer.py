@@ -241,12 +241,12 @@ def check_prediction(cfg: RunConfig, source: str) -> tuple[PredictionRecord, Pre
 def _adopt_new_schedule(s: Setup) -> None:
     """--allow-config-change: the saved optimizer and schedule carry the old learning rates and
     schedule; continue with the run file's (weights and optimizer moments are kept)."""
-    from tunelab.train.optim import ScheduleMultiplier, param_groups
+    from tunelab.train.optim import param_groups, schedule_multiplier
 
     t = s.training
     fresh = {g["name"]: g["lr"] for g in param_groups(s.plan, s.cfg.optim)}
     o = s.cfg.optim
-    fn = ScheduleMultiplier(o.schedule, o.warmup_steps, s.total_steps)
+    fn = schedule_multiplier(o, s.total_steps)
     sched = t.lr_scheduler
     sched.lr_lambdas = [fn] * len(sched.lr_lambdas)
     for i, group in enumerate(t.optimizer.param_groups):
