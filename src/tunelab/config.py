@@ -67,7 +67,8 @@ class PartsSection(_Section):
     unet: Literal["full", "unet63", "unet68", "unet71"] = Field("full", description="Which UNet parts train: full, or the field's partial presets (63/68/71 % of the parameters).")
     unet_include: list[str] = Field(default_factory=list, description="Extra SGM name patterns (fnmatch, e.g. 'output_blocks.*.1.*') to train.")
     unet_exclude: list[str] = Field(default_factory=list, description="SGM name patterns to freeze, applied after the preset and includes.")
-    block_lrs: list[float] = Field(default_factory=list, description="kohya-style 23 UNet block LR multipliers (BASE, IN00-08, MID00-02, OUT00-08, OUT); 0 freezes a block. Empty = off.")
+    block_lrs: list[float] = Field(default_factory=list, description="23 UNet block LR *multipliers* of optim.lr_unet, in kohya's block order (BASE, IN00-08, MID00-02, OUT00-08, OUT); 0 freezes a block. Empty = off.")
+    block_lr_values: list[float] = Field(default_factory=list, description="The same 23 blocks as *learning rates*, as kohya's --block_lr means them (copy a kohya line verbatim); block_lrs is derived from them (value / lr_unet). Give one of the two.")
 
 
 class TrainSection(_Section):
@@ -111,6 +112,8 @@ class ObjectiveSection(_Section):
     flow_logit_mean: float = Field(0.0, description="Rectified flow: mean of the logit-normal timestep distribution.")
     flow_logit_std: float = Field(1.0, gt=0.0, description="Rectified flow: std of the logit-normal timestep distribution.")
     flow_shift: float = Field(3.0, gt=0.0, description="Rectified flow: timestep shift (higher = noisier timesteps).")
+    min_timestep: int = Field(0, ge=0, le=999, description="Epsilon / v: the lowest training timestep drawn (kohya --min_timestep).")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="Epsilon / v: timesteps are drawn below this (kohya --max_timestep; 1000 = all).")
     convert_base: bool = Field(False, description="Train another prediction than the base's on purpose (e.g. an epsilon base into v + zero-terminal SNR); without it such a run is refused. Checkpoints always say what the run trained.")
 
 
@@ -120,6 +123,12 @@ class LossSection(_Section):
     huber_c: float = Field(0.1, gt=0.0, description="Huber threshold parameter.")
     min_snr_gamma: float = Field(0.0, ge=0.0, description="Min-SNR weighting gamma (5 is common); 0 = off.")
     noise_offset: float = Field(0.0, ge=0.0, description="Noise offset (0.0357 is a common value); helps very dark/bright images.")
+    noise_offset_random_strength: bool = Field(False, description="Scale the noise offset by a uniform random number per batch (kohya --noise_offset_random_strength).")
+    multires_noise_iterations: int = Field(0, ge=0, description="Multi-resolution (pyramid) noise: levels added to the noise (kohya --multires_noise_iterations; 6-10 are used); 0 = off.")
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0, description="Multi-resolution noise: each level's weight is discount^level (kohya's default 0.3).")
+    ip_noise_gamma: float = Field(0.0, ge=0.0, description="Input-perturbation noise (Ning et al. 2023): the noisy input gets noise + gamma x extra noise, the target keeps the noise (0.1 is used); 0 = off.")
+    ip_noise_gamma_random_strength: bool = Field(False, description="Scale ip_noise_gamma by a uniform random number per batch.")
+    debiased_estimation: bool = Field(False, description="Weight the loss by 1/sqrt(SNR) (epsilon) or 1/(SNR+1) (v), SNR capped at 1000 (kohya --debiased_estimation_loss).")
 
 
 class SaveSection(_Section):
@@ -191,6 +200,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":
+        parts = self.train.parts
+        if parts.block_lr_values and len(parts.block_lr_values) == 23 and self.optim.lr_unet > 0:
+            derived = [round(v / self.optim.lr_unet, 12) for v in parts.block_lr_values]
+            if parts.block_lrs and parts.block_lrs != derived:
+                raise ValueError("train.parts.block_lrs (multipliers) and train.parts.block_lr_values (learning rates) "
+                                 "disagree; give only one of them")
+            parts.block_lrs = derived
         problems = [p for check in _COMBINATION_CHECKS if (p := check(self))]
         if problems:
             raise ValueError("\n".join(problems))
@@ -274,14 +290,28 @@ def _objective(c: RunConfig) -> str | None:
 
 
 def _block_lrs(c: RunConfig) -> str | None:
-    n = len(c.train.parts.block_lrs)
-    if n not in (0, 23):
-        return f"train.parts.block_lrs needs 23 values (BASE, IN00-08, MID00-02, OUT00-08, OUT) or none, got {n}"
+    p = c.train.parts
+    for name, values in (("block_lrs", p.block_lrs), ("block_lr_values", p.block_lr_values)):
+        if len(values) not in (0, 23):
+            return f"train.parts.{name} needs 23 values (BASE, IN00-08, MID00-02, OUT00-08, OUT) or none, got {len(values)}"
+    if p.block_lr_values and c.optim.lr_unet == 0:
+        return "train.parts.block_lr_values are learning rates relative to optim.lr_unet, which is 0; give lr_unet"
+    return None
+
+
+def _noise_options(c: RunConfig) -> str | None:
+    ob, lo = c.objective, c.loss
+    if ob.min_timestep >= ob.max_timestep:
+        return f"objective.min_timestep ({ob.min_timestep}) must be below objective.max_timestep ({ob.max_timestep})"
+    if ob.prediction == "flow" and (ob.min_timestep > 0 or ob.max_timestep < 1000):
+        return "objective.min_timestep / max_timestep apply to epsilon / v; flow draws logit-normal timesteps"
+    if lo.debiased_estimation and ob.prediction == "flow":
+        return "loss.debiased_estimation applies to epsilon / v objectives; set it to false for prediction = 'flow'"
     return None
 
 
 _COMBINATION_CHECKS = (_te_only_without_lr, _te_on_without_lr, _unet_without_lr, _accumulation, _length,
-                       _precision, _objective, _block_lrs)
+                       _precision, _objective, _block_lrs, _noise_options)
 
 
 # --- loading and error reporting -------------------------------------------------------------------------------

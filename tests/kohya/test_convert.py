@@ -84,7 +84,8 @@ def test_text_encoder_modes_and_block_lrs_follow_kohyas_rules():
     assert doc["train"]["epochs"] == 3 and doc["train"]["max_steps"] == 0  # epochs override steps
     lrs = ",".join(["1e-6"] * 3 + ["0"] * 6 + ["2e-6"] * 14)
     doc, _ = _settings(f"sdxl_train.py --learning_rate=2e-6 --block_lr={lrs}")
-    assert doc["train"]["parts"]["block_lrs"] == [0.5] * 3 + [0.0] * 6 + [1.0] * 14  # kohya LRs -> multipliers
+    assert doc["train"]["parts"]["block_lr_values"] == [1e-6] * 3 + [0.0] * 6 + [2e-6] * 14  # as kohya wrote them
+    assert parse_config(doc).train.parts.block_lrs == [0.5] * 3 + [0.0] * 6 + [1.0] * 14  # the multipliers derived
     with pytest.raises(TunelabError, match="23"):
         _settings("sdxl_train.py --block_lr=1,2,3")
     with pytest.raises(TunelabError, match="trains nothing"):

@@ -11,7 +11,7 @@ states kohya's value, so the run means what the script meant (the defaults below
   max_token_length 75 (one chunk); save_every_n_epochs none; saved dtype = the training dtype
   (fp32, or bf16 under full_bf16) unless `--save_precision`; gradient checkpointing off;
   max_train_epochs overrides max_train_steps; `--learning_rate 0` freezes the UNet;
-  `--block_lr` holds 23 learning rates (0 freezes a block), kept here as multipliers of lr_unet.
+  `--block_lr` holds 23 learning rates (0 freezes a block): `train.parts.block_lr_values`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ _LATER_OPTIMIZERS = {"pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bi
                      "dadaptadanip", "dadaptlion", "dadaptsgd", "came", "adamwschedulefree", "radamschedulefree",
                      "sgdschedulefree"}
 _SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine",
-              "linear": "linear"}
+              "linear": "linear", "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial",
+              "warmup_stable_decay": "warmup_stable_decay", "cosine_with_min_lr": "cosine"}
 _SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "k_euler": "Euler", "k_euler_a": "Euler a", "ddim": "DDIM",
              "dpmsolver++": "DPM++ 2M", "k_dpm_2m": "DPM++ 2M", "dpmsingle": "DPM++ 2M", "unipc": "UniPC"}
 _SAVE_DTYPES = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -154,7 +155,7 @@ def _lr(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, c.set("optim.lr_unet", _float(_one(f), f.name))
 
 
-@mapped("`train.parts.block_lrs`: kohya's 23 learning rates divided by `--learning_rate` (multipliers; 0 freezes a block)")
+@mapped("`train.parts.block_lr_values`: kohya's 23 learning rates as they are (tunelab derives the multipliers; 0 freezes a block)")
 def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     values = [v for text in f.values for v in text.split(",") if v.strip()]
     lrs = [_float(v, f.name) for v in values]
@@ -164,8 +165,8 @@ def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     base = c.number("learning_rate", KOHYA_DEFAULTS["learning_rate"])
     if not base:
         return NOT_APPLICABLE, "--learning_rate 0 freezes the UNet, so its block learning rates do nothing"
-    c.set("train.parts.block_lrs", [round(v / base, 12) for v in lrs])
-    return MAPPED, f"train.parts.block_lrs (kohya's learning rates / lr_unet {base:g}: multipliers; 0 freezes)"
+    c.set("train.parts.block_lr_values", lrs)
+    return MAPPED, "train.parts.block_lr_values (kohya's learning rates, as they are)"
 
 
 @mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor (others: not yet supported)')
@@ -361,14 +362,14 @@ TABLE: dict[str, Handler] = {
     "use_lion_optimizer": switch("optim.name", "lion"),
     "optimizer_args": _optimizer_args,
     "lr_scheduler": choose("optim.schedule", _SCHEDULES, "schedule", "the run file keeps constant",
-                           "`optim.schedule`: constant, constant_with_warmup, cosine, linear (others: not yet supported)"),
+                           "`optim.schedule`: constant, constant_with_warmup, cosine, linear, cosine_with_restarts, polynomial, warmup_stable_decay (others: not yet supported)"),
     "lr_warmup_steps": _warmup,
-    "lr_scheduler_num_cycles": later("cosine with restarts (cycles)"),
-    "lr_scheduler_power": later("polynomial schedules"),
+    "lr_scheduler_num_cycles": to("optim.num_cycles", _whole),
+    "lr_scheduler_power": to("optim.power", _number),
     "lr_scheduler_args": later("scheduler arguments"),
     "lr_scheduler_type": later("custom scheduler classes"),
-    "lr_decay_steps": later("warm-up / stable / decay schedules"),
-    "lr_scheduler_min_lr_ratio": later("a minimum LR ratio"),
+    "lr_decay_steps": to("optim.decay_steps", _whole),
+    "lr_scheduler_min_lr_ratio": to("optim.min_lr_ratio", _number),
     "max_grad_norm": to("train.max_grad_norm", _number),
     "fused_backward_pass": later("the fused backward pass (optimizer step inside backward)"),
     "fused_optimizer_groups": later("fused optimizer groups"),
@@ -410,15 +411,15 @@ TABLE: dict[str, Handler] = {
     "huber_c": to("loss.huber_c", _number),
     "min_snr_gamma": to("loss.min_snr_gamma", _number),
     "noise_offset": to("loss.noise_offset", _number),
-    "noise_offset_random_strength": later("random noise-offset strength"),
+    "noise_offset_random_strength": switch("loss.noise_offset_random_strength"),
     "adaptive_noise_scale": later("adaptive noise scale"),
-    "multires_noise_iterations": later("multi-resolution (pyramid) noise"),
-    "multires_noise_discount": later("multi-resolution (pyramid) noise"),
-    "ip_noise_gamma": later("input-perturbation noise"),
-    "ip_noise_gamma_random_strength": later("input-perturbation noise"),
-    "min_timestep": later("a timestep range"),
-    "max_timestep": later("a timestep range"),
-    "debiased_estimation_loss": later("debiased estimation loss"),
+    "multires_noise_iterations": to("loss.multires_noise_iterations", _whole),
+    "multires_noise_discount": to("loss.multires_noise_discount", _number),
+    "ip_noise_gamma": to("loss.ip_noise_gamma", _number),
+    "ip_noise_gamma_random_strength": switch("loss.ip_noise_gamma_random_strength"),
+    "min_timestep": to("objective.min_timestep", _whole),
+    "max_timestep": to("objective.max_timestep", _whole),
+    "debiased_estimation_loss": switch("loss.debiased_estimation"),
     "scale_v_pred_loss_like_noise_pred": later("v-prediction loss scaling"),
     "v_pred_like_loss": later("v-prediction-like loss"),
     "masked_loss": later("masked loss"),

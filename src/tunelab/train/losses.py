@@ -102,4 +102,17 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossSection, pre
     loss = per_sample(elementwise_loss(pred, target, cfg.type, c))
     if cfg.min_snr_gamma > 0:
         loss = loss * min_snr_weight(snr.to(loss.device), cfg.min_snr_gamma, prediction)
+    if cfg.debiased_estimation:
+        loss = loss * debiased_weight(snr.to(loss.device), prediction)
     return loss
+
+
+def debiased_weight(snr: torch.Tensor, prediction: str) -> torch.Tensor:
+    """(B,) kohya's debiased estimation (custom_train_functions.apply_debiased_estimation): SNR
+    capped at 1000, weight 1/sqrt(SNR) for epsilon, 1/(SNR + 1) for v."""
+    capped = torch.clamp(snr.float(), max=1000.0)
+    if prediction == "v":
+        return 1.0 / (capped + 1.0)
+    if prediction == "epsilon":
+        return 1.0 / torch.sqrt(capped)
+    raise ValueError(f"debiased estimation applies to 'epsilon' and 'v', not {prediction!r}")

@@ -26,15 +26,25 @@ Noise offset (Guttenberg 2023, "Diffusion with offset noise"): n = N(0, 1) + off
 shape (B, C, 1, 1), a per-image, per-channel constant shift that lets the model learn very dark and
 bright images.
 
+Options users expect (kohya's sd-scripts, `library/train_util.py` and `custom_train_functions.py`):
+random offset strength (offset x U(0, 1) per batch); multi-resolution noise (`pyramid_noise_like`:
+for level i, noise of size (H, W) / r^i, r = 2 + 2 U(0, 1), upsampled bilinearly and added with
+weight discount^i, stopping at a side of 1; the sum divided by its std); input-perturbation noise
+(the noisy input is formed with noise + gamma x N(0, 1), gamma x U(0, 1) with random strength; the
+target keeps the noise); a timestep range [min_timestep, max_timestep) for epsilon / v.
+
 Random draws, in this order, all from the given generator on the generator's device (so a CPU
-generator gives the same numbers whatever device the latents live on): noise (B, C, H, W); offset
-noise (B, C, 1, 1) only when noise_offset > 0; timesteps (B,) -- randint for epsilon / v, normal
-for flow.
+generator gives the same numbers whatever device the latents live on): noise (B, C, H, W); the
+offset's random strength (1) when on; offset noise (B, C, 1, 1) when noise_offset > 0; per
+multi-resolution level r (1) and its noise; the input-perturbation strength (1) when random and its
+noise (B, C, H, W) when ip_noise_gamma > 0; timesteps (B,) -- randint for epsilon / v, normal for
+flow. With every option off, the draws are the same as before they existed.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -77,11 +87,49 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
 
+def _rand(generator: torch.Generator) -> float:
+    return float(torch.rand((1,), generator=generator, device=generator.device, dtype=torch.float32))
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's `pyramid_noise_like` (multi-resolution noise), drawn from `generator`."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = 2.0 + 2.0 * _rand(generator)
+        hn, wn = max(1, int(h / (r ** i))), max(1, int(w / (r ** i)))
+        level = _randn((b, c, hn, wn), generator).to(noise.device)
+        out = out + torch.nn.functional.interpolate(level, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """The noise and timestep options of the module docstring (all off by default)."""
+
+    offset_random_strength: bool = False
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    ip_random_strength: bool = False
+    min_timestep: int = 0
+    max_timestep: int = 1000
+
+    @classmethod
+    def from_config(cls, objective: ObjectiveSection, loss: Any) -> "NoiseOptions":
+        return cls(loss.noise_offset_random_strength, loss.multires_noise_iterations, loss.multires_noise_discount,
+                   loss.ip_noise_gamma, loss.ip_noise_gamma_random_strength, objective.min_timestep,
+                   objective.max_timestep)
+
+
 class Objective:
     """One objective (`epsilon`, `v`, `flow`) over a fixed noise schedule; holds no model."""
 
     def __init__(self, prediction: str, alphas_cumprod: torch.Tensor, noise_offset: float = 0.0,
-                 flow_logit_mean: float = 0.0, flow_logit_std: float = 1.0, flow_shift: float = 1.0) -> None:
+                 flow_logit_mean: float = 0.0, flow_logit_std: float = 1.0, flow_shift: float = 1.0,
+                 options: "NoiseOptions | None" = None) -> None:
         if prediction not in ("epsilon", "v", "flow"):
             raise ValueError(f"prediction must be 'epsilon', 'v' or 'flow', got {prediction!r}")
         self.prediction = prediction
@@ -89,13 +137,17 @@ class Objective:
         self.num_train_timesteps = len(alphas_cumprod)
         self.noise_offset = noise_offset
         self.flow_logit_mean, self.flow_logit_std, self.flow_shift = flow_logit_mean, flow_logit_std, flow_shift
+        self.options = options or NoiseOptions()
 
     @classmethod
-    def from_config(cls, objective: ObjectiveSection, scheduler: Mapping[str, Any], noise_offset: float = 0.0) -> "Objective":
-        """Build from the run file's [objective] section and `load_arch(arch).scheduler`."""
+    def from_config(cls, objective: ObjectiveSection, scheduler: Mapping[str, Any], noise_offset: float = 0.0,
+                    loss: Any = None) -> "Objective":
+        """Build from the run file's [objective] section and `load_arch(arch).scheduler`; the
+        [loss] section's noise options when training (`loss`), none for probes."""
         ac = alphas_cumprod(scheduler, objective.zero_terminal_snr)
+        opts = NoiseOptions.from_config(objective, loss) if loss is not None else None
         return cls(objective.prediction, ac, noise_offset, objective.flow_logit_mean,
-                   objective.flow_logit_std, objective.flow_shift)
+                   objective.flow_logit_std, objective.flow_shift, opts)
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) SNR of UNet timesteps (indices for eps / v, t * 1000 for flow)."""
@@ -108,9 +160,13 @@ class Objective:
     def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B, C, H, W) float32 noise on the latents' device, with the noise offset added."""
         b, c = latents.shape[:2]
+        o = self.options
         noise = _randn(tuple(latents.shape), generator)
         if self.noise_offset > 0:
-            noise = noise + self.noise_offset * _randn((b, c, 1, 1), generator)
+            offset = self.noise_offset * (_rand(generator) if o.offset_random_strength else 1.0)
+            noise = noise + offset * _randn((b, c, 1, 1), generator)
+        if o.multires_iterations > 0:
+            noise = pyramid_noise(noise, generator, o.multires_iterations, o.multires_discount)
         return noise.to(latents.device)
 
     def draw_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,7 +175,9 @@ class Objective:
             u = _randn((batch,), generator) * self.flow_logit_std + self.flow_logit_mean
             t = shift_timesteps(torch.sigmoid(u), self.flow_shift)
             return t * FLOW_TIMESTEP_SCALE
-        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=generator.device)
+        o = self.options
+        high = min(o.max_timestep, self.num_train_timesteps)
+        return torch.randint(o.min_timestep, high, (batch,), generator=generator, device=generator.device)
 
     def make(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
         """The noisy input and target for given noise and timesteps (pure; probes use it directly)."""
@@ -138,5 +196,13 @@ class Objective:
     def sample(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
         """Draw noise and timesteps from `generator` (order: module docstring) and form the batch."""
         noise = self.draw_noise(latents, generator)
+        o = self.options
+        perturbed = None
+        if o.ip_noise_gamma > 0:
+            gamma = o.ip_noise_gamma * (_rand(generator) if o.ip_random_strength else 1.0)
+            perturbed = noise + gamma * _randn(tuple(latents.shape), generator).to(noise.device)
         timesteps = self.draw_timesteps(latents.shape[0], generator)
-        return self.make(latents, noise, timesteps)
+        if perturbed is None:
+            return self.make(latents, noise, timesteps)
+        noisy = self.make(latents, perturbed, timesteps)  # the input sees the perturbed noise,
+        return noisy._replace(target=self.make(latents, noise, timesteps).target)  # the target does not

@@ -363,7 +363,7 @@ def _prepare(s: Setup) -> Training:
     acc.register_for_checkpointing(lr_scheduler)
     if cfg.train.compile and "unet" in wrapped:
         wrapped["unet"] = torch.compile(wrapped["unet"])
-    objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset)
+    objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset, cfg.loss)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     return Training(optimizer, lr_scheduler, objective, StepModels.of(comps, s.tokenizers, wrapped), trainable, params)
 
