@@ -178,6 +178,17 @@ class ProbeSection(_Section):
     scorer: str = Field("", description="Image-level numbers: 'toy' (the toy world's concept reader) or 'module:function' (image, prompt -> {name: value}); empty = none. Renders the learn set's prompts and the preserve prompts with the preserve seeds.")
 
 
+class EmaSection(_Section):
+    """An exponential moving average of the trained weights (docs/training.md)."""
+
+    enabled: bool = Field(False, description="Keep an EMA of the trained weights and save it beside every checkpoint (checkpoints/ema/).")
+    decay: float = Field(0.9999, gt=0.0, lt=1.0, description="The EMA's decay (diffusers' schedule: min(decay, (1 + n) / (10 + n)) after n updates).")
+    every_n_steps: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+    update_after_step: int = Field(0, ge=0, description="Start updating after this optimizer step.")
+    device: Literal["cpu", "same"] = Field("cpu", description="Where the EMA lives: cpu (no GPU memory) or beside the weights.")
+    save: bool = Field(True, description="Write checkpoints/ema/<checkpoint name>.safetensors at every checkpoint.")
+
+
 class ReportSection(_Section):
     """The run report (RUN/report.html; `tunelab report` for the full one and comparisons)."""
 
@@ -197,6 +208,7 @@ class RunConfig(_Section):
     grid: GridSection = Field(default_factory=GridSection)
     probe: ProbeSection = Field(default_factory=ProbeSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    ema: EmaSection = Field(default_factory=EmaSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":

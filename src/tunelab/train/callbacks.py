@@ -135,6 +135,10 @@ class GridCallback(Callback):
 def default_callbacks(cfg: "RunConfig") -> Callbacks:
     """The callbacks a run file asks for."""
     items: list[Callback] = []
+    if cfg.ema.enabled:
+        from tunelab.train.ema import EmaCallback
+
+        items.append(EmaCallback(cfg.ema))
     if cfg.probe.enabled:  # first: step 0's probe sees the base before any grid is rendered
         from tunelab.probe.callback import ProbeCallback
 

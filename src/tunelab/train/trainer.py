@@ -194,12 +194,34 @@ def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_fro
     if dry_run:
         return s
     s.training = _prepare(s)  # 6-8
+    ema = _register_ema(s, state)
     if state is not None:
         load_state(acc, run, state)
+        if ema is False:  # a state saved without an EMA: it starts now, and is saved from here on
+            acc.register_for_checkpointing(_ema_callback(s))
         log.info("resuming %s from step %d (epoch %d)", run.path, resume.step, resume.epoch)
         if resume.fingerprint != cfg.fingerprint():
             _adopt_new_schedule(s)
     return s
+
+
+def _ema_callback(s: Setup):
+    from tunelab.train.ema import EmaCallback
+
+    return next((cb for cb in s.callbacks.items if isinstance(cb, EmaCallback)), None)
+
+
+def _register_ema(s: Setup, state: Path | None) -> bool | None:
+    """The EMA joins the training state (after the LR schedule: custom_checkpoint_1). None: no EMA;
+    False: resuming a state that has none yet (registered after loading it)."""
+    ema = _ema_callback(s)
+    if ema is None:
+        return None
+    if state is not None and not (Path(state) / "custom_checkpoint_1.pkl").is_file():
+        log.warning("the state %s has no EMA (ema was off): the EMA starts at step %s", state, s.progress.step)
+        return False
+    s.accelerator.register_for_checkpointing(ema)
+    return True
 
 
 def _check_world(cfg: RunConfig, world: int) -> None:
@@ -402,6 +424,25 @@ def bf16_line(s: Setup) -> str:
             f"weights have |w| so large that an update of ~lr is below half a bf16 step and is lost{warn}")
 
 
+_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "adafactor": 4}  # per trained parameter, roughly (Adafactor: factored)
+
+
+def memory_line(cfg: RunConfig, n_trained: int) -> str:
+    """Bytes per trained parameter on the device (weights + gradients + optimizer states + EMA), and
+    their total: what fits is known before launching (activations come on top)."""
+    t, o = cfg.train, cfg.optim
+    w = 2 if t.full_bf16 else 4
+    states = _STATE_BYTES.get(o.name, 8)  # tunelab's low-precision optimizers keep fp32 states too
+    kahan = 2 if t.full_bf16 and t.bf16_update == "kahan" else 0
+    ema = 4 if cfg.ema.enabled and cfg.ema.device == "same" else 0
+    per = w + w + states + kahan + ema
+    parts = [f"weights {w}", f"gradients {w}", f"{o.name} states {states}"] + ([f"Kahan {kahan}"] if kahan else []) + \
+        ([f"EMA {ema}"] if ema else [])
+    cpu = "; EMA 4 B on the CPU" if cfg.ema.enabled and cfg.ema.device == "cpu" else ""
+    return (f"memory per trained parameter: {' + '.join(parts)} = {per} B on the device x {n_trained:,} = "
+            f"{per * n_trained / 2**30:.2f} GiB before activations{cpu}")
+
+
 def banner(s: Setup) -> list[str]:
     """The derived numbers, printed before training (and by --dry-run)."""
     from tunelab.train.parts import banner_rows
@@ -428,6 +469,7 @@ def banner(s: Setup) -> list[str]:
                  f"{' (bf16 weights)' if t.full_bf16 else ''}")
     if t.full_bf16:
         lines.append(bf16_line(s))
+    lines.append(memory_line(cfg, s.plan.n_trained))
     converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     if cfg.probe.enabled:
