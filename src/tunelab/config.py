@@ -90,7 +90,9 @@ class TrainSection(_Section):
 
 
 class OptimSection(_Section):
-    name: Literal["adamw", "adamw8bit", "adafactor", "lion"] = Field("adamw", description="Optimizer; adamw8bit needs bitsandbytes and a CUDA GPU.")
+    name: Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "came", "class"] = Field("adamw", description="Optimizer; adamw8bit needs bitsandbytes and a CUDA GPU; prodigy needs prodigyopt (lr ~1.0), came needs came-pytorch; 'class' = optim.class_path.")
+    class_path: str = Field("", description="optim.name = 'class': any optimizer class by import path, e.g. 'torch.optim.RAdam' (kohya's escape hatch); constructed with the parameter groups, lr and optim.args.")
+    args: dict[str, float | int | bool | str] = Field(default_factory=dict, description="Extra keyword arguments for the optimizer (kohya's --optimizer_args), e.g. {relative_step = true} for Adafactor, {d_coef = 0.8} for Prodigy.")
     lr_unet: float = Field(1e-5, ge=0.0, description="UNet learning rate (the field's production value: 1.5e-6).")
     lr_text_encoder_1: float = Field(0.0, ge=0.0, description="TE1 (CLIP ViT-L) learning rate (production: 1.2e-5).")
     lr_text_encoder_2: float = Field(0.0, ge=0.0, description="TE2 (OpenCLIP bigG) learning rate (production: 1.2e-5).")

@@ -45,18 +45,33 @@ def test_nothing_trains_is_an_error(toy):
         O.build_optimizer(plan, OptimSection())
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
-def test_optimizers_take_a_step(name):
+@pytest.mark.parametrize("name,extra", [("adamw", {}), ("adafactor", {}), ("lion", {}), ("prodigy", {"d_coef": 0.5}),
+                                        ("came", {}), ("class", {"class_path": "torch.optim.RAdam"}),
+                                        ("adafactor", {"args": {"relative_step": True}})])
+def test_optimizers_take_a_step(name, extra):
+    pytest.importorskip({"prodigy": "prodigyopt", "came": "came_pytorch"}.get(name, "torch"))
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 3))
     frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
-    opt = O.build_optimizer(_plan([w]), OptimSection(name=name, lr_unet=1e-2))
+    args = extra.pop("args", {}) | ({"d_coef": extra.pop("d_coef")} if "d_coef" in extra else {})
+    opt = O.build_optimizer(_plan([w]), OptimSection(name=name, lr_unet=1.0 if name == "prodigy" else 1e-2, args=args,
+                                                     **extra))
+    if name == "prodigy":
+        assert opt.param_groups[0]["d_coef"] == 0.5  # optim.args reach the optimizer
     before = w.detach().clone()
     (w.sum() ** 2 + (frozen * 0).sum()).backward()
     opt.step()
     assert not torch.equal(before, w.detach())
     assert opt.param_groups[0]["name"] == "unet"
     assert {"state", "param_groups"} <= set(opt.state_dict())
+
+
+def test_optimizer_arguments_that_do_not_fit_are_named():
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TunelabError, match="do not fit torch.optim.adamw.AdamW"):
+        O.build_optimizer(_plan([w]), OptimSection(args={"relative_step": False}))
+    with pytest.raises(TunelabError, match="pip install nopackage"):
+        O.build_optimizer(_plan([w]), OptimSection(name="class", class_path="nopackage.Opt"))
 
 
 def test_adamw8bit_without_cuda_says_what_to_change(monkeypatch):

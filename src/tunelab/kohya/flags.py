@@ -28,10 +28,11 @@ MAPPED, NOT_APPLICABLE, NOT_YET, UNKNOWN = "mapped", "not applicable", "not yet 
 
 KOHYA_DEFAULTS = {"max_train_steps": 1600, "learning_rate": 2e-6, "max_grad_norm": 1.0, "mixed_precision": "no"}
 
-_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "adafactor": "adafactor"}
+_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "adafactor": "adafactor", "prodigy": "prodigy",
+               "came": "came"}
 _LATER_OPTIMIZERS = {"pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bit", "pagedlion8bit", "sgdnesterov",
-                     "sgdnesterov8bit", "prodigy", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan",
-                     "dadaptadanip", "dadaptlion", "dadaptsgd", "came", "adamwschedulefree", "radamschedulefree",
+                     "sgdnesterov8bit", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan",
+                     "dadaptadanip", "dadaptlion", "dadaptsgd", "adamwschedulefree", "radamschedulefree",
                      "sgdschedulefree"}
 _SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine",
               "linear": "linear", "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial",
@@ -169,17 +170,21 @@ def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "train.parts.block_lr_values (kohya's learning rates, as they are)"
 
 
-@mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor (others: not yet supported)')
+@mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor, Prodigy, CAME; a full class path -> `optim.name = "class"`, `optim.class_path` (others: not yet supported)')
 def _optimizer(c: Conversion, f: Flag) -> tuple[str, str]:
-    name = _one(f).rsplit(".", 1)[-1].lower()  # full class paths: bitsandbytes.optim.AdamW8bit, came_pytorch.CAME
+    written = _one(f)
+    name = written.rsplit(".", 1)[-1].lower()  # full class paths: bitsandbytes.optim.AdamW8bit, came_pytorch.CAME
     if name in _OPTIMIZERS:
         return MAPPED, c.set("optim.name", _OPTIMIZERS[name])
     if name in _LATER_OPTIMIZERS:
-        return NOT_YET, f"optimizer {_one(f)} (tunelab has {', '.join(_OPTIMIZERS.values())}); the run file keeps adamw"
-    return UNKNOWN, f"optimizer {_one(f)} is not one tunelab knows; the run file keeps adamw"
+        return NOT_YET, f"optimizer {written} (tunelab has {', '.join(_OPTIMIZERS.values())}); the run file keeps adamw"
+    if "." in written:  # kohya's escape hatch: any class by import path
+        c.set("optim.name", "class")
+        return MAPPED, c.set("optim.class_path", written)
+    return UNKNOWN, f"optimizer {written} is not one tunelab knows; the run file keeps adamw"
 
 
-@mapped('`weight_decay`, `betas`, `eps` -> `optim.*`; other items listed as not yet supported')
+@mapped('`weight_decay`, `betas`, `eps` -> `optim.*`; every other item -> `optim.args` (passed to the optimizer, as kohya does)')
 def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
     done, left = [], []
     for item in f.values:
@@ -197,14 +202,26 @@ def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
         elif key == "eps":
             done.append(c.set("optim.eps", _float(value, "optimizer_args eps")))
         else:
-            left.append(f"{key}={value}")
+            left.append(key)
+            args = dict(c.get("optim.args") or {})
+            args[key] = _arg_value(value)
+            c.set("optim.args", args)
     if left:
-        c.rows.append(Row("optimizer_args", " ".join(left), NOT_YET,
-                          "these optimizer arguments have no tunelab setting yet (relative_step, scale_parameter, "
-                          "warmup_init, decouple, d_coef, ...)"))
-    if not done:
-        return NOT_YET, "no argument tunelab maps"
+        done.append(f"optim.args ({', '.join(left)}: passed to the optimizer as kohya does)")
     return MAPPED, ", ".join(done)
+
+
+def _arg_value(text: str) -> Any:
+    """kohya evaluates each optimizer argument as a Python literal; the same for numbers and booleans."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(t)
+        except ValueError:
+            pass
+    return t.strip("'\"")
 
 
 @mapped("`optim.warmup_steps` (a value below 1 is kohya's share of the total steps)")

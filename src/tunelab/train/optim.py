@@ -85,23 +85,61 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str =
         raise TunelabError(f"train.bf16_update = {bf16_update!r} is built for optim.name = 'adamw' or 'lion', not "
                            f"{optim.name!r}; use one of those, or train.bf16_update = 'nearest' (updates below half a "
                            "bf16 step are then lost)")
+    extra = dict(optim.args)
     if optim.name == "adamw":
         # foreach: one multi-tensor kernel per group instead of a Python loop over ~2,500 tensors
         # (torch picks it by itself only on CUDA).
-        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                                 foreach=True)
+        return _construct(torch.optim.AdamW, groups, dict(lr=lr, betas=optim.betas, eps=optim.eps,
+                                                          weight_decay=optim.weight_decay, foreach=True), extra, optim)
     if optim.name == "adamw8bit":
         return _adamw8bit(groups, optim)
     if optim.name == "adafactor":
         from transformers.optimization import Adafactor
 
-        # relative_step=False and scale_parameter=False: the given lr is the step size, as with the
-        # other optimizers (Adafactor's own relative step would ignore lr and the schedule).
-        return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                         weight_decay=optim.weight_decay)
+        # relative_step=False and scale_parameter=False by default: the given lr is the step size, as
+        # with the other optimizers; optim.args = {relative_step = true} gives Adafactor's own (lr and
+        # the schedule are then ignored, as in kohya with lr=None).
+        kw = dict(lr=lr, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=optim.weight_decay)
+        if extra.get("relative_step"):
+            kw["lr"] = None
+            log.warning("Adafactor with relative_step: its own step size replaces optim.lr_* and the schedule")
+        return _construct(Adafactor, groups, kw, extra, optim)
     if optim.name == "lion":
-        return Lion(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    raise TunelabError(f"optim.name = {optim.name!r} is unknown; choose adamw, adamw8bit, adafactor or lion")
+        return _construct(Lion, groups, dict(lr=lr, betas=optim.betas, weight_decay=optim.weight_decay), extra, optim)
+    if optim.name == "prodigy":
+        cls = _imported("prodigyopt", "Prodigy", "prodigyopt")
+        return _construct(cls, groups, dict(lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay),
+                          extra, optim)
+    if optim.name == "came":
+        cls = _imported("came_pytorch", "CAME", "came-pytorch")
+        return _construct(cls, groups, dict(lr=lr, weight_decay=optim.weight_decay), extra, optim)
+    if optim.name == "class":
+        if "." not in optim.class_path:
+            raise TunelabError("optim.name = 'class' needs optim.class_path = 'package.module.Class' (e.g. torch.optim.RAdam)")
+        module, _, name = optim.class_path.rpartition(".")
+        return _construct(_imported(module, name, module.split(".")[0]), groups, dict(lr=lr), extra, optim)
+    raise TunelabError(f"optim.name = {optim.name!r} is unknown; choose adamw, adamw8bit, adafactor, lion, prodigy, came or class")
+
+
+def _imported(module: str, name: str, package: str):
+    """A class from an optional package, or an error that says what to install."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise TunelabError(f"the optimizer {module}.{name} needs the {package} package: pip install {package}") from None
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise TunelabError(f"{module} has no {name}; check optim.class_path")
+    return cls
+
+
+def _construct(cls, groups: list[dict], kw: dict, extra: dict, optim: OptimSection) -> torch.optim.Optimizer:
+    """cls(groups, **kw, **optim.args); an argument the class does not take is named with the fix."""
+    try:
+        return cls(groups, **(kw | extra))
+    except TypeError as err:
+        raise TunelabError(f"optim.args {extra} do not fit {cls.__module__}.{cls.__name__} ({err}); remove or rename "
+                           "them in optim.args") from None
 
 
 def _adamw8bit(groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer:
@@ -113,8 +151,8 @@ def _adamw8bit(groups: list[dict], optim: OptimSection) -> torch.optim.Optimizer
                            "is available; set optim.name = 'adamw' (or 'adafactor' for less optimizer memory)")
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=optim.betas, eps=optim.eps,
-                               weight_decay=optim.weight_decay)
+    return _construct(bnb.optim.AdamW8bit, groups, dict(lr=groups[0]["lr"], betas=optim.betas, eps=optim.eps,
+                                                        weight_decay=optim.weight_decay), dict(optim.args), optim)
 
 
 class Lion(LowPrecisionLion):
