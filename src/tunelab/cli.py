@@ -940,8 +940,8 @@ def merge_preset(
 
 @merge_app.command("back")
 def merge_back(
-    base: Annotated[Path, typer.Option(help="The base the finetune was trained from (or the merged base it goes back into).")],
-    finetune: Annotated[Path, typer.Option(help="The finetune's checkpoint.")],
+    base: Annotated[Optional[Path], typer.Option(help="The base the finetune was trained from (or the merged base it goes back into); default with --run: the run's model.base.")] = None,
+    finetune: Annotated[Optional[Path], typer.Option(help="The finetune's checkpoint; default with --run: its last.safetensors.")] = None,
     ratios: Annotated[str, typer.Option(help="The finetune's share in each candidate, e.g. 0.25,0.5,0.75.")] = "0.25,0.5,0.75",
     parts: Annotated[str, typer.Option(help="Merge only these parts at the ratio (te1,te2,unet,vae); the others stay the base's. Default: all.")] = "",
     run: Annotated[Optional[Path], typer.Option(help="The finetune's run directory: probes use its inputs, and results go to RUN/merges/back unless --out.")] = None,
@@ -956,6 +956,7 @@ def merge_back(
     from tunelab.merge.back import merge_back as back, parse_ratios
     from tunelab.run import RunDir
 
+    base, finetune = _from_run(run, base, finetune)
     folder = out or (RunDir(run).path / "merges" / "back" if run else Path("merge-back"))
     result = back(base, finetune, parse_ratios(ratios), folder, [p for p in parts.split(",") if p] or None, run,
                   probe, drift, dtype, grid=grid)
@@ -968,11 +969,30 @@ def merge_back(
     typer.echo(f"table and chart: {folder / 'merge-back.csv'}, {folder / 'merge-back.png'}")
 
 
+def _from_run(run: Optional[Path], base: Optional[Path], finetune: Optional[Path]) -> tuple[Path, Path]:
+    """--base and --finetune, defaulting to a run's model.base and last checkpoint."""
+    if run is not None and (base is None or finetune is None):
+        from tunelab.run import RunDir
+
+        rd = RunDir(run)
+        if not rd.config.is_file():
+            raise TunelabError(f"--run {run}: not a run directory (no config.json)")
+        if base is None:
+            base = Path(json.loads(rd.config.read_text()).get("model", {}).get("base", ""))
+        finetune = finetune or rd.checkpoint_path("last")
+    if base is None or finetune is None:
+        raise TunelabError("give --base and --finetune (or --run RUN to take the run's base and last checkpoint)")
+    for what, p in (("--base", base), ("--finetune", finetune)):
+        if not Path(p).is_file():
+            raise TunelabError(f"{what} {p}: no such checkpoint file")
+    return Path(base), Path(finetune)
+
+
 @merge_app.command("evolve")
 def merge_evolve(
-    base: Annotated[Path, typer.Option(help="The base the models' differences are taken from.")],
-    finetune: Annotated[list[Path], typer.Option(help="A model to merge into the base (repeat for several).")],
     run: Annotated[Path, typer.Option(help="The run whose probe inputs measure each candidate (the finetune's run directory).")],
+    base: Annotated[Optional[Path], typer.Option(help="The base the models' differences are taken from; default: the run's model.base.")] = None,
+    finetune: Annotated[Optional[list[Path]], typer.Option(help="A model to merge into the base (repeat for several); default: the run's last.safetensors.")] = None,
     budget: Annotated[int, typer.Option(help="Evaluations of the search; the uniform-ratio baseline gets as many.")] = 60,
     space: Annotated[str, typer.Option(help="blocks: te1, te2 and the UNet's 21 blocks; components: te1, te2, unet.")] = "blocks",
     fitness: Annotated[str, typer.Option(help="Weighted probe numbers to minimise, e.g. learn_loss=1,drift_preserve=1 (a score with a negative weight rewards it).")] = "learn_loss=1,drift_preserve=1",
@@ -987,6 +1007,8 @@ def merge_evolve(
     from tunelab.merge.evolve import EvolveSettings, evolve, parse_fitness
     from tunelab.run import RunDir
 
+    base, first = _from_run(run, base, finetune[0] if finetune else None)
+    finetune = list(finetune) if finetune else [first]
     settings = EvolveSettings(budget=budget, space=space, fitness=parse_fitness(fitness), popsize=popsize, seed=seed)
     folder = out or RunDir(run).path / "merges" / "evolve"
     r = evolve(base, list(finetune), run, folder, settings, dtype)
