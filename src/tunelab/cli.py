@@ -40,7 +40,7 @@ model_app = typer.Typer(help="Create, inspect and convert model checkpoints (sin
 data_app = typer.Typer(help="Build the dataset index, preview captions, cache latents, verify caches.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and explain run files (TOML).", no_args_is_help=True)
 toy_app = typer.Typer(help="The toy world: tiny models and synthetic data for trying tunelab on a laptop.", no_args_is_help=True)
-merge_app = typer.Typer(help="Merge checkpoints on sd-mecha: recipes as users have them, the field's methods as presets, merge-back sweeps.", no_args_is_help=True)
+merge_app = typer.Typer(help="Merge checkpoints on sd-mecha: recipes as users have them, the field's methods as presets, merge-back sweeps, an evolutionary ratio search.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
