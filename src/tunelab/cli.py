@@ -450,6 +450,7 @@ def data_cache(
     batch_size: Annotated[int, typer.Option(help="Images per VAE call (same bucket).")] = 4,
     shard_size: Annotated[int, typer.Option(help="Entries per shard file (about 1024: few, large files).")] = 1024,
     workers: Annotated[int, typer.Option(help="Threads decoding images.")] = 4,
+    posterior: Annotated[Optional[str], typer.Option(help="mean: the VAE posterior's mean (deterministic; the default); sample: a draw from it, as kohya's sd-scripts caches, seeded by each image's key. Default: what the folder holds.")] = None,
 ) -> None:
     """VAE-encode every image into checksummed fp16 latent shards; resumes after a kill.
 
@@ -463,7 +464,8 @@ def data_cache(
     state = PartialState()
     vae = _vae_for(model, str(state.device))
     s = cache_latents(index, out, vae, rank=state.process_index, world_size=state.num_processes,
-                      batch_size=batch_size, shard_size=shard_size, workers=workers, device=str(state.device))
+                      batch_size=batch_size, shard_size=shard_size, workers=workers, device=str(state.device),
+                      posterior=posterior)
     typer.echo(f"rank {state.process_index}: encoded {s.encoded:,}, already cached {s.skipped_done:,}, "
                f"rejected {s.rejected:,}, {len(s.shards_written)} new shard(s) in {out}")
 

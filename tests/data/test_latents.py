@@ -343,3 +343,33 @@ def test_run_file_buckets_must_match_the_index(tmp_path: Path) -> None:
                                            r"tunelab data index --out .*i.parquet -s SOURCE... --resolution 1024 "
                                            r"--min-side 256 --max-side 1024 --step 64.*delete \[data.buckets\]"):
         check_bucket_config(footer, differs.given_buckets(), index)
+
+
+def test_posterior_samples_as_kohya_caches_seeded_by_key_repaired_exactly(tmp_path: Path, vae: torch.nn.Module) -> None:
+    """posterior = "sample" (kohya's latent_dist.sample()): mean + std x noise seeded by the key,
+    so the same image gets the same sample on any rank and on a repair; never mixed with means."""
+    from tunelab.data.latents import LatentStore, cache_latents, posterior_noise, read_manifest
+    from tunelab.data.images import ImageRef, load_into_bucket
+
+    index = _index(tmp_path, n=4)
+    mean_dir, sample_dir = tmp_path / "mean", tmp_path / "sample"
+    cache_latents(index, mean_dir, vae, batch_size=2, progress=False)
+    cache_latents(index, sample_dir, vae, batch_size=2, progress=False, posterior="sample")
+    assert read_manifest(sample_dir)["posterior"] == "sample" and read_manifest(mean_dir)["posterior"] == "mean"
+    means, samples = LatentStore(mean_dir), LatentStore(sample_dir)
+    rec = IndexTable(index).records([1])[0]
+    pixels, _, _ = load_into_bucket(ImageRef(rec["path"], rec["offset"], rec["size"]), (rec["bucket_width"], rec["bucket_height"]))
+    x = torch.from_numpy(pixels[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    expected = (dist.mean + dist.std * posterior_noise(rec["key"], tuple(dist.mean.shape[1:]))).numpy().astype(np.float16)
+    np.testing.assert_array_equal(samples.get(rec["key"]).latents, expected[0])
+    assert not np.array_equal(samples.get(rec["key"]).latents, means.get(rec["key"]).latents)
+    # a repair re-encodes what was lost with the folder's own posterior: the same sample
+    before = samples.get(rec["key"]).latents.copy()
+    for shard in sample_dir.glob("shard-*.safetensors"):
+        shard.unlink()
+    repair_cache(index, sample_dir, vae, batch_size=2, progress=False)
+    np.testing.assert_array_equal(LatentStore(sample_dir).get(rec["key"]).latents, before)
+    with pytest.raises(TunelabError, match="would mix the two"):
+        cache_latents(index, sample_dir, vae, posterior="mean", progress=False)

@@ -20,8 +20,10 @@ over the index, one per bucket) against their buckets. Otherwise a cache from ot
 would fail mid-epoch in collate (`stack expects each tensor to be equal size`).
 
 Hand-written because neither diffusers nor accelerate caches latents; the file format is
-safetensors, the encoder is diffusers' AutoencoderKL (latent_dist.mean: deterministic, so a
-repaired entry equals the original).
+safetensors, the encoder is diffusers' AutoencoderKL. By default the latent is the posterior's
+mean (deterministic, so a repaired entry equals the original); `posterior = "sample"` draws from
+the posterior as kohya's sd-scripts caches (`latent_dist.sample()`), with noise seeded by the image's
+key, so a repair still reproduces it. The manifest records which, and a folder is never mixed.
 """
 
 from __future__ import annotations
@@ -395,20 +397,31 @@ def _same_buckets(manifest: dict, footer: dict) -> bool:
     return [list(b) for b in manifest.get("buckets") or []] == [list(b) for b in footer.get("buckets") or []]
 
 
-def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int) -> None:
-    """Record in `latents.json` which index the folder caches; refuse a folder cached from an index
-    with other buckets (its shards would be kept and new ones added at other sizes)."""
+def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int, posterior: str | None = None) -> str:
+    """Record in `latents.json` which index the folder caches, and how (the posterior's mean or a
+    sample); refuse a folder cached from an index with other buckets (its shards would be kept and
+    new ones added at other sizes) or with the other posterior. Returns the posterior to use."""
     old = read_manifest(cache_dir)
+    had = None  # what the folder holds: its manifest's posterior (older manifests with shards: the mean)
+    if old is not None:
+        had = old.get("posterior") or ("mean" if next(cache_dir.glob(SHARD_GLOB), None) else None)
+    posterior = posterior or had or "mean"
+    if posterior not in POSTERIORS:
+        raise TunelabError(f"--posterior {posterior!r}: choose one of {', '.join(POSTERIORS)}")
+    if had is not None and had != posterior:
+        raise TunelabError(f"{cache_dir} holds latents of the posterior's {had}; caching more as its {posterior} would "
+                           f"mix the two: use --posterior {had}, or cache into a new folder")
     if old is not None and not _same_buckets(old, footer):
         raise TunelabError(
             f"{cache_dir} holds latents cached from an index with other buckets ({_buckets_of(old)}; {index_path} has "
             f"{_buckets_of(footer)}); cache into a new folder: `tunelab data cache {index_path} --out NEW_DIR` "
             f"(or delete {cache_dir} first)")
     doc = {"version": 1, "index": str(index_path), "rows": footer.get("rows"),
-           "bucket_config": footer.get("bucket_config"), "buckets": footer.get("buckets")}
+           "bucket_config": footer.get("bucket_config"), "buckets": footer.get("buckets"), "posterior": posterior}
     tmp = cache_dir / f".{MANIFEST}.r{rank:03d}.tmp"
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, cache_dir / MANIFEST)
+    return posterior
 
 
 def check_agreement(store: LatentStore, index: "IndexTable") -> None:
@@ -502,14 +515,36 @@ def _decode_batch(pool: ThreadPoolExecutor, batch: list[dict]) -> list:
     return [pool.submit(one, rec) for rec in batch]
 
 
-def encode_pixels(vae: "torch.nn.Module", pixels: list[np.ndarray], device: str = "cpu") -> np.ndarray:
-    """(B, H, W, 3) uint8 -> (B, 4, H/8, W/8) fp16 latents, the distribution's mean (deterministic)."""
+POSTERIORS = ("mean", "sample")
+
+
+def posterior_noise(key: str, shape: tuple[int, ...]):
+    """The N(0, 1) noise of one image's posterior sample: seeded by its key (the same on any rank,
+    in any order, on a repair)."""
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def encode_pixels(vae: "torch.nn.Module", pixels: list[np.ndarray], device: str = "cpu", posterior: str = "mean",
+                  keys: list[str] | None = None) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 4, H/8, W/8) fp16 latents: the posterior's mean, or a sample
+    mean + std x noise(key) (`posterior_noise`)."""
     import torch
 
     dtype = next(vae.parameters()).dtype
     x = torch.from_numpy(np.stack(pixels)).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0  # (B, 3, H, W)
     with torch.no_grad():
-        latents = vae.encode(x).latent_dist.mean
+        dist = vae.encode(x).latent_dist
+        latents = dist.mean
+        if posterior == "sample":
+            if keys is None or len(keys) != len(pixels):
+                raise ValueError("posterior='sample' needs one key per image (the noise is seeded by it)")
+            noise = torch.stack([posterior_noise(k, tuple(latents.shape[1:])) for k in keys]).to(latents.device)
+            latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
+        elif posterior != "mean":
+            raise TunelabError(f"posterior {posterior!r}: choose one of {', '.join(POSTERIORS)}")
     return latents.float().cpu().numpy().astype(np.float16)
 
 
@@ -528,12 +563,14 @@ def cache_latents(
     workers: int = 4,
     device: str = "cpu",
     progress: bool = True,
+    posterior: str | None = None,
 ) -> CacheSummary:
-    """Encode every index row this rank owns and no complete shard holds yet."""
+    """Encode every index row this rank owns and no complete shard holds yet. `posterior`: mean or
+    sample (None: what the folder was cached with, else mean)."""
     index_path, cache_dir = Path(index_path), Path(cache_dir)
     footer = read_footer(index_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _claim(cache_dir, index_path, footer, rank)
+    posterior = _claim(cache_dir, index_path, footer, rank, posterior)
     rejects_path = cache_dir / f"rejects-r{rank:03d}.jsonl"
     skip = pa.array([r["key"] for p in cache_dir.glob("rejects-r*.jsonl") for r in read_rejects(p)], pa.string())
     done = _done_keys(cache_dir)
@@ -549,7 +586,7 @@ def cache_latents(
             while ahead:
                 current = [f.result() for f in ahead]
                 ahead = _decode_batch(pool, next(batches, []))  # decode the next batch while encoding this one
-                _encode_into(vae, current, pending, rejects, device, summary)
+                _encode_into(vae, current, pending, rejects, device, summary, posterior)
                 bar.update(len(current))
                 if len(pending) >= shard_size:
                     summary.shards_written.append(_write_shard(cache_dir, rank, pending).name)
@@ -564,7 +601,8 @@ def cache_latents(
     return summary
 
 
-def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device: str, summary: CacheSummary) -> None:
+def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device: str, summary: CacheSummary,
+                 posterior: str = "mean") -> None:
     good = []
     for rec, result in current:
         if isinstance(result, ImageRejected):
@@ -573,7 +611,8 @@ def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device:
             good.append((rec, result))
     if not good:
         return
-    latents = encode_pixels(vae, [pixels for _, (pixels, _, _) in good], device)  # (B, 4, h, w)
+    latents = encode_pixels(vae, [pixels for _, (pixels, _, _) in good], device, posterior,
+                            [rec["key"] for rec, _ in good])  # (B, 4, h, w)
     for (rec, (_, size, crop)), lat in zip(good, latents):
         pending[rec["key"]] = (np.ascontiguousarray(lat), {"original_size": list(size), "crop_ltrb": list(crop)})
     summary.encoded += len(good)
