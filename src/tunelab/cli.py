@@ -896,20 +896,14 @@ def merge_upgrade(
 ) -> None:
     """Rewrite an older recipe in the current sd-mecha format (what `merge run` does in memory)."""
     from tunelab.merge.recipe import parse_maps, to_sd_mecha
-    from tunelab.merge.run import prepare
-
-    r = prepare(recipe.read_text(encoding="utf-8") if recipe.is_file() else _missing(recipe), str(recipe), models_dir,
-                parse_maps(map_ or []))
+    from tunelab.merge.run import read_recipe
     from tunelab.run import write_text_atomic
 
+    r = read_recipe(recipe, models_dir, parse_maps(map_ or []))
     write_text_atomic(out, to_sd_mecha(r))
     for note in r.notes:
         typer.echo(f"  {note}")
     typer.echo(f"upgraded: {out}")
-
-
-def _missing(path: Path) -> str:
-    raise TunelabError(f"{path}: no such recipe")
 
 
 @merge_app.command("preset")

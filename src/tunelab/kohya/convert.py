@@ -40,12 +40,9 @@ def read_launch(args: list[str]) -> Launch:
 
 def _config_file_flags(path: Path) -> list[Flag]:
     """kohya's own --config_file TOML (argument names as keys, tables only group them)."""
-    import tomllib
+    from tunelab.config import read_toml
 
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise TunelabError(f"--config_file {path}: cannot read it as TOML ({err})") from None
+    data = read_toml(path, "kohya --config_file")
     flat: dict[str, Any] = {}
 
     def walk(d: dict[str, Any]) -> None:

@@ -118,15 +118,13 @@ def _drift(result: BackResult, files: list[Path], base: Path, finetune: Path, pr
 def _grids(result: BackResult, paths: list[Path], run: Path) -> None:
     """The run's [grid] for the base, every candidate and the finetune: grids/step-0000000i/ (i in
     ratio order), so each prompt and seed can be compared across the ratios."""
-    import json as _json
-
     from tunelab.config import parse_config
     from tunelab.models.checkpoint import load_checkpoint
     from tunelab.models.text import load_tokenizers
     from tunelab.run import RunDir
     from tunelab.sample.grid import render_training_grid
 
-    cfg = parse_config(_json.loads(RunDir(run).config.read_text()), str(RunDir(run).config))
+    cfg = parse_config(json.loads(RunDir(run).config.read_text()), str(RunDir(run).config))
     if not cfg.grid.prompts:
         raise TunelabError(f"--grid: the run {run} has no [grid] prompts to render")
     for i, path in enumerate(paths):

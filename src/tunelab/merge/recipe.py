@@ -64,9 +64,6 @@ class Recipe:
     source: str = "recipe"
     notes: list[str] = field(default_factory=list)
 
-    def text(self) -> str:
-        return "\n".join([HEADER] + [line.text() for line in self.lines]) + "\n"
-
     @property
     def models(self) -> list[Line]:
         return [line for line in self.lines if line.command == "model"]

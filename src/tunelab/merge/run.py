@@ -83,11 +83,16 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     return Merged(out, recipe, text, mecha)
 
 
-def run_file(path: Path, out: Path, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None,
-             dtype: str = "fp16", merge_dtype: str = "fp64", progress: bool = True) -> Merged:
+def read_recipe(path: Path, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None) -> Recipe:
+    """A recipe file, prepared (`prepare`)."""
     if not path.is_file():
         raise TunelabError(f"{path}: no such recipe")
-    recipe = prepare(path.read_text(encoding="utf-8"), str(path), models_dir, maps)
+    return prepare(path.read_text(encoding="utf-8"), str(path), models_dir, maps)
+
+
+def run_file(path: Path, out: Path, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None,
+             dtype: str = "fp16", merge_dtype: str = "fp64", progress: bool = True) -> Merged:
+    recipe = read_recipe(path, models_dir, maps)
     for note in recipe.notes:
         log.info("%s", note)
     return merge_recipe(recipe, out, dtype, merge_dtype, progress)

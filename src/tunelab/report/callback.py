@@ -1,7 +1,8 @@
 """The report during training (`[report] enabled = true`, the default): RUN/report.html is
 rewritten at every checkpoint and at the end, atomically, so it can be opened mid-run.
 
-The refresh reads only what is on disk (metrics are flushed first) and computes nothing heavy:
+The refresh reads only what is on disk (the trainer flushes the metrics before every checkpoint
+event) and computes nothing heavy:
 the drift section shows RUN/drift when `tunelab report RUN` has computed it for the current
 checkpoints. A report that fails to build is logged and training goes on.
 """
@@ -28,8 +29,7 @@ class ReportCallback(Callback):
     def _write(self, ctx: LoopContext) -> None:
         from tunelab.report.build import write_report
 
-        t = time.perf_counter()
-        ctx.metrics.flush()
+        t = time.perf_counter()  # the trainer flushed metrics.parquet before CHECKPOINT; END follows it
         try:
             path = write_report([ctx.run.path], ctx.run.report, drift=False, progress=False)
         except Exception as err:  # noqa: BLE001 - a report must never stop a training run

@@ -690,7 +690,6 @@ def _maybe_save(s: Setup, ctx: LoopContext, epoch_ended: bool) -> Path | None:
         return None  # the final step is saved by _finish
     path = _write_checkpoint(s, epoch_name(p.epoch) if by_epoch else step_name(p.step), ctx)
     _write_state(s)
-    ctx.metrics.flush()
     return path
 
 
@@ -727,6 +726,7 @@ def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
         s.run.prune_checkpoints(s.cfg.save.keep_last)
     acc.wait_for_everyone()
     ctx.checkpoint = path
+    ctx.metrics.flush()  # metrics.parquet is current for the CHECKPOINT callbacks (the report reads it)
     s.callbacks.fire(Event.CHECKPOINT, ctx)
     return path
 
