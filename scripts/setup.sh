@@ -37,5 +37,11 @@ else
 fi
 
 "${pip[@]}" install -q -e ".${extras}"
-if [ -n "$extras" ]; then bash scripts/install-browser.sh; fi  # the report's browser test
+if [ -n "$extras" ]; then
+  # k-diffusion (A1111's samplers) is a reference for the sampling tests. Its declared
+  # dependencies include torchvision, which would replace the CPU torch with a CUDA build: take
+  # the package and the two small libraries its sampler code imports, nothing else.
+  "${pip[@]}" install -q --no-deps "k-diffusion==0.1.1.post1" "torchsde==0.2.6" "torchdiffeq==0.2.5" "trampoline==0.1.2" scipy
+  bash scripts/install-browser.sh  # the report's browser test
+fi
 echo "tunelab ready: $(.venv/bin/tunelab --version)   (activate with: source .venv/bin/activate)"

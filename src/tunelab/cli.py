@@ -195,14 +195,24 @@ def model_convert(
     to: Annotated[str, typer.Option(help="Output format: 'sgm' (single file) or 'diffusers' (folder).")] = "sgm",
     dtype: Annotated[str, DtypeOpt] = "fp16",
     allow_pickle: Annotated[bool, typer.Option(help="Read pickle checkpoints (.ckpt/.pt/.bin). Only for files you trust: unpickling can run code.")] = False,
+    tokenizers: Annotated[Optional[str], typer.Option(help="With --to diffusers: a folder with tokenizer/ and tokenizer_2/ to put in the output (needed for sdxl .safetensors files, which carry none). Default: the model's own (toy: built in; a diffusers folder: its own).", show_default=False)] = None,
 ) -> None:
-    """Convert between a single-file SGM checkpoint and a diffusers folder (either direction)."""
+    """Convert between a single-file SGM checkpoint and a diffusers folder (either direction).
+
+    The file's metadata (title, author, license, description, kohya's ss_* keys, ...) is kept;
+    a diffusers folder gets everything `StableDiffusionXLPipeline.from_pretrained` needs."""
     from tunelab.models.checkpoint import export_diffusers, load_checkpoint, save_checkpoint
+    from tunelab.models.text import own_tokenizers
 
     if to not in ("sgm", "diffusers"):
         raise TunelabError(f"--to must be 'sgm' or 'diffusers', got {to!r}")
+    if tokenizers is not None and to != "diffusers":
+        raise TunelabError("--tokenizers goes into a diffusers folder: add --to diffusers, or drop --tokenizers")
     comps = load_checkpoint(src, allow_pickle=allow_pickle)
-    path = save_checkpoint(comps, out, dtype=dtype) if to == "sgm" else export_diffusers(comps, out, dtype=dtype)
+    if to == "sgm":
+        path = save_checkpoint(comps, out, dtype=dtype)
+    else:
+        path = export_diffusers(comps, out, dtype=dtype, tokenizers=tokenizers or own_tokenizers(src, comps.arch))
     typer.echo(f"wrote {path} ({comps.arch}, {dtype})")
 
 
@@ -327,7 +337,7 @@ def config_from_kohya(
         from tunelab.data.index import IndexOptions, build_index as build
 
         buckets = BucketConfig(**c.settings.get("data.buckets", {}))
-        summary = build(c.data_sources, index, IndexOptions(buckets=buckets))
+        summary = build(c.data_sources, index, IndexOptions(buckets=buckets, exif_transpose=False, min_image_side=0))  # kohya's: as stored, nothing too small
         typer.echo(f"index: {index}, {summary.rows:,} images, {summary.rejected:,} rejected")
     elif words:
         typer.echo("next: " + " ".join(shlex.quote(w) for w in words))
@@ -381,9 +391,15 @@ def data_index(
         "--bucket-no-upscale", help="kohya's --bucket_no_upscale: each image gets a bucket of its own size (shrunk to "
         "the max area if larger), sides rounded down to --step; small images are never enlarged, and --min-side / "
         "--max-side are ignored.")] = False,
+    exif_transpose: Annotated[bool, typer.Option(
+        "--exif-transpose/--no-exif-transpose", help="Turn photos upright by their EXIF orientation (sizes, buckets "
+        "and pixels). --no-exif-transpose is kohya's way (it ignores EXIF): use it when training from kohya's latent "
+        "caches.")] = True,
     no_repeats: Annotated[bool, typer.Option(
         "--no-repeats", help="Read kohya N_concept folders (10_astolfo/) as plain folders: every image below a "
         "folder source once per epoch. Default: images in N_concept/ count N times per epoch, as in kohya.")] = False,
+    min_image_side: Annotated[int, typer.Option(help="Reject images with a side shorter than this many pixels "
+                                                "(icons, 1x1 tracking pixels); 0 keeps everything, as kohya does.")] = 16,
     workers: Annotated[int, typer.Option(help="Threads reading image headers.")] = 8,
 ) -> None:
     """Build the dataset index: one Parquet row per image with its size, tags, caption and bucket.
@@ -406,7 +422,7 @@ def data_index(
     except ValidationError as err:
         raise TunelabError(f"bucket options: {err.errors()[0]['msg']}") from None
     opts = IndexOptions(buckets=buckets, where_tags=where_tag or [], holdout=holdout, seed=seed, workers=workers,
-                        repeats=not no_repeats)
+                        repeats=not no_repeats, exif_transpose=exif_transpose, min_image_side=min_image_side)
     summary = build_index(source, out, opts)
     typer.echo(f"wrote {out}: {summary.rows:,} images, {summary.rejected:,} rejected, {summary.holdout_rows:,} in holdout")
     typer.echo(f"samples per epoch (train split, images x repeats): {summary.train_samples:,}")
@@ -576,11 +592,16 @@ _GRID_HELP = (
     "Give checkpoints (several go on the X axis) and prompts (several go on the next free axis). Place any "
     "setting on an axis with --x/--y/--z 'NAME: VALUES'. Values: lists '3, 4.5, 6'; ranges '1-5' (1..5), "
     "'1-5 (+2)' (1,3,5), '1-10 [5]' (five evenly spaced values); text in \"double quotes\" if it holds a comma. "
-    "Axis names: checkpoint, prompt, negative, seed, cfg, steps, sampler, clip_skip, pag_scale, seg_scale, "
-    "seg_sigma, freeu, hires_scale, hires_denoise, hires_steps, width, height, guidance_rescale, uncond.\n\n"
-    "Prompts use A1111 syntax: (word:1.2), (word), \\[word], BREAK; longer than 75 tokens is fine (--max-chunks). "
-    "Samplers: DDIM, Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, UniPC, and 'DDIM CFG++' / 'Euler CFG++' "
-    "(CFG++: the CFG scale is divided by 12.5, as in A1111).\n\n"
+    "Axis names: checkpoint, prompt, negative, seed, cfg, steps, sampler, schedule_type, clip_skip, pag_scale, seg_scale, "
+    "seg_sigma, freeu, hires_scale, hires_denoise, hires_steps, width, height, guidance_rescale, uncond, "
+    "comma_backtrack, pad_conds, clip_skip_te2.\n\n"
+    "Prompts use A1111 syntax: (word:1.2), (word), \\[word], BREAK; longer than 75 tokens is fine (--max-chunks), "
+    "cut into chunks as A1111 cuts them. Prompt editing [a:b:0.5], alternation [a|b] and AND are not applied "
+    "(a warning names them; the text is used as written). "
+    "Samplers (A1111's names, sampled as A1111 v1.10 does): Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M, "
+    "DPM++ 2S a, DDIM, PLMS, UniPC, 'DDIM CFG++' (A1111's: the CFG scale is divided by 12.5) and 'Euler CFG++' "
+    "(ComfyUI's: the CFG scale is the CFG++ lambda, about 0.5-1.5). --schedule-type picks A1111's Schedule type "
+    "(Automatic = the sampler's own; Karras, Exponential, SGM Uniform, ...); 'DPM++ 2M Karras' still works.\n\n"
     "A training run: --run RUN_DIR takes the run's checkpoints (by step, last at the end) when none are given, "
     "and its tokenizers, max chunks, clip skip and caption settings (for --prompt-field training) unless given.\n\n"
     "Writes to --out: one sheet per Z value plus the combined sheet (grid-*.png), every image alone in cells/ "
@@ -605,25 +626,29 @@ def grid(
     prompt_field: Annotated[str, typer.Option(help="What to draw from the index: tags, caption, or training (prompts as the trainer builds them: the run's [data.captions] with --run, else the defaults).")] = "tags",
     index_split: Annotated[Optional[str], typer.Option(help="Draw only from this split of the index, e.g. holdout.")] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt (A1111 syntax).")] = "",
-    uncond: Annotated[str, typer.Option(help="Unconditional branch when the negative prompt is empty: 'empty' (encode the empty string, as A1111) or 'zeros' (all-zero embeddings).")] = "empty",
+    uncond: Annotated[str, typer.Option(help="What an empty negative prompt means: 'zeros' (all-zero embeddings, as A1111 does for SDXL) or 'empty' (encode the empty string, as ComfyUI does).")] = "zeros",
+    comma_backtrack: Annotated[int, typer.Option(help="When a prompt fills a 75-token chunk, move the words after a comma up to this many tokens back into the next chunk (A1111's 'Prompt word wrap length limit', default 20); 0 cuts at exactly 75 tokens, as training does.")] = 20,
+    pad_conds: Annotated[bool, typer.Option(help="Pad the shorter of prompt and negative prompt with empty chunks (A1111's non-default 'Pad prompt/negative prompt'); off: they run as separate UNet calls, as A1111 does by default.")] = False,
+    clip_skip_te2: Annotated[Optional[bool], typer.Option(help="Apply --clip-skip to the second text encoder too (ComfyUI's CLIP Set Last Layer; how tunelab trains). Default: off (A1111 keeps TE2 at its penultimate layer), on with --run.", show_default=False)] = None,
     x: Annotated[Optional[str], typer.Option("--x", help="X axis, e.g. 'seed: 1-4' (default: the checkpoints).")] = None,
     y: Annotated[Optional[str], typer.Option("--y", help="Y axis, e.g. 'cfg: 3, 4.5, 6'.")] = None,
     z: Annotated[Optional[str], typer.Option("--z", help="Z axis: one sheet per value, e.g. 'sampler: Euler, DDIM CFG++'.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every cell (unless seed is on an axis).")] = 460372993,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
-    cfg: Annotated[float, typer.Option(help="CFG scale (for CFG++ samplers, A1111's scale: 6 means lambda 0.48).")] = 5.0,
-    sampler: Annotated[str, typer.Option(help="A1111 sampler name.")] = "Euler",
+    cfg: Annotated[float, typer.Option(help="CFG scale. DDIM CFG++ divides it by 12.5 (A1111: 6 means lambda 0.48); Euler CFG++ takes it as lambda (ComfyUI: about 0.5-1.5).")] = 5.0,
+    sampler: Annotated[str, typer.Option(help="A1111 sampler name, e.g. Euler, 'Euler a', 'DPM++ 2M', 'DDIM CFG++' (old names such as 'DPM++ 2M Karras' mean sampler + schedule type).")] = "Euler",
+    schedule_type: Annotated[str, typer.Option(help="A1111's Schedule type: Automatic (the sampler's own: Karras for DPM++ 2M), Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM.")] = "Automatic",
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the model's resolution).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the model's resolution).")] = None,
     clip_skip: Annotated[Optional[int], typer.Option(help="Text-encoder layer from the end (2 = SDXL's native penultimate layer). Default: the run's with --run, else 2.", show_default=False)] = None,
     pag_scale: Annotated[float, typer.Option(help="Perturbed-attention guidance scale (0 = off; the field uses 1).")] = 0.0,
     pag_layers: Annotated[str, typer.Option(help="Self-attention layers PAG perturbs: mid, down.N, up.N, up.N.M (comma-separated).")] = "mid",
     seg_scale: Annotated[float, typer.Option(help="Smoothed-energy guidance scale (0 = off; the paper uses 3).")] = 0.0,
-    seg_sigma: Annotated[float, typer.Option(help="SEG blur sigma in latent pixels (the field uses 11; inf = uniform attention).")] = 11.0,
+    seg_sigma: Annotated[float, typer.Option(help="SEG blur sigma, in tokens of the blurred layer's grid (the middle block is 32x32 at 1024 px; the field uses 11). Above 9999, inf or -1 = uniform attention.")] = 11.0,
     freeu: Annotated[bool, typer.Option(help="FreeU with SDXL's values (b1 1.3, b2 1.4, s1 0.9, s2 0.2).")] = False,
     hires_scale: Annotated[float, typer.Option(help="Hires fix upscale (1 = off; the field uses 1.5).")] = 1.0,
     hires_denoise: Annotated[float, typer.Option(help="Hires fix denoising strength.")] = 0.7,
-    hires_steps: Annotated[int, typer.Option(help="Hires schedule length (0 = --steps); about steps x denoise of them run.")] = 0,
+    hires_steps: Annotated[int, typer.Option(help="Steps of the hires pass (0 = --steps), run as A1111 does: the last ones of a schedule of steps / denoise steps.")] = 0,
     hires_upscaler: Annotated[str, typer.Option(help="latent (A1111's 'Latent', bilinear) or lanczos (decode, resize, re-encode).")] = "latent",
     guidance_rescale: Annotated[Optional[float], typer.Option(help="CFG rescale phi (default: 0.7 for zero-terminal-SNR models, else 0).")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="75-token chunks a prompt may use (3 = 225 tokens). Default: the run's with --run, else 3.", show_default=False)] = None,
@@ -646,14 +671,16 @@ def grid(
         fallback = _grid_defaults(run, need_checkpoints=not checkpoints)  # explicit options override the run's
         clip_skip = fallback.clip_skip if clip_skip is None else clip_skip
         max_chunks = fallback.max_chunks if max_chunks is None else max_chunks
+        clip_skip_te2 = fallback.clip_skip_te2 if clip_skip_te2 is None else clip_skip_te2
         prompts = gather_prompts(prompt or [], prompts_file, empty_prompt, from_index, n_prompts, prompt_field, seed,
                                  index_split, captions=fallback.captions)
         base = SampleSettings(
             prompt=prompts[0] if prompts else "", negative=negative, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+            schedule_type=schedule_type,
             width=width, height=height, clip_skip=clip_skip, pag_scale=pag_scale, pag_layers=pag_layers,
             seg_scale=seg_scale, seg_sigma=seg_sigma, freeu=freeu, hires_scale=hires_scale, hires_denoise=hires_denoise,
             hires_steps=hires_steps, hires_upscaler=hires_upscaler, guidance_rescale=guidance_rescale, uncond=uncond,
-            max_chunks=max_chunks)
+            max_chunks=max_chunks, comma_backtrack=comma_backtrack, pad_conds=pad_conds, clip_skip_te2=clip_skip_te2)
         spec = GridSpec(base=base, checkpoints=[str(c) for c in checkpoints or fallback.checkpoints], prompts=prompts,
                         x=Axis.parse(x) if x else None, y=Axis.parse(y) if y else None, z=Axis.parse(z) if z else None,
                         vae=str(vae) if vae else None, dtype=dtype, device=device,
@@ -674,6 +701,7 @@ class _GridDefaults:
     max_chunks: int = 3
     clip_skip: int = 2
     captions: Any = None  # a CaptionConfig: how --prompt-field training builds prompts (None = its defaults)
+    clip_skip_te2: bool = False  # A1111's; a run's clip_skip applies to both encoders, as the trainer does
 
 
 def _grid_defaults(run_dir: Path | None, need_checkpoints: bool) -> _GridDefaults:
@@ -701,7 +729,7 @@ def _grid_defaults(run_dir: Path | None, need_checkpoints: bool) -> _GridDefault
         from tunelab.models.text import own_tokenizers
 
         tokenizers = own_tokenizers(m.base, None) or "auto"
-    return _GridDefaults(checkpoints, tokenizers, m.max_chunks, m.clip_skip, cfg.data.captions)
+    return _GridDefaults(checkpoints, tokenizers, m.max_chunks, m.clip_skip, cfg.data.captions, clip_skip_te2=True)
 
 
 @app.command("probe")

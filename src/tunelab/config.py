@@ -56,6 +56,7 @@ class DataSection(_Section):
     # Optional: training always uses the buckets the index was built with. When written, it must
     # equal them (a run file that differs is refused, naming the rebuild command): docs/data.md.
     buckets: BucketConfig = Field(default_factory=BucketConfig, description="The bucket set data.index must have been built with (`tunelab data index --resolution ...`); leave it out to use the index's.")
+    crop_conditioning: Literal["kohya", "crop"] = Field("kohya", description="SDXL's crop_top_left conditioning: 'kohya' = where the image would sit fitted inside its bucket (sd-scripts' get_crop_ltrb; what kohya trains with and its caches hold), 'crop' = the pixels really cropped from the top-left (the SDXL paper's). Every cache is converted to it (docs/data.md).")
 
     def given_buckets(self) -> BucketConfig | None:
         """`[data.buckets]` if the run file wrote it (checked against the index), else None."""
@@ -156,8 +157,9 @@ class GridSection(_Section):
     seeds: list[int] = Field(default_factory=lambda: [460372993], description="Fixed seeds, one row per seed (the field's seed bank: 460372993, 744089893, 3033572388, ...).")
     every_n_steps: int = Field(0, ge=0, description="Render every N optimizer steps; 0 = only at the end of training.")
     steps: int = Field(28, ge=1, description="Sampler steps per image.")
-    cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale (CFG++ samplers: A1111 convention, divided by 12.5).")
-    sampler: str = Field("Euler", description="A1111 sampler name: Euler, Euler a, DDIM, DDIM CFG++, Euler CFG++, DPM++ 2M, DPM++ 2M Karras, UniPC.")
+    cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale. DDIM CFG++ (A1111's) divides it by 12.5; Euler CFG++ (ComfyUI's) takes it as the CFG++ lambda itself (about 0.5-1.5).")
+    sampler: str = Field("Euler", description="A1111 sampler name: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M, DPM++ 2S a, DDIM, DDIM CFG++, PLMS, UniPC, Euler CFG++ (old names such as 'DPM++ 2M Karras' = sampler + schedule type).")
+    schedule_type: str = Field("Automatic", description="A1111's Schedule type: Automatic (the sampler's own: Karras for DPM++ 2M and DPM2, the model's timesteps for Euler), Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM.")
     pag_scale: float = Field(0.0, ge=0.0, description="Perturbed-attention guidance scale (the field uses 1); 0 = off.")
     seg_scale: float = Field(0.0, ge=0.0, description="Smoothed-energy guidance scale; 0 = off.")
 
@@ -324,8 +326,18 @@ def _noise_options(c: RunConfig) -> str | None:
     return None
 
 
+def _grid_sampler(c: RunConfig) -> str | None:
+    from tunelab.sample.samplers import split_sampler
+
+    try:
+        split_sampler(c.grid.sampler, c.grid.schedule_type)
+    except TunelabError as err:
+        return f"grid.sampler / grid.schedule_type: {err}"
+    return None
+
+
 _COMBINATION_CHECKS = (_te_only_without_lr, _te_on_without_lr, _unet_without_lr, _accumulation, _length,
-                       _precision, _objective, _block_lrs, _noise_options)
+                       _precision, _objective, _block_lrs, _noise_options, _grid_sampler)
 
 
 # --- loading and error reporting -------------------------------------------------------------------------------

@@ -42,7 +42,10 @@ def test_assignment_matches_brute_force_nearest_ratio() -> None:
     rng = np.random.default_rng(0)
     w, h = rng.integers(64, 5000, 50_000), rng.integers(64, 5000, 50_000)
     ids = assign_buckets(w, h, b)
-    brute = np.abs(b[:, 0] / b[:, 1] - (w / h)[:, None]).argmin(axis=1)
+    # kohya-ss/sd-scripts library/train_util.py, BucketManager.select_bucket: argmin of |ratio error|
+    # over its bucket list sorted by (w, h), so of equal errors the first in that order wins.
+    kohya = sorted(range(len(b)), key=lambda i: tuple(b[i]))
+    brute = np.array(kohya)[np.abs((b[kohya, 0] / b[kohya, 1])[None, :] - (w / h)[:, None]).argmin(axis=1)]
     assert (ids == brute).all() and ids.dtype == np.int16
     assert assign_buckets(np.array([1000]), np.array([1000]), b)[0] == 12  # the square
     err = aspect_errors(w, h, ids, b)

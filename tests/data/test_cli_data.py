@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from .conftest import write_image
@@ -107,7 +108,8 @@ def test_index_kohya_repeats_no_repeats_and_bucket_no_upscale(tmp_path: Path) ->
     assert "tiny" in rejects and "no_upscale never enlarges" in rejects
     stats = json.loads(_run("data", "stats", str(out), "--json").stdout)
     assert stats["samples_per_split"] == {"train": 20} and sorted(stats["buckets"]) == [[256, 192], [960, 640]]
-    res = _run("data", "index", "--out", str(out), "-s", f"folder:{train}", "--no-repeats")
+    res = _run("data", "index", "--out", str(out), "-s", f"folder:{train}", "--no-repeats", "--no-exif-transpose")
     assert res.returncode == 0, res.stderr
+    assert json.loads(pq.ParquetFile(out).metadata.metadata[b"tunelab.index"])["exif_transpose"] is False
     assert "4 images, 0 rejected" in res.stdout and "images x repeats): 4" in res.stdout
     assert "samples per epoch (images x repeats): train 4 from 4 images" in _run("data", "stats", str(out)).stdout

@@ -162,7 +162,8 @@ def test_kohya_npz_read_as_is(tmp_path: Path) -> None:
     e = src.get("sub/img1")
     assert np.array_equal(e.latents, lat) and e.original_size == (800, 1100) and e.crop_ltrb == (0, 16, 768, 1040)
     e2 = src.get("img2")
-    assert e2.original_size == (768, 1024) and e2.crop_ltrb == (0, 0, 0, 0)
+    # no crop stored: what sd-scripts' get_crop_ltrb gives for a cache of its own bucket's size
+    assert e2.original_size == (768, 1024) and e2.crop_ltrb == (0, 0, 768, 1024) and e2.crop_convention == "kohya"
     assert src.get("nope") is None
     with pytest.raises(TunelabError, match="re-cache"):
         src.get("img3")
@@ -373,3 +374,24 @@ def test_posterior_samples_as_kohya_caches_seeded_by_key_repaired_exactly(tmp_pa
     np.testing.assert_array_equal(LatentStore(sample_dir).get(rec["key"]).latents, before)
     with pytest.raises(TunelabError, match="would mix the two"):
         cache_latents(index, sample_dir, vae, posterior="mean", progress=False)
+
+
+def test_data_cache_writes_kohyas_crop_convention_and_records_it(tmp_path: Path, vae: torch.nn.Module) -> None:
+    from tunelab.data.latents import shard_header
+
+    from .test_kohya_crops import _kohya_reference, ref_get_crop_ltrb
+
+    root = tmp_path / "imgs"
+    for i, size in enumerate([(70, 50), (45, 100), (130, 90)]):  # none fits its bucket exactly
+        write_image(root / f"{i}.png", size)
+    build_index([f"folder:{root}"], tmp_path / "i.parquet", SMALL, progress=False)
+    cache_latents(tmp_path / "i.parquet", tmp_path / "cache", vae, progress=False)
+    assert {shard_header(p)[1] for p in (tmp_path / "cache").glob("shard-*")} == {"kohya"}
+    index, store = IndexTable(tmp_path / "i.parquet"), LatentStore(tmp_path / "cache")
+    real = TrainDataset(index, latents=store, crop_conditioning="crop")
+    for row, rec in enumerate(index.records(range(len(index)))):
+        reso, kohya_tl, real_tl = _kohya_reference(rec, SMALL.buckets)  # sd-scripts' get_crop_ltrb / trim
+        entry = store.get(rec["key"])
+        assert entry.crop_convention == "kohya" and entry.crop_ltrb == ref_get_crop_ltrb(reso, entry.original_size)
+        assert TrainDataset(index, latents=store)[(0, row)]["crop_top_left"] == kohya_tl
+        assert real[(0, row)]["crop_top_left"] == real_tl

@@ -145,6 +145,7 @@ def test_cli_writes_a_run_file_that_config_check_accepts(tmp_path):
     assert "effective batch 8 = 2 process(es) x batch 2 x accumulation 2" in out.stdout
     assert "--deepspeed" in out.stdout and "not yet supported" in out.stdout
     assert "next: tunelab data index --out" in out.stdout and "-s folder:imgs" in out.stdout
+    assert "--no-exif-transpose" in out.stdout  # kohya reads images as stored (sd-scripts train_util.load_image)
     check = run_cli("config", "check", tmp_path / "run.toml")
     assert "OK" in check.stdout and "effective batch 8" in check.stdout
     words = run_cli("config", "from-kohya", "--out", tmp_path / "w.toml", "--", "sdxl_train.py", "--learning_rate=3e-6",

@@ -85,6 +85,9 @@ def test_metadata_json_and_its_npz_latents_train_without_reencoding(world, tmp_p
     script = _script(tmp_path / "train.sh", f"--in_json={tmp_path / 'meta.json'} --train_data_dir={images} "
                                             f"--cache_latents --cache_latents_to_disk --output_dir={tmp_path / 'run'}")
     run_cli("config", "from-kohya", script, "--out", tmp_path / "run.toml", "--build-index")
+    from tunelab.data.index import read_footer
+
+    assert read_footer(tmp_path / "index.parquet")["exif_transpose"] is False  # kohya ignores EXIF, as its caches do
     rng = np.random.default_rng(0)
     for rec in pq.read_table(tmp_path / "index.parquet").to_pylist():  # kohya cached with the same buckets
         lat = rng.standard_normal((4, rec["bucket_height"] // 8, rec["bucket_width"] // 8)).astype(dtype)

@@ -113,6 +113,16 @@ def test_clip_skip_picks_the_hidden_state_from_the_end(toy_components):
             assert torch.equal(cond.context[0, :, :32], hidden[-skip][0])
     with pytest.raises(TunelabError, match="clip_skip"):
         encode_prompts(toks, (c.text_encoder_1, c.text_encoder_2), ["x"], clip_skip=9)
+    # TE2's layer on its own (A1111 keeps TE2 penultimate whatever its clip skip: sampling's default)
+    from tunelab.models.text import encode_chunked
+
+    ids2 = tokenize(toks[1], ["green ring"]).ids
+    with torch.no_grad():
+        hidden2 = c.text_encoder_2(ids2[:, 0], output_hidden_states=True).hidden_states
+        _, h2, _ = encode_chunked((c.text_encoder_1, c.text_encoder_2), ids[:, None], ids2, clip_skip=1, clip_skip_te2=2)
+    assert torch.equal(h2[0], hidden2[-2][0])
+    with pytest.raises(TunelabError, match="clip_skip_te2"):
+        encode_chunked((c.text_encoder_1, c.text_encoder_2), ids[:, None], ids2, clip_skip=1, clip_skip_te2=0)
 
 
 def test_truncation_reported_in_conditioning(toy_components, caplog):

@@ -14,7 +14,7 @@ def test_grid_cli_end_to_end(tmp_path):
         new_checkpoint("toy", tmp_path / f"step-{seed}00.safetensors", seed=seed, dtype="fp32")
     out = tmp_path / "grid"
     proc = run_cli("grid", tmp_path / "step-100.safetensors", tmp_path / "step-200.safetensors",
-                   "-p", "(1boy:0), [astolfo]", "--empty-prompt", "--uncond", "zeros",
+                   "-p", "(1boy:0), [astolfo]", "--empty-prompt", "--uncond", "empty", "--pad-conds",
                    "--z", "seed: 460372993, 744089893", "--sampler", "DDIM CFG++", "--cfg", "6", "--steps", "2",
                    "--pag-scale", "1", "--seg-scale", "3", "--format", "png", "--out", out)
     assert "wrote 8 images (2 checkpoint load(s))" in proc.stdout
@@ -25,7 +25,8 @@ def test_grid_cli_end_to_end(tmp_path):
     from tunelab.sample.infotext import parse_infotext, read_infotext
 
     info = parse_infotext(read_infotext(out / side["cells"][0]["file"]))
-    assert info["Sampler"] == "DDIM CFG++" and info["CFG scale"] == "6" and info["Uncond"] == "zeros"
+    assert info["Sampler"] == "DDIM CFG++" and info["CFG scale"] == "6" and info["Uncond"] == "empty"
+    assert info["Pad conds"] == "True" and side["spec"]["base"]["comma_backtrack"] == 20
     assert len(info["Model hash"]) == 10
     # regenerating from grid.json is tested in-process (test_grid.py): a second CLI start costs ~10 s
 

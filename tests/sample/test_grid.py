@@ -82,8 +82,8 @@ def test_infotext_round_trip_png_and_jpeg(tmp_path):
         assert back["Steps"] == "48" and back["Sampler"] == "DDIM CFG++" and back["CFG scale"] == "6"
         assert back["Seed"] == "460372993" and back["Size"] == "1024x1024" and back["Hires upscale"] == "1.5"
         assert back["Model hash"] == "1a2b3c4d5e" and back["Model"] == "step-100" and back["Clip skip"] == "2"
-        assert back["PAG scale"] == "1" and back["SEG blur sigma"] == "11"
-    # A1111 writes JPEG infotext as EXIF UserComment with the UNICODE prefix
+        assert back["pag_scale"] == "1" and back["seg_blur_sigma"] == "11"  # pamparamm's extension's names
+    # A1111 writes JPEG infotext as EXIF UserComment with the UNICODE prefix (piexif checks: test_infotext.py)
     raw = Image.open(tmp_path / "x.jpg").getexif().get_ifd(0x8769)[0x9286]
     assert raw.startswith(b"UNICODE\0")
 
@@ -200,6 +200,7 @@ def test_grid_of_a_run_takes_its_checkpoints_and_text_settings(tmp_path, tiny_ru
     ckpts = run / "checkpoints"
     assert spec["checkpoints"] == [str(ckpts / "step-00000001.safetensors"), str(ckpts / "last.safetensors")]
     assert spec["tokenizers"] == "toy" and spec["base"]["max_chunks"] == 2 and spec["base"]["clip_skip"] == 1
+    assert spec["base"]["clip_skip_te2"] is True  # the trainer applies clip_skip to both encoders
     # prompts built the way training built them: the run's caption mode, not the default (tags)
     seed = spec["base"]["seed"]
     assert spec["prompts"] == prompts_from_index(index, 2, seed, "training", CaptionConfig(mode="caption"))
@@ -208,9 +209,9 @@ def test_grid_of_a_run_takes_its_checkpoints_and_text_settings(tmp_path, tiny_ru
 
     # explicit options still win
     spec = _grid_cli(ckpts / "last.safetensors", "--run", run, "--max-chunks", 1, "--clip-skip", 2, "-p", "red star",
-                     "--steps", 1, "--out", tmp_path / "h")
+                     "--no-clip-skip-te2", "--steps", 1, "--out", tmp_path / "h")
     assert spec["checkpoints"] == [str(ckpts / "last.safetensors")]
-    assert spec["base"]["max_chunks"] == 1 and spec["base"]["clip_skip"] == 2
+    assert spec["base"]["max_chunks"] == 1 and spec["base"]["clip_skip"] == 2 and spec["base"]["clip_skip_te2"] is False
 
 
 def test_grid_run_must_be_a_run(tmp_path, tiny_run):

@@ -4,7 +4,9 @@ PAG/SEG attention processor, FreeU, hires-fix plan."""
 from __future__ import annotations
 
 import math
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,15 +76,82 @@ def test_cfgpp_scheduler_reduces_to_plain_sampler(kind, pred):
 
 
 def test_blur_matrix_hand_worked():
-    # n = 2, sigma 1, radius 3, edge-repeating mirror (... 1 0 | 0 1 | 1 0 ...): output 0 takes
-    # offsets {-1, 0, 3} from input 0 and {-3, -2, 1, 2} from input 1.
-    w = {k: math.exp(-k * k / 2) for k in range(4)}
-    to0, to1 = w[1] + w[0] + w[3], w[3] + w[2] + w[1] + w[2]
-    m = G.blur_matrix(2, 1.0)
-    assert m[0].tolist() == pytest.approx([to0 / (to0 + to1), to1 / (to0 + to1)], rel=1e-5)
-    assert torch.allclose(G.blur_matrix(5, float("inf")), torch.full((5, 5), 0.2))
+    # the reference's kernel size: ceil(6 sigma) made odd, capped at the largest odd <= width + 1
+    assert [G.seg_kernel_size(s, 128) for s in (0.1, 0.5, 1.0, 11.0)] == [1, 3, 7, 67]
+    assert G.seg_kernel_size(11.0, 64) == 65 and G.seg_kernel_size(11.0, 32) == 33 and G.seg_kernel_size(11.0, 33) == 33 and G.seg_kernel_size(11.0, 2) == 3
+    w1 = math.exp(-0.5)  # tap at distance 1 (the centre tap weighs 1)
+    # n = 2, sigma 1: 7 taps capped to 3; reflection without the edge (1 | 0 1 | 0): 0 sees 1 twice
+    assert G.blur_matrix(2, 1.0)[0].tolist() == pytest.approx([1 / (1 + 2 * w1), 2 * w1 / (1 + 2 * w1)], rel=1e-6)
+    # n = 4, sigma 0.5: 3 taps; interior rows are the plain kernel, edge rows fold their outer tap
+    m, s = G.blur_matrix(4, 0.5), 1 + 2 * math.exp(-2)
+    assert m[1].tolist() == pytest.approx([math.exp(-2) / s, 1 / s, math.exp(-2) / s, 0.0], rel=1e-6)
+    assert m[0].tolist() == pytest.approx([1 / s, 2 * math.exp(-2) / s, 0.0, 0.0], rel=1e-6)
+    for sigma in (float("inf"), 9999999.0, -1.0):  # infinite blur: the mean
+        assert torch.allclose(G.blur_matrix(5, sigma), torch.full((5, 5), 0.2))
     assert torch.equal(G.blur_matrix(3, 0.0), torch.eye(3))
-    assert torch.allclose(G.blur_matrix(4, 50.0), torch.full((4, 4), 0.25), atol=1e-3)  # huge sigma -> mean
+    assert not torch.allclose(G.blur_matrix(4, 50.0), torch.full((4, 4), 0.25), atol=1e-2)  # a capped box, not the mean
+    with pytest.raises(TunelabError, match="seg_sigma"):
+        G.blur_matrix(4, float("nan"))
+
+
+def _seg_reference(q: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
+    """The SEG reference blur, re-derived: SusungHong/SEG-SDXL pipeline_seg.py, `gaussian_blur_2d`
+    and `SEGCFGSelfAttnProcessor.__call__` (sigma > inf_blur_threshold 9999 = the mean query),
+    as pamparamm/sd-perturbed-attention guidance_utils.py `gaussian_blur_2d` and
+    `seg_attention_wrapper` apply it to an H x W grid (sigma < 0 = the mean query)."""
+    b, n, c = q.shape
+    img = q.permute(0, 2, 1).reshape(b, c, h, w)  # (B, C, H, W)
+    if sigma > 9999 or sigma < 0:
+        return img.mean(dim=(-2, -1), keepdim=True).expand_as(img).reshape(b, c, n).permute(0, 2, 1)
+    size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+    size = min(size, w - (w % 2 - 1))  # capped by img.shape[-1]
+    x = torch.linspace(-(size - 1) * 0.5, (size - 1) * 0.5, steps=size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    kernel = pdf / pdf.sum()
+    kernel2d = torch.mm(kernel[:, None], kernel[None, :]).expand(c, 1, size, size)
+    img = torch.nn.functional.pad(img, [size // 2] * 4, mode="reflect")
+    return torch.nn.functional.conv2d(img, kernel2d, groups=c).reshape(b, c, n).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("h, w, sigma", [
+    (32, 32, 11.0),  # SDXL's mid block at 1024 px with the field's sigma: the kernel is capped to 33 taps
+    (26, 38, 11.0),  # the mid block at 832 x 1216
+    (64, 64, 1.0), (5, 5, 0.7), (7, 7, 3.0), (3, 5, 2.0), (2, 2, 11.0), (2, 2, 1.0),
+    (32, 32, 9999.0),  # the largest finite sigma: a capped, near-flat kernel
+    (32, 32, 9999999.0), (32, 32, float("inf")), (32, 32, -1.0),  # infinite blur: the mean query
+])
+def test_smooth_query_matches_seg_reference(h, w, sigma):
+    q = torch.randn(2, h * w, 8, generator=torch.Generator().manual_seed(h * w))
+    ref = _seg_reference(q, h, w, sigma)
+    assert (G.smooth_query(q, h, w, sigma) - ref).abs().max().item() <= 1e-6
+
+
+def test_smooth_query_folds_where_reference_padding_cannot():
+    # a 2 x 8 map: 9 taps need a pad of 4 rows on a 2-row side, which torch's reflect refuses;
+    # tunelab reflects again, as numpy's "reflect" padding does
+    h, w, sigma = 2, 8, 3.0
+    q = torch.randn(1, h * w, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        _seg_reference(q.float(), h, w, sigma)
+    size, img = 9, q[0].reshape(h, w, 4).numpy()
+    x = np.arange(size) - size // 2
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    expected = sum(kernel[a] * kernel[b] * padded[a:a + h, b:b + w] for a in range(size) for b in range(size))
+    out = G.smooth_query(q.float(), h, w, sigma)[0].reshape(h, w, 4).double().numpy()
+    assert np.abs(out - expected).max() <= 1e-6
+
+
+def test_smooth_query_huge_sigma_is_fast():
+    # the reference's "infinite" 9999999 used to loop over 3 sigma = 3e7 taps per row
+    G.blur_matrix.cache_clear()
+    q = torch.randn(1, 64 * 64, 4, generator=torch.Generator().manual_seed(6))
+    start = time.perf_counter()
+    for sigma in (9999999.0, 9999.0):
+        G.smooth_query(q, 64, 64, sigma)
+    assert time.perf_counter() - start < 5.0
+    assert torch.allclose(G.smooth_query(q, 64, 64, 9999999.0), q.mean(dim=1, keepdim=True).expand_as(q), atol=1e-6)
 
 
 def test_smooth_query_is_separable_blur():

@@ -78,6 +78,13 @@ def test_vpred_ztsnr_run_from_an_epsilon_base_is_marked_and_sampled_as_such(tmp_
         header = read_header(run / "checkpoints" / name)
         assert {"v_pred", "ztsnr"} <= set(header.tensors), name
         assert header.metadata["modelspec.prediction_type"] == "v"
+    # each checkpoint names its base (file name, title, modelspec hash of its tensor data) and step
+    from tunelab.models.safetensors_io import data_sha256
+
+    meta = read_header(run / "checkpoints" / "step-00000001.safetensors").metadata
+    assert (meta["tunelab.base"], meta["tunelab.base_title"]) == ("eps.safetensors", "eps")
+    assert meta["tunelab.base_hash"] == data_sha256(eps_base) == read_header(eps_base).metadata["modelspec.hash_sha256"]
+    assert (meta["tunelab.run"], meta["tunelab.step"], meta["ss_steps"]) == ("t", "1", "1")
     # `tunelab grid` is not told: it reads the record and samples v-prediction on a ZTSNR schedule
     proc = run_cli("-v", "grid", run / "checkpoints" / "last.safetensors", "-p", "red circle", "--steps", "2",
                    "--tokenizers", "toy", "--out", tmp_path / "grid")

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.checkpoint import refuse_pickle
 from tunelab.models.safetensors_io import DTYPES, Header, TensorInfo, read_header
 
 # Tensor bytes read ahead of the comparison beyond the next key (bounds memory; see `Reader`).
@@ -155,4 +156,5 @@ def open_checkpoints(paths: Iterable[str | Path]) -> tuple[list[Path], list[Head
             raise TunelabError(f"{p}: no such file")
         if p.is_dir():
             raise TunelabError(f"{p}: is a folder; give the single-file .safetensors checkpoint inside it")
+        refuse_pickle(p)
     return paths, [read_header(p) for p in paths]

@@ -8,8 +8,23 @@ orientations. At resolution 1024, sides 256..1024, step 64 this gives 25 buckets
 width ≤ 1024 with height 1024, and their 12 transposes); with max_side 2048 it gives 41 (the
 orientations of e.g. 1280 x 768 and 1344 x 768 both exist then; see tests/data/test_buckets.py).
 
-An image goes to the bucket whose aspect ratio (w / h) is nearest to its own — kohya's rule — done
-for millions of rows at once with one `searchsorted` over the sorted bucket ratios.
+An image goes to the bucket whose aspect ratio (w / h) is nearest to its own — kohya's rule, ties
+included (sd-scripts' `BucketManager.select_bucket`: an image of exactly a bucket's size takes it;
+otherwise the first bucket of least |ratio error| in kohya's list order, the (width, height) pairs
+sorted, wins: the wider bucket for landscape ties, the narrower for portrait ones). It is vectorised
+over a batch of rows as one (N, B) error table.
+
+`resize_plan` is kohya's resize and centre trim (the same function): the side that is relatively
+shorter is scaled onto the bucket and the other rounded half up (`int(x + 0.5)`), then the excess is
+cut evenly, the odd pixel going to the right/bottom; with `no_upscale` the resized size is the one
+`select_bucket` chose (the image's own size when it fits the max area).
+
+SDXL's crop conditioning comes in two conventions (`CROP_CONVENTIONS`): "kohya", sd-scripts'
+`get_crop_ltrb`: where the image would sit if it were fitted *inside* the bucket (a letterbox
+offset on the axis that is *not* cropped), which kohya's caches store and its trainers feed; and
+"crop", the pixels really cut from the resized image's top-left (the SDXL paper's c_top, c_left).
+Both are functions of (original size, bucket), so a value of one converts exactly to the other
+(`convert_crop_ltrb`).
 
 With `no_upscale` (kohya's `--bucket_no_upscale`) there is no predefined set: each image gets a
 bucket made from its own size — shrunk to the max area first if it is larger — with both sides
@@ -72,21 +87,31 @@ def make_buckets(cfg: BucketConfig) -> np.ndarray:
     return buckets  # (B, 2)
 
 
+_ASSIGN_CHUNK = 65536  # rows per (N, B) error table in `assign_buckets`
+
+
 def assign_buckets(width: np.ndarray, height: np.ndarray, buckets: np.ndarray) -> np.ndarray:
     """Index into `buckets` of the nearest aspect ratio for each image; (N,) int16.
 
-    Ties go to the lower ratio. Widths/heights ≤ 0 raise: they mean a broken index.
+    kohya's choice exactly (module docstring): an exact bucket size first, else the least |ratio
+    error| with ties to the bucket first in (width, height) order. Sizes ≤ 0 raise: a broken index.
     """
-    width = np.asarray(width, dtype=np.float64)
-    height = np.asarray(height, dtype=np.float64)
+    width = np.asarray(width, dtype=np.int64)
+    height = np.asarray(height, dtype=np.int64)
     if width.size and (width.min() <= 0 or height.min() <= 0):
         raise TunelabError("image sizes must be positive; rebuild the index (a source reported a 0 size)")
-    ratios = buckets[:, 0] / buckets[:, 1]  # (B,) ascending
-    ar = width / height  # (N,)
-    hi = np.clip(np.searchsorted(ratios, ar), 1, len(ratios) - 1)
-    lo = hi - 1
-    pick_hi = np.abs(ratios[hi] - ar) < np.abs(ratios[lo] - ar)
-    out = np.where(pick_hi, hi, lo) if len(ratios) > 1 else np.zeros_like(hi)
+    buckets = np.asarray(buckets, dtype=np.int64)
+    kohya_order = np.lexsort((buckets[:, 1], buckets[:, 0]))  # (B,) ids in kohya's sorted (w, h) list
+    ratios = buckets[kohya_order, 0] / buckets[kohya_order, 1]  # (B,) float64, as kohya divides
+    out = np.empty(width.shape, np.int64)
+    for s in range(0, width.size, _ASSIGN_CHUNK):
+        ar = width[s:s + _ASSIGN_CHUNK] / height[s:s + _ASSIGN_CHUNK]  # (n,)
+        out[s:s + _ASSIGN_CHUNK] = kohya_order[np.abs(ratios[None, :] - ar[:, None]).argmin(axis=1)]  # first of ties
+    codes = buckets[:, 0] * 65536 + buckets[:, 1]  # (B,) an exact size takes its own bucket
+    exact = np.isin(width * 65536 + height, codes)
+    if exact.any():
+        by_code = np.argsort(codes)
+        out[exact] = by_code[np.searchsorted(codes[by_code], width[exact] * 65536 + height[exact])]
     return out.astype(np.int16)
 
 
@@ -98,12 +123,18 @@ def _round_to_steps(x: np.ndarray, step: int) -> np.ndarray:
 
 def no_upscale_sizes(width: np.ndarray, height: np.ndarray, cfg: BucketConfig) -> np.ndarray:
     """kohya's no-upscale bucket (width, height) per image; (N, 2) int64, a side 0 when the image is
-    smaller than one `step` on that side.
+    smaller than one `step` on that side: `no_upscale_resized` with both sides rounded *down* to `step`."""
+    resized = no_upscale_resized(width, height, cfg)  # (N, 2)
+    return resized - resized % cfg.step
+
+
+def no_upscale_resized(width: np.ndarray, height: np.ndarray, cfg: BucketConfig) -> np.ndarray:
+    """The size kohya resizes an image to under no-upscale, before the trim; (N, 2) int64.
 
     sd-scripts' `BucketManager.select_bucket` with `no_upscale`, vectorised: an image within the
     max area keeps its size; a larger one is shrunk to the max area at its own aspect ratio, and of
     the two candidates (width rounded to steps, or height rounded to steps) the one whose ratio
-    is nearer the image's wins. The bucket is that size with both sides rounded *down* to `step`.
+    is strictly nearer the image's wins (a tie takes the height's).
     """
     w = np.asarray(width, np.float64)
     h = np.asarray(height, np.float64)
@@ -122,7 +153,7 @@ def no_upscale_sizes(width: np.ndarray, height: np.ndarray, cfg: BucketConfig) -
     resized_h = np.where(width_wins, np.floor(bw / ar + 0.5), bh)
     resized_w = np.where(big, resized_w, w).astype(np.int64)
     resized_h = np.where(big, resized_h, h).astype(np.int64)
-    return np.stack([resized_w - resized_w % step, resized_h - resized_h % step], axis=1)
+    return np.stack([resized_w, resized_h], axis=1)
 
 
 class BucketAssigner:
@@ -187,13 +218,70 @@ def histogram_text(counts: np.ndarray, buckets: np.ndarray, mean_error: float) -
     return "\n".join(lines)
 
 
-def resize_plan(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """Scale to cover the bucket, then centre-crop: ((resized_w, resized_h), crop (l, t, r, b)).
+CROP_CONVENTIONS = ("kohya", "crop")  # SDXL crop conditioning: kohya's fitted offset, or the real crop
 
-    The crop box is in resized-image pixels; (l, t) is SDXL's crop_top_left conditioning.
+
+def resize_plan(
+    width: int, height: int, bucket: tuple[int, int], buckets: BucketConfig | None = None
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """kohya's resize and centre trim into `bucket`: ((resized_w, resized_h), crop (l, t, r, b)).
+
+    sd-scripts' `BucketManager.select_bucket` (the resized size) and `trim_and_resize_if_required`
+    (the trim): an image relatively wider than the bucket gets the bucket's height, else its width,
+    and the other side is scaled and rounded half up; with `buckets.no_upscale` the resized size is
+    `no_upscale_resized` (an image inside the max area is not resized at all). The crop box is in
+    resized pixels, the excess split with the odd pixel on the right/bottom; (l, t) is the
+    "crop" convention's crop_top_left.
     """
     bw, bh = bucket
-    scale = max(bw / width, bh / height)
-    rw, rh = max(bw, math.ceil(width * scale - 1e-6)), max(bh, math.ceil(height * scale - 1e-6))
+    if buckets is not None and buckets.no_upscale:
+        rw, rh = (int(v) for v in no_upscale_resized(np.array([width]), np.array([height]), buckets)[0])
+    else:
+        scale = bh / height if width / height > bw / bh else bw / width
+        rw, rh = math.floor(width * scale + 0.5), math.floor(height * scale + 0.5)
+    if rw < bw or rh < bh:
+        raise TunelabError(f"a {width} x {height} image resizes to {rw} x {rh}, smaller than its bucket {bw} x {bh}: "
+                           "the index was built with other bucket settings; rebuild it with `tunelab data index`")
     left, top = (rw - bw) // 2, (rh - bh) // 2
     return (rw, rh), (left, top, left + bw, top + bh)
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """sd-scripts' `get_crop_ltrb` (library/train_util.py): the box the image would fill if fitted
+    *inside* the bucket, in bucket pixels, as floats (what kohya's `.npz` caches hold).
+
+    The side that is relatively longer spans the bucket; the other is centred, its offset floored
+    (float `//`, so an exact fit computed a hair over the bucket gives -1, as in kohya)."""
+    bw, bh = bucket
+    image_ar = original_size[0] / original_size[1]
+    if bw / bh > image_ar:  # the bucket is wider: the heights match
+        fit_w, fit_h = bh * image_ar, float(bh)
+    else:
+        fit_w, fit_h = float(bw), bw / image_ar
+    left, top = (bw - fit_w) // 2, (bh - fit_h) // 2
+    return left, top, left + fit_w, top + fit_h
+
+
+def crop_ltrb_in(convention: str, original_size: tuple[int, int], bucket: tuple[int, int],
+                 buckets: BucketConfig | None = None) -> tuple[float, ...]:
+    """The crop box of an image of `original_size` (w, h) in `bucket`, in `convention`."""
+    if convention == "kohya":
+        return kohya_crop_ltrb(bucket, original_size)
+    if convention == "crop":
+        return tuple(float(v) for v in resize_plan(original_size[0], original_size[1], bucket, buckets)[1])
+    raise TunelabError(f"crop convention {convention!r}: choose one of {', '.join(CROP_CONVENTIONS)}")
+
+
+def convert_crop_ltrb(crop_ltrb: tuple[float, ...], stored: str, wanted: str, original_size: tuple[int, int],
+                      bucket: tuple[int, int], buckets: BucketConfig | None = None) -> tuple[float, ...]:
+    """A crop box recorded in convention `stored`, in convention `wanted`: unchanged when they are the
+    same, else recomputed from the original size and the bucket (both conventions are functions of
+    them; kohya never caches random crops)."""
+    if stored == wanted:
+        return tuple(crop_ltrb)
+    return crop_ltrb_in(wanted, original_size, bucket, buckets)
+
+
+def crop_top_left(crop_ltrb: tuple[float, ...]) -> tuple[int, int]:
+    """SDXL's crop conditioning (top, left) from a crop box, truncated to int as kohya's dataset does."""
+    return int(crop_ltrb[1]), int(crop_ltrb[0])

@@ -6,7 +6,9 @@ a 12 M-image job cannot get wrong:
   16-bit greyscale is scaled, not clipped (Pillow's `convert("RGB")` clips `I;16` to white);
   palette images with a transparent index count as transparent;
 - EXIF orientation is applied to pixels and to the *header* size, so buckets are chosen for the
-  image as it is displayed;
+  image as it is displayed — unless the index was built with `exif_transpose = False`, kohya's way
+  (sd-scripts' `load_image` and `imagesize` read the pixels and size as stored), needed for the
+  index to match kohya's latent caches of such photos;
 - a decompression-bomb limit is checked from the header before any decode;
 - every failure becomes `ImageRejected(reason)`, which jobs write to a rejects log
   (key, path, reason) and move on; nothing here kills a long job.
@@ -28,7 +30,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tunelab.data.buckets import resize_plan
+from tunelab.data.buckets import BucketConfig, resize_plan
+from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +114,21 @@ def _orientation(im: Image.Image) -> int:
 
 def probe_size(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as displayed, read from the header only; raises `ImageRejected`."""
+    w, h, _ = probe_header(ref, max_pixels)
+    return w, h
+
+
+def probe_header(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bool]:
+    """(width, height as displayed, whether EXIF orientation swapped the stored sides), from the
+    header only; raises `ImageRejected`."""
     try:
         im = _open_checked(ref, max_pixels)
         w, h = im.size
-        if _orientation(im) in _TRANSPOSING:
+        turned = _orientation(im) in _TRANSPOSING
+        if turned:
             w, h = h, w
         im.close()
-        return w, h
+        return w, h, turned
     except ImageRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, never a crash
@@ -143,26 +154,28 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _decode(
-    ref: ImageRef, max_pixels: int, draft_for: tuple[int, int] | None
+    ref: ImageRef, max_pixels: int, draft_for: tuple[int, int] | None, buckets: BucketConfig | None = None,
+    exif_transpose: bool = True,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Open once, check, optionally draft-decode, apply EXIF, convert to RGB.
+    """Open once, check, optionally draft-decode, apply EXIF (unless `exif_transpose` is off),
+    convert to RGB.
 
-    Returns (RGB image, full size (w, h) as displayed). `draft_for` is a bucket (w, h): JPEG then
-    decodes at 1/2, 1/4 or 1/8 scale, never below the size the image will be resized to — the
-    main speed-up for large photos.
+    Returns (RGB image, full size (w, h) as displayed, or as stored without EXIF). `draft_for` is a
+    bucket (w, h) of the bucket set `buckets`: JPEG then decodes at 1/2, 1/4 or 1/8 scale, never
+    below the size the image will be resized to — the main speed-up for large photos.
     """
     try:
         im = _open_checked(ref, max_pixels)
-        orientation = _orientation(im)
+        orientation = _orientation(im) if exif_transpose else 1
         size = (im.height, im.width) if orientation in _TRANSPOSING else im.size
         if draft_for is not None and im.format == "JPEG":
-            (rw, rh), _ = resize_plan(size[0], size[1], draft_for)
+            (rw, rh), _ = resize_plan(size[0], size[1], draft_for, buckets)
             im.draft("RGB", (rh, rw) if orientation in _TRANSPOSING else (rw, rh))
         im.load()
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         return to_rgb(im), size
-    except ImageRejected:
+    except (ImageRejected, TunelabError):  # TunelabError: the bucket does not fit the image (an index error)
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, never a crash
         raise ImageRejected(_reason(exc)) from exc
@@ -174,14 +187,17 @@ def load_rgb(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def load_into_bucket(
-    ref: ImageRef, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+    ref: ImageRef, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, buckets: BucketConfig | None = None,
+    exif_transpose: bool = True,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
-    """Decode, resize to cover `bucket` and centre-crop.
+    """Decode, resize and centre-trim into `bucket` by kohya's rule (`resize_plan`; `buckets` is the
+    index's bucket config, which says whether it is a no-upscale bucket).
 
-    Returns (pixels (H, W, 3) uint8, original_size (w, h) as displayed, crop_ltrb in resized pixels).
+    Returns (pixels (H, W, 3) uint8, original_size (w, h) as displayed — as stored when
+    `exif_transpose` is off —, the real crop_ltrb in resized pixels).
     """
-    im, original = _decode(ref, max_pixels, bucket)  # im may be a 1/2..1/8 JPEG draft of `original`
-    (rw, rh), crop = resize_plan(original[0], original[1], bucket)
+    im, original = _decode(ref, max_pixels, bucket, buckets, exif_transpose)  # may be a 1/2..1/8 JPEG draft
+    (rw, rh), crop = resize_plan(original[0], original[1], bucket, buckets)
     try:
         # reducing_gap: a cheap box reduce first, then Lanczos — near-identical to full Lanczos.
         im = im.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)

@@ -1,12 +1,14 @@
 """The dataset index: one Parquet row per image, built by streaming every source.
 
-Columns: key, source, path, offset, size (tar members), width, height (as displayed), tags,
-caption, bucket (id into the bucket set), bucket_width, bucket_height, split (train/holdout),
-repeats (times the row counts per epoch: kohya's `N_concept` folder repeats, else 1; indexes built
-before the column existed read as 1).
+Columns: key, source, path, offset, size (tar members), width, height (as displayed; as stored in
+the header with `exif_transpose = False`, kohya's way), tags, caption, bucket (id into the bucket
+set), bucket_width, bucket_height, split (train/holdout), repeats (times the row counts per epoch:
+kohya's `N_concept` folder repeats, else 1; indexes built before the column existed read as 1).
 The footer's key-value metadata `tunelab.index` holds the bucket config, the bucket set, the
-histogram, the mean aspect error and the counts; `<index>.buckets.txt` is the readable histogram;
-`<index>.rejects.jsonl` lists images that could not be used.
+histogram, the mean aspect error, the counts, and `exif_transpose` with `exif_turned` (how many
+images EXIF orientation turns, applied or not; indexes from before them read as applied);
+`<index>.buckets.txt` is the readable histogram; `<index>.rejects.jsonl` lists images that could
+not be used.
 
 Hand-written glue around pyarrow: sources arrive as record batches, each batch gets its key prefix,
 bucket (numpy, vectorised), tag filter and seeded split (vectorised key hash), and is written at
@@ -72,6 +74,13 @@ class IndexOptions:
     seed: int = 0  # seed of that choice
     workers: int = 8  # threads reading image headers
     repeats: bool = True  # kohya `N_concept` folders count N times per epoch; False: read them as plain folders
+    # Apply EXIF orientation (upright images). False = kohya's way (pixels and size as stored): needed
+    # for kohya's latent caches of such photos, whose bucket kohya chose from the stored size.
+    exif_transpose: bool = True
+    # Images with a side shorter than this (as displayed) are rejected: a 1 x 1 pixel, a 10 px icon
+    # or a tracking pixel saved as a picture would be blown up to a whole bucket of blur. kohya has
+    # no such floor (it enlarges anything); 0 = its way.
+    min_image_side: int = 16
 
 
 @dataclass
@@ -84,6 +93,7 @@ class IndexSummary:
     buckets: list[list[int]]
     mean_aspect_error: float
     train_samples: int = 0  # rows of the train split counted with their repeats: what one epoch trains on
+    exif_turned: int = 0  # images whose EXIF orientation swaps width and height (applied or not)
 
     def histogram(self) -> str:
         return histogram_text(np.array(self.bucket_counts), np.array(self.buckets), self.mean_aspect_error)
@@ -144,12 +154,17 @@ class _Finisher:
         self.rows = 0
         self.holdout_rows = 0
         self.train_samples = 0
+        self.exif_turned = 0
         self.per_source: dict[str, int] = {}
 
     def __call__(self, raw: pa.RecordBatch, spec: SourceSpec, reject: Reject) -> pa.RecordBatch | None:
         if self.opts.where_tags:
             mask = _tag_mask(raw.column("tags"), self.opts.where_tags)
             raw = raw.filter(mask)
+        if raw.num_rows == 0:
+            return None
+        raw = self._orient(raw)
+        raw = self._drop_tiny(raw, reject)
         if raw.num_rows == 0:
             return None
         ids = self.assigner.assign(raw.column("width").to_numpy(zero_copy_only=False),
@@ -187,6 +202,28 @@ class _Finisher:
         }
         return pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA)
 
+    def _orient(self, raw: pa.RecordBatch) -> pa.RecordBatch:
+        """Count the rows EXIF turned; without `exif_transpose`, give them back their stored sides."""
+        turned = pc.fill_null(raw.column("turned"), False)
+        self.exif_turned += int(pc.sum(turned).as_py() or 0)
+        if self.opts.exif_transpose or not pc.any(turned).as_py():
+            return raw
+        w, h = raw.column("width"), raw.column("height")
+        raw = raw.set_column(raw.schema.get_field_index("width"), "width", pc.if_else(turned, h, w))
+        return raw.set_column(raw.schema.get_field_index("height"), "height", pc.if_else(turned, w, h))
+
+    def _drop_tiny(self, raw: pa.RecordBatch, reject: Reject) -> pa.RecordBatch:
+        floor = self.opts.min_image_side
+        if floor <= 0:
+            return raw
+        tiny = pc.or_(pc.less(raw.column("width"), floor), pc.less(raw.column("height"), floor))
+        if not pc.any(tiny).as_py():
+            return raw
+        for row in raw.filter(tiny).select(["key", "path", "width", "height"]).to_pylist():
+            reject(row["key"], row["path"], f"too small ({row['width']} x {row['height']} px: a side under "
+                   f"--min-image-side {floor})")
+        return raw.filter(pc.invert(tiny))
+
     def _drop_unbucketed(self, raw: pa.RecordBatch, ids: np.ndarray, reject: Reject) -> tuple[pa.RecordBatch, np.ndarray]:
         """no_upscale: images smaller than one bucket step on a side have no bucket (id -1)."""
         small = ids < 0
@@ -208,6 +245,7 @@ class _Finisher:
             buckets=self.assigner.buckets.tolist(),
             mean_aspect_error=self.error_sum / max(self.rows, 1),
             train_samples=self.train_samples,
+            exif_turned=self.exif_turned,
         )
 
 
@@ -332,6 +370,8 @@ def _footer(summary: IndexSummary, opts: IndexOptions) -> dict:
         "where_tags": list(opts.where_tags),
         "repeats": opts.repeats,
         "train_samples": summary.train_samples,
+        "exif_transpose": opts.exif_transpose,
+        "exif_turned": summary.exif_turned,
     }
 
 

@@ -4,10 +4,15 @@ kohya `.npz` caches as they are.
 A shard is one `.safetensors` file (the field's tensor format, read lazily with `safe_open`) holding
 up to `shard_size` entries: tensor name = image key, latents (4, H/8, W/8) fp16, unscaled (the
 VAE's scaling factor is applied at training time, as kohya does). Its header metadata
-`tunelab.latents` maps each key to original_size [w, h], crop_ltrb [l, t, r, b] in resized pixels,
-and a blake2b-64 checksum of the fp16 bytes. Shards are written to a temporary name and renamed
-when complete, so a killed run leaves only whole shards; a rerun skips every key already in one
-(resume). Under `accelerate launch` process r of n takes rows r, r + n, ...; shard names carry the
+`tunelab.latents` maps each key to original_size [w, h], crop_ltrb [l, t, r, b] and a blake2b-64
+checksum of the fp16 bytes; `tunelab.crop_ltrb` names the crop box's convention (buckets.py): "kohya"
+(sd-scripts' `get_crop_ltrb`, what kohya's `.npz` caches hold too), written by this version; shards
+without it are older ones, holding the real crop in resized pixels ("crop"). Each entry says which
+convention it is in (`LatentEntry.crop_convention`), and the data loader converts it to the run's
+`data.crop_conditioning`, so shards of either age and kohya's caches give one convention. Images
+are decoded by the index's resize rule and EXIF choice (its footer). Shards are written to a
+temporary name and renamed when complete, so a killed run leaves only whole shards; a rerun skips
+every key already in one (resume). Under `accelerate launch` process r of n takes rows r, r + n, ...; shard names carry the
 rank so processes never collide.
 
 `latents.json` in the folder records the index (and its bucket set) the shards were cached from;
@@ -50,6 +55,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from tunelab import faults
+from tunelab.data.buckets import BucketConfig, kohya_crop_ltrb
 from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket, read_rejects
 from tunelab.data.index import read_footer
 from tunelab.errors import TunelabError
@@ -62,6 +69,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the index side of tunel
 log = logging.getLogger(__name__)
 
 META_KEY = "tunelab.latents"
+CROP_META_KEY = "tunelab.crop_ltrb"  # the shard's crop convention; absent: "crop" (shards before it was recorded)
 SHARD_GLOB = "shard-*.safetensors"
 _COLUMNS = ["key", "path", "offset", "size", "bucket_width", "bucket_height"]
 KOHYA_SDXL_SUFFIX = "_sdxl.npz"  # sd-scripts' SdSdxlLatentsCachingStrategy.SDXL_LATENTS_NPZ_SUFFIX
@@ -73,8 +81,9 @@ MANIFEST = "latents.json"  # which index, and which bucket set, a shard folder w
 @dataclass
 class LatentEntry:
     latents: np.ndarray  # (4, H/8, W/8) float16 (tunelab shards) or float32 (kohya .npz)
-    original_size: tuple[int, int]  # (w, h) of the image as displayed
-    crop_ltrb: tuple[int, int, int, int]  # crop box in resized pixels
+    original_size: tuple[int, int]  # (w, h) of the image (as the index saw it; kohya: as stored)
+    crop_ltrb: tuple[float, float, float, float]  # the crop box, in `crop_convention`
+    crop_convention: str = "kohya"  # "kohya" (fitted inside the bucket) or "crop" (real crop): buckets.py
 
 
 class LatentSource(Protocol):
@@ -94,19 +103,29 @@ def checksum(array: np.ndarray) -> str:
 
 def shard_entries(path: Path) -> dict[str, dict]:
     """The entry table of a shard's header (raises if the file is unreadable)."""
+    return shard_header(path)[0]
+
+
+def shard_header(path: Path) -> tuple[dict[str, dict], str]:
+    """(entry table, crop convention) of a shard's header; shards from before the convention was
+    recorded hold the real crop ("crop"). Raises if the file is unreadable."""
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata() or {}
     if META_KEY not in meta:
         raise TunelabError(f"{path} is not a tunelab latent shard")
-    return json.loads(meta[META_KEY])
+    return json.loads(meta[META_KEY]), meta.get(CROP_META_KEY, "crop")
 
 
-def _write_shard(out_dir: Path, rank: int, entries: dict[str, tuple[np.ndarray, dict]]) -> Path:
-    """Write entries {key: (latents, info)} as one shard, atomically."""
+def _write_shard(out_dir: Path, rank: int, entries: dict[str, tuple[np.ndarray, dict]],
+                 crop_convention: str = "kohya") -> Path:
+    """Write entries {key: (latents, info)} as one shard, atomically; `crop_convention` is the one
+    of every entry's crop_ltrb."""
     name = f"shard-r{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
     tmp = out_dir / f".{name}.tmp"
     table = {k: {**info, "checksum": checksum(arr)} for k, (arr, info) in entries.items()}
-    save_file({k: arr for k, (arr, _) in entries.items()}, str(tmp), metadata={META_KEY: json.dumps(table)})
+    save_file({k: arr for k, (arr, _) in entries.items()}, str(tmp),
+              metadata={META_KEY: json.dumps(table), CROP_META_KEY: crop_convention})
+    faults.point("cache.shard")
     os.replace(tmp, out_dir / name)
     return out_dir / name
 
@@ -118,9 +137,10 @@ class LatentStore:
         self.dir = Path(cache_dir)
         self._where: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
+        self._convention: dict[Path, str] = {}  # shard -> the crop convention of its entries
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
             try:
-                table = shard_entries(shard)
+                table, self._convention[shard] = shard_header(shard)
             except Exception as exc:  # noqa: BLE001 - a broken shard is reported by verify
                 log.warning("skipping unreadable shard %s (%s); run `tunelab data verify --repair`", shard.name, exc)
                 continue
@@ -156,7 +176,7 @@ class LatentStore:
         info = self._info[key]
         if checksum(arr) != info["checksum"]:
             raise TunelabError(f"latents of {key!r} in {shard.name} are corrupt; run `tunelab data verify --repair`")
-        return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]))
+        return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]), self._convention[shard])
 
 
 class KohyaNpzLatents:
@@ -239,15 +259,16 @@ def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEn
                     raise TunelabError(f"{path}: no `latents` and no per-resolution `latents_HxW` array (it holds "
                                        f"{', '.join(sorted(names)) or 'nothing'}): not a kohya latent cache; re-cache it")
                 if want is not None and want not in sizes:
+                    stored = f"original_size_{sizes[0][0]}x{sizes[0][1]}"
                     raise TunelabError(
                         f"{path} holds latents for the bucket(s) {', '.join(f'{w * 8}x{h * 8}' for h, w in sizes)}, but "
-                        f"the index puts {key!r} in {want[1] * 8}x{want[0] * 8}: build the index with the bucket settings "
-                        "kohya cached with (resolution, min/max side, step), or re-cache the latents")
+                        f"the index puts {key!r} in {want[1] * 8}x{want[0] * 8}: "
+                        + _kohya_fix(tuple(int(v) for v in npz[stored]) if stored in names else None, record))
                 h, w = want if want is not None else sizes[0]
                 suffix = f"_{h}x{w}"
             latents = npz["latents" + suffix]
             size = tuple(int(v) for v in npz["original_size" + suffix]) if "original_size" + suffix in names else None
-            crop = tuple(int(v) for v in npz["crop_ltrb" + suffix]) if "crop_ltrb" + suffix in names else (0, 0, 0, 0)
+            crop = tuple(float(v) for v in npz["crop_ltrb" + suffix]) if "crop_ltrb" + suffix in names else None
     except TunelabError:
         raise
     except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
@@ -257,12 +278,22 @@ def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEn
     if want is not None and latents.shape[1:] != want:
         raise TunelabError(
             f"{path} holds latents of a {latents.shape[2] * 8}x{latents.shape[1] * 8} bucket, but the index "
-            f"puts {key!r} in {record['bucket_width']}x{record['bucket_height']}: build the index with the "
-            "bucket settings kohya cached with (resolution, min/max side, step), or re-cache the latents"
-        )
+            f"puts {key!r} in {record['bucket_width']}x{record['bucket_height']}: " + _kohya_fix(size, record))
     if size is None:  # old kohya caches: no size stored; the latents' own size is all we know
         size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
-    return LatentEntry(latents, size, crop)
+    if crop is None:  # very old caches: no crop stored; what kohya's `get_crop_ltrb` gives for them
+        crop = kohya_crop_ltrb((latents.shape[-1] * 8, latents.shape[-2] * 8), size)
+    return LatentEntry(latents, size, crop, "kohya")
+
+
+def _kohya_fix(size: tuple[int, ...] | None, record: dict) -> str:
+    """How to make the index fit a kohya file of another bucket: EXIF (the sizes are swapped) or buckets."""
+    w, h = record.get("width"), record.get("height")
+    if size is not None and w != h and tuple(size) == (h, w):
+        return (f"kohya cached the image as stored ({size[0]}x{size[1]}) and the index turned it upright by its EXIF "
+                "orientation; rebuild the index kohya's way with `tunelab data index --no-exif-transpose ...`")
+    return ("build the index with the bucket settings kohya cached with (resolution, min/max side, step, "
+            "--bucket-no-upscale), or re-cache the latents")
 
 
 @dataclass
@@ -347,6 +378,12 @@ def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
     if lacking:
         raise TunelabError(f"{root} is a kohya latent folder, but {len(lacking)} of {len(records)} sampled images have "
                            f"no .npz: {kohya.missing(lacking[0]['key'], lacking[0])}")
+    turned = int(index.footer.get("exif_turned") or 0)
+    if turned and index.footer.get("exif_transpose", True):
+        raise TunelabError(
+            f"{root} holds kohya latent caches, but data.index {index.path} turned {turned:,} images upright by their "
+            "EXIF orientation, which kohya ignores (it caches them as stored, at another size and bucket): rebuild the "
+            "index kohya's way, `tunelab data index --no-exif-transpose ...`, or cache it with `tunelab data cache`")
     for rec in _one_per_bucket(records):
         kohya.get(rec["key"], rec)  # readable, SDXL-shaped, the index's bucket
     log.info("data.latents: kohya .npz caches in %s", root)
@@ -504,11 +541,16 @@ def _todo_batches(
             yield batch
 
 
-def _decode_batch(pool: ThreadPoolExecutor, batch: list[dict]) -> list:
+def _decode_batch(pool: ThreadPoolExecutor, batch: list[dict], footer: dict) -> list:
+    """Decode a batch in the pool, by the index's resize rule and EXIF choice (its footer)."""
+    buckets = BucketConfig(**footer["bucket_config"]) if footer.get("bucket_config") else None
+    exif = footer.get("exif_transpose", True)
+
     def one(rec: dict) -> tuple[dict, object]:
         ref = ImageRef(rec["path"], rec["offset"], rec["size"])
         try:
-            return rec, load_into_bucket(ref, (rec["bucket_width"], rec["bucket_height"]))
+            return rec, load_into_bucket(ref, (rec["bucket_width"], rec["bucket_height"]), buckets=buckets,
+                                         exif_transpose=exif)
         except ImageRejected as rej:
             return rec, rej
 
@@ -582,10 +624,10 @@ def cache_latents(
     with RejectsLog(rejects_path) as rejects, ThreadPoolExecutor(workers) as pool:
         try:
             batches = _todo_batches(index_path, done, skip, rank, world_size, batch_size)
-            ahead = _decode_batch(pool, next(batches, []))
+            ahead = _decode_batch(pool, next(batches, []), footer)
             while ahead:
                 current = [f.result() for f in ahead]
-                ahead = _decode_batch(pool, next(batches, []))  # decode the next batch while encoding this one
+                ahead = _decode_batch(pool, next(batches, []), footer)  # decode the next batch while encoding this one
                 _encode_into(vae, current, pending, rejects, device, summary, posterior)
                 bar.update(len(current))
                 if len(pending) >= shard_size:
@@ -613,7 +655,8 @@ def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device:
         return
     latents = encode_pixels(vae, [pixels for _, (pixels, _, _) in good], device, posterior,
                             [rec["key"] for rec, _ in good])  # (B, 4, h, w)
-    for (rec, (_, size, crop)), lat in zip(good, latents):
+    for (rec, (_, size, _crop)), lat in zip(good, latents):
+        crop = kohya_crop_ltrb((rec["bucket_width"], rec["bucket_height"]), size)  # the shards' convention (module doc)
         pending[rec["key"]] = (np.ascontiguousarray(lat), {"original_size": list(size), "crop_ltrb": list(crop)})
     summary.encoded += len(good)
 
@@ -701,13 +744,13 @@ def repair_cache(
 
 
 def _rewrite_without(path: Path, drop: set[str]) -> None:
-    table = shard_entries(path)
+    table, convention = shard_header(path)
     keep = {k: v for k, v in table.items() if k not in drop}
     with safe_open(str(path), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in keep}
     if tensors:
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(keep)})
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(keep), CROP_META_KEY: convention})  # kept as it was
         os.replace(tmp, path)
     else:
         path.unlink()

@@ -253,6 +253,11 @@ class TrainDataset:
     `crop_top_left` (SDXL's (top, left) conditioning), `target_size_hw`, and either `pixels`
     (3, H, W) float in [-1, 1] or `latents` (4, H/8, W/8). An image that cannot be read is logged to
     `rejects` and its sample is `None`; `collate` drops it, so training goes on.
+
+    `crop_conditioning` is the convention crop_top_left is fed in (buckets.py): "kohya" (sd-scripts'
+    `get_crop_ltrb`, the default) or "crop" (the real crop). Images decoded here and every latent
+    cache (kohya's, tunelab's of either age) are converted to it, so one run feeds one convention.
+    Images are decoded by the index's resize rule and EXIF choice (its footer).
     """
 
     def __init__(
@@ -262,11 +267,20 @@ class TrainDataset:
         seed: int = 0,
         latents: "LatentSource | None" = None,
         rejects_path: str | Path | None = None,
+        crop_conditioning: str = "kohya",
     ) -> None:
+        from tunelab.data.buckets import CROP_CONVENTIONS, BucketConfig
+
         self.index = index if isinstance(index, IndexTable) else IndexTable(index)
         self.captions = captions or CaptionConfig()
         self.seed = seed
         self.latents = latents
+        if crop_conditioning not in CROP_CONVENTIONS:
+            raise TunelabError(f"data.crop_conditioning = {crop_conditioning!r}: choose one of {', '.join(CROP_CONVENTIONS)}")
+        self.crop_conditioning = crop_conditioning
+        footer = self.index.footer
+        self.buckets = BucketConfig(**footer["bucket_config"]) if footer.get("bucket_config") else None
+        self.exif_transpose = bool(footer.get("exif_transpose", True))  # indexes before the choice applied EXIF
         self.rejects_path = Path(rejects_path) if rejects_path else self.index.path.with_name(
             self.index.path.stem + ".train-rejects.jsonl"
         )
@@ -277,6 +291,7 @@ class TrainDataset:
     def __getitem__(self, item: tuple[int, int]) -> dict | None:
         import torch
 
+        from tunelab.data.buckets import convert_crop_ltrb, crop_top_left
         from tunelab.data.captions import prompt_for
         from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket
 
@@ -286,23 +301,26 @@ class TrainDataset:
                   "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row,
                                        copy=copy[0] if copy else 0),
                   "target_size_hw": (rec["bucket_height"], rec["bucket_width"])}
+        bucket = (rec["bucket_width"], rec["bucket_height"])
         if self.latents is not None:
             entry = self.latents.get(rec["key"], rec)  # the row: kohya's files are found from the image
             if entry is None:
                 raise TunelabError(self.latents.missing(rec["key"], rec))
             w, h = entry.original_size
-            left, top = entry.crop_ltrb[:2]
+            crop = convert_crop_ltrb(entry.crop_ltrb, entry.crop_convention, self.crop_conditioning, (w, h), bucket,
+                                     self.buckets)
             return {**sample, "latents": torch.from_numpy(entry.latents.astype(np.float32)),
-                    "original_size_hw": (h, w), "crop_top_left": (top, left)}
+                    "original_size_hw": (h, w), "crop_top_left": crop_top_left(crop)}
         ref = ImageRef(rec["path"], rec["offset"], rec["size"])
         try:
-            pixels, (w, h), crop = load_into_bucket(ref, (rec["bucket_width"], rec["bucket_height"]))
+            pixels, (w, h), crop = load_into_bucket(ref, bucket, buckets=self.buckets, exif_transpose=self.exif_transpose)
         except ImageRejected as rej:
             with RejectsLog(self.rejects_path) as log_file:
                 log_file.add(rec["key"], rec["path"], rej.reason)
             return None
+        crop = convert_crop_ltrb(crop, "crop", self.crop_conditioning, (w, h), bucket, self.buckets)
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
-        return {**sample, "pixels": tensor, "original_size_hw": (h, w), "crop_top_left": (crop[1], crop[0])}
+        return {**sample, "pixels": tensor, "original_size_hw": (h, w), "crop_top_left": crop_top_left(crop)}
 
 
 def collate(samples: list[dict | None]) -> dict | None:

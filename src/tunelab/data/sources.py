@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tunelab.data.images import IMAGE_EXTENSIONS, ImageRef, ImageRejected, probe_size
+from tunelab.data.images import IMAGE_EXTENSIONS, ImageRef, ImageRejected, probe_header
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ RAW_SCHEMA = pa.schema(
         ("tags", pa.string()),
         ("caption", pa.string()),
         ("repeats", pa.int32()),  # times the image counts per epoch (kohya folder repeats); null = 1
+        ("turned", pa.bool_()),  # EXIF orientation swapped width and height; null: sizes given by a table
     ]
 )
 Reject = Callable[[str, str, str], None]
@@ -169,11 +170,11 @@ def _sized_rows(rows: list[dict], reject: Reject, pool: ThreadPoolExecutor) -> l
         try:
             try:
                 head = ImageRef(row["path"], row["offset"], min(row["size"], _TAR_HEAD)) if row["offset"] is not None else ref
-                row["width"], row["height"] = probe_size(head)
+                row["width"], row["height"], row["turned"] = probe_header(head)
             except ImageRejected:
                 if head is ref:
                     raise
-                row["width"], row["height"] = probe_size(ref)  # header beyond the first bytes
+                row["width"], row["height"], row["turned"] = probe_header(ref)  # header beyond the first bytes
             return row
         except ImageRejected as rej:
             reject(row["key"], row["path"], rej.reason)
@@ -587,6 +588,7 @@ def _read_table(spec: SourceSpec, reject: Reject, workers: int, batch_rows: int 
                 "tags": _as_text(raw.column(cols["tags"])),
                 "caption": _as_text(raw.column(cols["caption"])) if cols["caption"] else pa.nulls(n, pa.string()),
                 "repeats": pa.nulls(n, pa.int32()),
+                "turned": pa.nulls(n, pa.bool_()),
             })
             if spec.option("tar"):
                 out = _locate_in_tars(out, spec, listings)

@@ -252,7 +252,7 @@ def index_command(c: Conversion) -> list[str]:
             words += [opt, str(b[key])]
     if b.get("no_upscale"):
         words.append("--bucket-no-upscale")
-    return words
+    return words + ["--no-exif-transpose"]  # kohya reads images as stored (sd-scripts' load_image, imagesize)
 
 
 def derived(c: Conversion) -> list[str]:

@@ -4,17 +4,19 @@ sd-mecha does the merging (tunelab never re-implements its methods); tunelab rea
 (`recipe.py`: upgrade, model paths, methods checked first), merges key by key with a progress bar
 in fp64 by default, writes the output through a temporary file renamed into place, with the
 recipe that made it in its metadata (`mecha_recipe`, sd-mecha's own key) and a `.mecha` beside it.
+The header also gets the modelspec keys, `modelspec.merged_from` (the models' titles) and the
+modelspec hash (models/checkpoint.py, `stamp_merge`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tunelab import faults
 from tunelab.errors import TunelabError
 from tunelab.merge.recipe import Recipe, check_methods, parse, resolve_models, to_sd_mecha, upgrade
 
@@ -57,6 +59,9 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     import sd_mecha
     from tqdm import tqdm
 
+    from tunelab.models.checkpoint import stamp_merge
+
+    check_model_files(recipe)
     text = to_sd_mecha(recipe)
     try:
         node = sd_mecha.deserialize(text.rstrip("\n"))  # sd-mecha reads every line, an empty last one too
@@ -70,8 +75,9 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     try:
         sd_mecha.merge(node, output=tmp, output_dtype=dtype_of(dtype, "--dtype"),
                        merge_dtype=dtype_of(merge_dtype, "--merge-dtype"), strict_mandatory_keys=False,
-                       tqdm=tqdm if progress else _Silent)
-        os.replace(tmp, out)
+                       tqdm=_with_fault_point(tqdm if progress else _Silent))
+        # the model header (modelspec, merged_from, the hash) goes on as the data is copied into place
+        stamp_merge(tmp, out, [str(line.args[0]) for line in recipe.models], dtype)
     except TunelabError:
         raise
     except Exception as err:  # noqa: BLE001
@@ -81,6 +87,20 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     mecha = out.with_suffix(".mecha")
     mecha.write_text(text, encoding="utf-8")  # what sd-mecha ran: opens in sd-mecha as it is
     return Merged(out, recipe, text, mecha)
+
+
+def check_model_files(recipe: Recipe) -> None:
+    """Validate every model file's header before sd-mecha opens it: sd-mecha's reader takes
+    truncated files, gaps and trailing bytes, and fails on others mid-merge with messages that do
+    not name the file. Pickles are refused (sd-mecha would unpickle them)."""
+    from tunelab.models.checkpoint import refuse_pickle
+    from tunelab.models.safetensors_io import read_header
+
+    for line in recipe.models:
+        path = Path(str(line.args[0]))
+        refuse_pickle(path, f"{recipe.where(line)}: model")
+        if path.is_file():
+            read_header(path)
 
 
 def read_recipe(path: Path, models_dir: Path | None = None, maps: list[tuple[str, str]] | None = None) -> Recipe:
@@ -96,6 +116,16 @@ def run_file(path: Path, out: Path, models_dir: Path | None = None, maps: list[t
     for note in recipe.notes:
         log.info("%s", note)
     return merge_recipe(recipe, out, dtype, merge_dtype, progress)
+
+
+def _with_fault_point(bar: type) -> type:
+    """The progress bar class with a fault point at each merged key (faults.py), i.e. while
+    sd-mecha is writing the output."""
+    class Tracked(bar):
+        def update(self, *args, **kwargs):
+            faults.point("merge.write")
+            return super().update(*args, **kwargs)
+    return Tracked
 
 
 class _Silent:

@@ -52,7 +52,9 @@ class Components:
 
     `extras` are tensors the file had that no module owns (`v_pred`/`ztsnr` markers, scheduler
     buffers, `logit_scale`); `absent` are optional keys the file lacked (TE1's last layer, ...).
-    Both are kept so that load -> save reproduces the file's tensors exactly.
+    Both are kept so that load -> save reproduces the file's tensors exactly. `metadata` is the
+    file's header metadata and `source` the file or folder loaded (None: built in code), which a
+    trained checkpoint names as its base.
     """
 
     arch: str
@@ -63,6 +65,7 @@ class Components:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {

@@ -5,6 +5,14 @@ so a full SDXL model costs one copy in memory, in the file's dtype. Saving strea
 converted and written one at a time into a temporary file that is renamed into place when
 complete. Load -> save reproduces every tensor of the file exactly, including tensors no module
 owns (`v_pred`, scheduler buffers, `logit_scale`) and leaving out optional keys the file lacked.
+The header metadata is the source file's, updated (`build_metadata`), with `modelspec.hash_sha256`
+computed while the tensors are written.
+
+A diffusers folder is written as `StableDiffusionXLPipeline.from_pretrained` reads it:
+model_index.json, scheduler/ (the prediction record), tokenizer/ and tokenizer_2/, and the four
+models' configs and weights streamed through the same writer (text_encoder/ under transformers'
+nested `text_model.*` names, which diffusers' `convert_diffusers_to_original_sdxl.py` and every
+transformers version read).
 
 Pickle files (.ckpt/.pt/.pth/.bin) can run arbitrary code when unpickled; they are refused unless
 the caller passes allow_pickle=True, and even then are read with `torch.load(weights_only=True)`.
@@ -19,6 +27,7 @@ import logging
 import math
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,7 +39,9 @@ from tunelab.errors import TunelabError
 from tunelab.models import keys as K
 from tunelab.models.arch import ARCHES, MODELSPEC_ARCH, Components, build_components, load_arch
 from tunelab.models.prediction import PredictionRecord
-from tunelab.models.safetensors_io import DTYPES, Header, TensorSpec, read_header, write_streaming
+from tunelab.models.safetensors_io import (
+    DTYPES, HASH_KEY, Header, TensorSpec, data_sha256, read_header, rewrite_metadata, write_streaming,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +177,7 @@ def load_checkpoint(
     mapped = {r.sgm for r in rules}
     comps.extras = {k: src.get(k) for k in src.shapes if k not in mapped}
     _warn_unexpected(path, comps.extras)
-    comps.absent, comps.metadata = absent, dict(src.metadata)
+    comps.absent, comps.metadata, comps.source = absent, dict(src.metadata), str(path)
     if absent:
         log.info("%s lacks %d optional keys (e.g. %s); they keep default values and are not saved back",
                  path.name, len(absent), sorted(absent)[0])
@@ -231,30 +242,138 @@ def _warn_unexpected(path: Path, extras: Mapping[str, torch.Tensor]) -> None:
 # --- save --------------------------------------------------------------------------------------------------
 
 
+# What a saved header says, key by key (docs/checkpoints.md, "Metadata"). The SAI model spec asks
+# trainers to copy the source's keys where relevant and to generate the hash, date and the like:
+#   written fresh    FRESH_KEYS (the spec's technical keys, the record, tunelab's own) and the hash;
+#   kept             everything else the source had: modelspec.author / license / description /
+#                    usage_hint / trigger_phrase / tags / thumbnail ..., kohya's ss_*, other tools'
+#                    keys; title, date and resolution too, unless a trained checkpoint is saved;
+#   dropped          STALE_KEYS: hashes of other bytes (kohya's additional-networks hashes) and
+#                    descriptions of the tensors' dtypes, wrong once tunelab re-writes the tensors;
+#   history          HISTORY_KEYS and ss_*: how the *source* was made. A trained checkpoint is a new
+#                    model: its base's history would be presented as its own (kohya's model browsers
+#                    show ss_* as "this model's training"), so it is dropped and the lineage keys
+#                    name the base instead (its title and hash lead to the base's own header).
+#                    `training` replaces any source ss_* keys in every case (never a mix of two trainings).
+FRESH_KEYS = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+              "modelspec.prediction_type", HASH_KEY, "tunelab.version", "tunelab.arch", "tunelab.dtype",
+              "tunelab.ztsnr", "tunelab.flow_shift")
+STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.unet_dtype", "modelspec.vae_dtype")
+# modelspec has `merged_from` for merges but no field for "trained from": tunelab's own keys.
+LINEAGE_KEYS = ("tunelab.base", "tunelab.base_title", "tunelab.base_hash", "tunelab.run", "tunelab.step")
+HISTORY_KEYS = ("modelspec.merged_from", "modelspec.implementation_version", "mecha_recipe", *LINEAGE_KEYS)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a trained checkpoint comes from: the base as the run names it, the run and its step.
+    Saved as `tunelab.base`, `tunelab.run`, `tunelab.step`, plus the base file's title
+    (`tunelab.base_title`) and modelspec hash (`tunelab.base_hash`), which identify it whatever it
+    is called on another disk."""
+
+    base: str
+    run: str | None = None
+    step: int | None = None
+
+    @classmethod
+    def of(cls, comps: Components, run: str | None, step: int | None, base: str = "toy") -> "Lineage":
+        """A checkpoint trained from `comps`: named after their source file, else `base` (the
+        run file's setting, e.g. the toy preset built in code)."""
+        return cls(Path(comps.source).name if comps.source else str(base), run, step)
+
+
 def build_metadata(
     arch: str,
     dtype: str,
     title: str,
     prediction: str = "epsilon",
     training: Mapping[str, Any] | None = None,
+    source: Mapping[str, str] | None = None,
+    lineage: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """modelspec keys (what A1111 / ComfyUI / CivitAI display) plus tunelab's and training info."""
+    """The header of a saved checkpoint: `source` (the file it came from) carried over as the
+    comment above says, then modelspec keys (what A1111 / ComfyUI / CivitAI display), tunelab's,
+    `lineage` (a trained checkpoint's LINEAGE_KEYS) and `training` as kohya's `ss_*` keys.
+    The hash is added by the writer."""
+    new_model = lineage is not None
+    meta = {}
+    for key, value in (source or {}).items():
+        history = key.startswith("ss_") or key in HISTORY_KEYS
+        if key in FRESH_KEYS or key in STALE_KEYS or (history and new_model) or (key.startswith("ss_") and training):
+            continue
+        meta[key] = value
     res = load_arch(arch).resolution
-    meta = {
+    kept = {} if new_model else meta
+    meta.update({
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCH[arch],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
-        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.resolution": kept.get("modelspec.resolution", f"{res}x{res}"),
         "modelspec.prediction_type": prediction,
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": kept.get("modelspec.date", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")),
         "tunelab.version": __version__,
         "tunelab.arch": arch,
         "tunelab.dtype": dtype,
-    }
+    })
+    meta.update(lineage or {})
     for key, value in (training or {}).items():
         meta[f"ss_{key}"] = str(value)  # kohya's `ss_*` training keys, which model browsers show
     return meta
+
+
+def lineage_metadata(comps: Components, lineage: Lineage) -> dict[str, str]:
+    """LINEAGE_KEYS of a checkpoint trained from `comps` (the loaded base). The base's hash is
+    computed from its file (once per file: the sha256 of its tensor data, as modelspec defines it);
+    without a file, the hash its header states, if any."""
+    meta = {"tunelab.base": lineage.base}
+    if comps.metadata.get("modelspec.title"):
+        meta["tunelab.base_title"] = comps.metadata["modelspec.title"]
+    base_hash = _file_hash(comps.source) or comps.metadata.get(HASH_KEY)
+    if base_hash:
+        meta["tunelab.base_hash"] = base_hash
+    if lineage.run is not None:
+        meta["tunelab.run"] = lineage.run
+    if lineage.step is not None:
+        meta["tunelab.step"] = str(lineage.step)
+    return meta
+
+
+def stamp_merge(merged: str | Path, out: str | Path, models: list[str | Path], dtype: str) -> Path:
+    """Write sd-mecha's merged file `merged` as `out` with a model header: fresh modelspec keys,
+    the hash, `modelspec.merged_from` = the models' titles (their `modelspec.title`, else the file
+    name, as kohya's `sai_model_spec.build_merged_from` does), the record its markers carry and
+    sd-mecha's `mecha_recipe`. Nothing else of the inputs' headers: a merge has several authors,
+    licences and trainings, which `merged_from` leads to."""
+    header = read_header(merged)
+    shapes = {k: v.shape for k, v in header.tensors.items()}
+    arch = detect_arch(shapes, {}, str(merged))
+    titles = []
+    for model in models:
+        path = Path(model)
+        meta = read_header(path).metadata if path.suffix.lower() == ".safetensors" and path.is_file() else {}
+        titles.append(meta.get("modelspec.title") or path.stem)
+    record = PredictionRecord.of_file(merged, header)
+    source = {k: v for k, v in header.metadata.items() if k == "mecha_recipe"}
+    meta = build_metadata(arch, dtype, Path(out).stem, record.type, source=source, lineage={})
+    meta["modelspec.merged_from"] = ", ".join(titles)
+    record.stamp({}, meta)
+    rewrite_metadata(merged, out, meta | source, hash_key=HASH_KEY)
+    return Path(out)
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(source: str | None) -> str | None:
+    path = Path(source) if source else None
+    if path is None or path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = data_sha256(path)
+    return _HASHES[key]
 
 
 def save_checkpoint(
@@ -265,11 +384,15 @@ def save_checkpoint(
     training: Mapping[str, Any] | None = None,
     progress: Callable[[TensorSpec], None] | None = None,
     prediction: PredictionRecord | None = None,
+    lineage: Lineage | None = None,
 ) -> Path:
     """Write `comps` as an SGM single-file checkpoint (atomically; floating tensors cast to dtype).
 
     `prediction` stamps a prediction record (markers + metadata) into the file; by default the
-    components' own record (what the file they came from said) is kept."""
+    components' own record (what the file they came from said) is kept. The source's metadata is
+    kept and updated (`build_metadata`); `lineage` says the file is a new model trained from
+    `comps`' source (its history is replaced by the lineage keys). The title defaults to the
+    source's (a re-save) or the file name (a trained checkpoint)."""
     path = Path(path)
     record = prediction or PredictionRecord.of(comps)
     extras, record_meta = dict(comps.extras), {}
@@ -291,8 +414,10 @@ def save_checkpoint(
     for name, t in extras.items():  # kept exactly as the source file had them (markers: the record's)
         tensors[name] = lambda t=t: t
         specs.append(TensorSpec(name, tuple(t.shape), t.dtype))
-    meta = build_metadata(comps.arch, dtype, title or path.stem, record.type, training) | record_meta
-    write_streaming(path, specs, lambda s: tensors[s.name](), meta, progress)
+    kept_title = None if lineage else comps.metadata.get("modelspec.title")
+    meta = build_metadata(comps.arch, dtype, title or kept_title or path.stem, record.type, training, comps.metadata,
+                          lineage_metadata(comps, lineage) if lineage else None) | record_meta
+    write_streaming(path, specs, lambda s: tensors[s.name](), meta, progress, hash_key=HASH_KEY)
     return path
 
 
@@ -317,7 +442,7 @@ def new_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str = "fp16
     specs = [TensorSpec(k, K.sgm_shape(r, [tuple(state[r.component][n].shape) for n in r.names]), target)
              for k, r in rules.items()]
     meta = build_metadata(arch, dtype, Path(out).stem)
-    write_streaming(out, specs, lambda s: _random_tensor(s, seed).to(target), meta, progress)
+    write_streaming(out, specs, lambda s: _random_tensor(s, seed).to(target), meta, progress, hash_key=HASH_KEY)
     return Path(out)
 
 
@@ -335,10 +460,15 @@ def _random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
 # --- diffusers folders ----------------------------------------------------------------------------------------
 
 DIFFUSERS_PARTS = {"unet": "unet", "vae": "vae", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+            "text_encoder_1": "model.safetensors", "text_encoder_2": "model.safetensors"}
+_FORMAT = {"format": "pt"}  # what transformers' and diffusers' own safetensors writers put in the header
 
 
 def import_diffusers(folder: str | Path, dtype: torch.dtype | None = None) -> Components:
-    """Load a diffusers-format SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/)."""
+    """Load a diffusers-format SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/). The
+    prediction record comes from scheduler/, the SGM metadata tunelab's export keeps in unet/'s
+    weights file back into `metadata`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -352,7 +482,10 @@ def import_diffusers(folder: str | Path, dtype: torch.dtype | None = None) -> Co
     te1 = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
     te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw)
     shapes = {K.UNET + "input_blocks.0.0.weight": tuple(unet.conv_in.weight.shape), K.UNET + "label_emb.0.0.weight": (0,)}
-    comps = Components(detect_arch(shapes, {}, str(folder)), unet, vae, te1, te2)
+    comps = Components(detect_arch(shapes, {}, str(folder)), unet, vae, te1, te2, source=str(folder))
+    weights = folder / "unet" / _WEIGHTS["unet"]
+    if weights.is_file():
+        comps.metadata = {k: v for k, v in read_header(weights).metadata.items() if k not in _FORMAT}
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():  # the folder's prediction record lives in its scheduler config
         PredictionRecord.of_diffusers_scheduler(json.loads(sched.read_text())).stamp(comps.extras, comps.metadata)
@@ -363,17 +496,85 @@ def import_diffusers(folder: str | Path, dtype: torch.dtype | None = None) -> Co
     return comps
 
 
-def export_diffusers(comps: Components, folder: str | Path, dtype: str = "fp16") -> Path:
-    """Write `comps` as a diffusers folder (weights as safetensors), e.g. for other tools."""
+def export_diffusers(comps: Components, folder: str | Path, dtype: str = "fp16",
+                     tokenizers: str | Path | tuple[Any, Any] | None = None) -> Path:
+    """Write `comps` as a diffusers SDXL folder that `StableDiffusionXLPipeline.from_pretrained`
+    loads as it is: model_index.json, scheduler/ (the prediction record), tokenizer/ and
+    tokenizer_2/, unet/, vae/, text_encoder/, text_encoder_2/ (configs + safetensors weights).
+
+    `tokenizers`: a folder with tokenizer/ and tokenizer_2/ (a diffusers SDXL folder or a copy of
+    those two), "toy", or loaded (TE1, TE2) tokenizers; None is the toy preset's own and an error
+    for sdxl (SGM files carry none). Weights are cast while streamed (the modules are not changed).
+    The SGM metadata (modelspec, ss_*, lineage) rides in unet/'s weights header for the way back."""
     folder = Path(folder)
     target = parse_dtype(dtype)
+    record = PredictionRecord.of(comps)
+    scheduler = _diffusers_scheduler(record, comps.arch)  # refuses what diffusers cannot sample, first
+    toks = _export_tokenizers(comps, tokenizers)
+    meta = build_metadata(comps.arch, dtype, comps.metadata.get("modelspec.title") or folder.name, record.type,
+                          source=comps.metadata)
+    record.stamp({}, meta)
     for name, sub in DIFFUSERS_PARTS.items():
-        module = comps.modules()[name]
-        module.to(dtype=target).save_pretrained(folder / sub, safe_serialization=True)
-    config = PredictionRecord.of(comps).scheduler_config(load_arch(comps.arch).scheduler)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+        _write_part(comps.modules()[name], name, folder / sub, target, meta if name == "unet" else {})
+    scheduler.save_pretrained(folder / "scheduler")
+    toks[0].save_pretrained(folder / "tokenizer")
+    toks[1].save_pretrained(folder / "tokenizer_2")
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = {DIFFUSERS_PARTS[n]: m for n, m in comps.modules().items()}
+    pipe = StableDiffusionXLPipeline(**parts, tokenizer=toks[0], tokenizer_2=toks[1], scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_config(folder)  # model_index.json: each component's (library, class)
     return folder
+
+
+def diffusers_file_keys(name: str, module: torch.nn.Module) -> dict[str, str]:
+    """{state-dict key: key in the part's weights file}. Identity except TE1 under transformers 5,
+    whose CLIPTextModel dropped the `text_model.` level: the file keeps the nested names that
+    diffusers' scripts and every transformers version read (the SGM name without its prefix)."""
+    keys = module.state_dict().keys()
+    if name == "text_encoder_1":
+        return {k: K.with_text_model(k) for k in keys}
+    return {k: k for k in keys}
+
+
+def _write_part(module: torch.nn.Module, name: str, sub: Path, target: torch.dtype, meta: Mapping[str, str]) -> None:
+    import copy
+
+    sub.mkdir(parents=True, exist_ok=True)
+    state = module.state_dict()
+    names = diffusers_file_keys(name, module)
+    by_file = {names[k]: t for k, t in state.items()}
+    specs = [TensorSpec(names[k], tuple(t.shape), target if t.is_floating_point() else t.dtype) for k, t in state.items()]
+    write_streaming(sub / _WEIGHTS[name], specs,
+                    lambda s: by_file[s.name].to(s.dtype) if by_file[s.name].is_floating_point() else by_file[s.name],
+                    {**meta, **_FORMAT})
+    if name.startswith("text_encoder"):
+        config = copy.deepcopy(module.config)
+        config.dtype = target  # what transformers' own save_pretrained records
+        config.architectures = [type(module).__name__]
+        config.save_pretrained(sub)
+    else:
+        module.save_config(sub)
+
+
+def _diffusers_scheduler(record: PredictionRecord, arch: str):
+    import diffusers
+
+    config = record.scheduler_config(load_arch(arch).scheduler)
+    return getattr(diffusers, config.pop("_class_name"))(**config)
+
+
+def _export_tokenizers(comps: Components, tokenizers: str | Path | tuple[Any, Any] | None) -> tuple[Any, Any]:
+    from tunelab.models.text import OFFLINE_ROUTE, load_tokenizers, resolve_tokenizers
+
+    if isinstance(tokenizers, tuple):
+        return tokenizers
+    if tokenizers is None and comps.arch != "toy":
+        raise TunelabError(f"a diffusers folder holds the model's tokenizers, and {comps.source or 'this model'} "
+                           f"carries none: pass --tokenizers with {OFFLINE_ROUTE}")
+    setting = resolve_tokenizers(str(tokenizers or "toy"), comps.arch, comps.source or comps.arch, option="--tokenizers")
+    return load_tokenizers(setting)
 
 
 # --- inspect ---------------------------------------------------------------------------------------------------
@@ -399,7 +600,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     from tunelab.kohya.metadata import training_summary
 
     report.update(file=str(path), bytes=path.stat().st_size, dtype=_file_dtype(header), metadata=header.metadata,
-                  prediction=PredictionRecord.read(header.tensors.keys(), header.metadata).describe(),
+                  prediction=PredictionRecord.of_file(path, header).describe(),
                   training=training_summary(header.metadata))
     if arch is None:
         report["problem"] = why
@@ -438,4 +639,4 @@ def _report(arch: str | None, shapes: Mapping[str, tuple[int, ...]], dtypes: Map
 
 
 __all__ = ["load_checkpoint", "save_checkpoint", "new_checkpoint", "import_diffusers", "export_diffusers",
-           "inspect_file", "inspect_preset", "detect_arch", "refuse_pickle", "DTYPES"]
+           "inspect_file", "inspect_preset", "detect_arch", "refuse_pickle", "Lineage", "DTYPES"]

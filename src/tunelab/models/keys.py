@@ -130,7 +130,7 @@ def te2_name(key: str) -> str:
     raise KeyError(f"no OpenCLIP name for TE2 key {key!r}")
 
 
-def _with_text_model(key: str) -> str:
+def with_text_model(key: str) -> str:
     """transformers 4.x nests CLIPTextModel's weights under `text_model.`, 5.x does not (it maps the
     old names on load). SGM files always use the nested names; accept both module layouts."""
     if key.startswith("text_model.") or key.startswith("text_projection."):
@@ -148,7 +148,7 @@ def _te2_rules(keys: Iterable[str]) -> list[KeyRule]:
             continue  # folded into the q_proj rule above
         else:
             op = "transpose" if key == "text_projection.weight" else "copy"
-            rules.append(KeyRule(TE2 + te2_name(_with_text_model(key)), "text_encoder_2", (key,), op))
+            rules.append(KeyRule(TE2 + te2_name(with_text_model(key)), "text_encoder_2", (key,), op))
     return rules
 
 
@@ -168,7 +168,7 @@ def build_rules(modules: Mapping[str, torch.nn.Module], unet_config: Mapping, va
         conv = re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", sgm) is not None
         rules.append(KeyRule(sgm, "vae", (key,), "conv1x1" if conv else "copy"))
     for key in modules["text_encoder_1"].state_dict():
-        rules.append(KeyRule(TE1 + _with_text_model(key), "text_encoder_1", (key,)))
+        rules.append(KeyRule(TE1 + with_text_model(key), "text_encoder_1", (key,)))
     rules += _te2_rules(modules["text_encoder_2"].state_dict())
     return rules
 

@@ -9,10 +9,17 @@ header field and fails with one line naming what is wrong. Tensor reading itself
 
 Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets},
 "__metadata__": {str: str}}, then the data buffer; offsets are relative to the buffer start.
+
+The writer can stamp `modelspec.hash_sha256` as the SAI model spec defines it: "0x" + the sha256 of
+all tensor content, i.e. of the data buffer, excluding the header (Stability-AI/ModelSpec README,
+`hash_sha256`; its `examples/python/example_no_reqs.py` hashes the bytes after the header). The
+header is written first with a placeholder of the same length, the buffer is hashed while it is
+written, and the placeholder is overwritten before the file is renamed into place: one pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -92,11 +99,11 @@ def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _fail(path, f"entry {name!r} is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # not bool
         raise _fail(path, f"tensor {name!r} has a malformed shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs) and 0 <= offs[0] <= offs[1]):
+    if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
         raise _fail(path, f"tensor {name!r} has malformed data_offsets {offs!r}")
     info = TensorInfo(dtype, tuple(shape), offs[0], offs[1])
     if info.end - info.begin != info.numel * DTYPES[dtype][1]:
@@ -126,21 +133,31 @@ class TensorSpec:
     dtype: torch.dtype
 
 
+HASH_KEY = "modelspec.hash_sha256"
+_HASH_PLACEHOLDER = "0x" + "0" * 64  # as long as the real value: the header keeps its length
+
+
 def write_streaming(
     path: str | Path,
     specs: Iterable[TensorSpec],
     produce: Callable[[TensorSpec], torch.Tensor],
     metadata: dict[str, str] | None = None,
     progress: Callable[[TensorSpec], None] | None = None,
-) -> None:
+    hash_key: str | None = None,
+) -> str | None:
     """Write a safetensors file tensor by tensor; memory holds one tensor at a time.
 
     The file appears at `path` only when complete (temporary file in the same folder, fsync,
-    rename), so a crash never leaves a half-written checkpoint under the final name.
+    rename), so a crash never leaves a half-written checkpoint under the final name. With
+    `hash_key` (e.g. HASH_KEY) the metadata gets "0x" + sha256 of the data buffer under that key,
+    which is also returned.
     """
     path = Path(path)
     specs = sorted(specs, key=lambda s: s.name)
-    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    meta = dict(metadata or {})
+    if hash_key:
+        meta[hash_key] = _HASH_PLACEHOLDER
+    header: dict[str, object] = {"__metadata__": meta}
     pos = 0
     for s in specs:
         nbytes = math.prod(s.shape) * DTYPES[TORCH_TO_ST[s.dtype]][1]
@@ -148,6 +165,8 @@ def write_streaming(
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data buffer aligned to 8 bytes, as the reference writer does
+    where = _placeholder_offset(raw, hash_key) if hash_key else None
+    digest = hashlib.sha256()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.fchmod(fd, file_mode())  # mkstemp makes 0600; a checkpoint gets what open() would give it
@@ -155,15 +174,93 @@ def write_streaming(
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
             for s in specs:
-                f.write(_tensor_bytes(s, produce(s)))
+                data = _tensor_bytes(s, produce(s))
+                f.write(data)
+                digest.update(data)
                 if progress:
                     progress(s)
+            value = "0x" + digest.hexdigest()
+            if where is not None:
+                f.seek(8 + where)
+                f.write(value.encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return value if hash_key else None
+
+
+def _placeholder_offset(raw: bytes, key: str) -> int:
+    """Byte offset of the placeholder value in the header JSON (keys are unique and quotes inside
+    values are escaped, so the pattern occurs once)."""
+    pattern = (json.dumps(key) + ":" + json.dumps(_HASH_PLACEHOLDER)).encode()
+    return raw.index(pattern) + len(pattern) - len(_HASH_PLACEHOLDER) - 1
+
+
+def rewrite_metadata(src: str | Path, dst: str | Path, metadata: dict[str, str], hash_key: str | None = None,
+                     block: int = 1 << 24) -> str | None:
+    """Copy a safetensors file with a new `__metadata__` (the tensors' bytes copied as they are,
+    in blocks), atomically like `write_streaming`; with `hash_key` the data's modelspec hash is
+    stamped too (and returned). For files another writer made (sd-mecha's merges)."""
+    header = read_header(src)
+    dst = Path(dst)
+    meta = dict(metadata)
+    if hash_key:
+        meta[hash_key] = _HASH_PLACEHOLDER
+    doc: dict[str, object] = {"__metadata__": meta}
+    for name, info in header.tensors.items():
+        doc[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    where = _placeholder_offset(raw, hash_key) if hash_key else None
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    os.fchmod(fd, file_mode())
+    try:
+        with os.fdopen(fd, "wb") as f, Path(src).open("rb") as g:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            g.seek(header.data_start)
+            for chunk in iter(lambda: g.read(block), b""):
+                f.write(chunk)
+                digest.update(chunk)
+            value = "0x" + digest.hexdigest()
+            if where is not None:
+                f.seek(8 + where)
+                f.write(value.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return value if hash_key else None
+
+
+def data_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """ "0x" + sha256 of a safetensors file's data buffer (everything after the header): the
+    modelspec `hash_sha256` of the file, whatever its metadata says. Streams; reads the whole file."""
+    header = read_header(path)
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        f.seek(header.data_start)
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return "0x" + digest.hexdigest()
+
+
+def read_small_tensor(path: str | Path, header: Header, name: str, max_bytes: int = 1024) -> torch.Tensor:
+    """One small tensor (a marker scalar) read from the file's bytes by its header entry, without
+    memory-mapping the file: header-only tools stay header-only plus a few bytes."""
+    info = header.tensors[name]
+    if info.end - info.begin > max_bytes:
+        raise TunelabError(f"{path}: tensor {name!r} holds {info.end - info.begin} bytes; expected a small marker")
+    with Path(path).open("rb") as f:
+        f.seek(header.data_start + info.begin)
+        data = f.read(info.end - info.begin)
+    dtype = DTYPES[info.dtype][0]
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape) if data else torch.zeros(info.shape, dtype=dtype)
 
 
 def file_mode() -> int:

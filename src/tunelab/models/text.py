@@ -340,14 +340,18 @@ def _encode_chunks(encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) 
 
 def encode_chunked(
     encoders: tuple[torch.nn.Module, torch.nn.Module], ids1: torch.Tensor, ids2: torch.Tensor, clip_skip: int = 2,
+    clip_skip_te2: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked ids (B, chunks, 77) of each tokenizer -> (TE1 states (B, 77*chunks, D1), TE2 states
-    (B, 77*chunks, D2), TE2's pooled output of chunk 0 (B, P))."""
+    (B, 77*chunks, D2), TE2's pooled output of chunk 0 (B, P)). TE2's layer is clip_skip_te2
+    (None: clip_skip, as training does; A1111 keeps TE2 at 2 whatever its clip skip)."""
     n_layers = min(_unwrap(e).config.num_hidden_layers for e in encoders)
-    if not 1 <= clip_skip <= n_layers:
-        raise TunelabError(f"clip_skip must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {clip_skip}")
+    te2_skip = clip_skip if clip_skip_te2 is None else clip_skip_te2
+    for name, skip in (("clip_skip", clip_skip), ("clip_skip_te2", te2_skip)):
+        if not 1 <= skip <= n_layers:
+            raise TunelabError(f"{name} must be between 1 and {n_layers} (2 = SDXL's penultimate layer), got {skip}")
     h1, _ = _encode_chunks(encoders[0], ids1, clip_skip)
-    h2, out2 = _encode_chunks(encoders[1], ids2, clip_skip)
+    h2, out2 = _encode_chunks(encoders[1], ids2, te2_skip)
     pooled = out2.text_embeds.reshape(ids2.shape[0], ids2.shape[1], -1)[:, 0]  # (B, P) from chunk 0
     return h1, h2, pooled
 

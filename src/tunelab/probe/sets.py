@@ -180,7 +180,7 @@ def learn_set(cfg: "RunConfig", vae: torch.nn.Module, device: torch.device | str
     latents_dir = (cfg.data.latents if own else p.learn_latents) or None
     source = open_latents(latents_dir, index) if latents_dir else None
     captions = cfg.data.captions.model_copy(update={"caption_dropout": 0.0})
-    data = TrainDataset(index, captions, seed=cfg.run.seed, latents=source)
+    data = TrainDataset(index, captions, seed=cfg.run.seed, latents=source, crop_conditioning=cfg.data.crop_conditioning)
     out = ProbeSet("learn", [], [], [], [], [])
     for row in chosen:
         batch = collate([data[(0, row)]])

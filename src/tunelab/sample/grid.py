@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterable, Iterator
 from tunelab.errors import TunelabError
 from tunelab.run import step_name
 from tunelab.sample.infotext import format_infotext, model_hash, save_with_infotext, settings_params
-from tunelab.sample.pipeline import SampleSettings, SamplingModel, canonical_sampler, generate, resolve_sampler
+from tunelab.sample.pipeline import (SampleSettings, SamplingModel, applied_rescale, canonical_sampler,
+                                     canonical_schedule, generate, resolve_sampler)
 from tunelab.sample.sheet import draw_sheet, stack_sheets
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,17 @@ SPEC_VERSION = 1
 # axis name -> (value type, label shown on the sheet). "checkpoint" is not a SampleSettings field.
 AXES: dict[str, tuple[type, str]] = {
     "checkpoint": (str, ""), "prompt": (str, ""), "negative": (str, "negative"), "seed": (int, "seed"),
-    "cfg": (float, "CFG"), "steps": (int, "steps"), "sampler": (str, ""), "clip_skip": (int, "clip skip"),
+    "cfg": (float, "CFG"), "steps": (int, "steps"), "sampler": (str, ""), "schedule_type": (str, "schedule"),
+    "clip_skip": (int, "clip skip"),
     "pag_scale": (float, "PAG"), "seg_scale": (float, "SEG"), "seg_sigma": (float, "SEG sigma"),
     "freeu": (bool, "FreeU"), "hires_scale": (float, "hires x"), "hires_denoise": (float, "hires denoise"),
     "hires_steps": (int, "hires steps"), "width": (int, "width"), "height": (int, "height"),
     "guidance_rescale": (float, "CFG rescale"), "uncond": (str, "uncond"),
+    "comma_backtrack": (int, "comma backtrack"), "pad_conds": (bool, "pad conds"), "clip_skip_te2": (bool, "clip skip TE2"),
 }
 _ALIASES = {"model": "checkpoint", "ckpt": "checkpoint", "cfg_scale": "cfg", "cfg scale": "cfg", "pag": "pag_scale",
-            "seg": "seg_scale", "denoise": "hires_denoise", "hires": "hires_scale", "negative_prompt": "negative"}
+            "seg": "seg_scale", "denoise": "hires_denoise", "hires": "hires_scale", "negative_prompt": "negative",
+            "schedule": "schedule_type", "scheduler": "schedule_type", "schedule type": "schedule_type"}
 _UNUM = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _NUM = r"[+-]?" + _UNUM
 # "a-b", "a-b (+s)", "a-b (-s)", "a-b [n]"
@@ -114,6 +118,8 @@ def parse_values(axis: str, text: str) -> list[Any]:
         values += expanded if expanded is not None else [_convert(raw, kind, axis)]
     if axis == "sampler":
         values = [canonical_sampler(v) for v in values]
+    if axis == "schedule_type":
+        values = [canonical_schedule(v) for v in values]
     if not values:
         raise TunelabError(f"axis {axis} has no values")
     return values
@@ -191,7 +197,7 @@ class GridSpec:
             spec.base = dataclasses.replace(spec.base, prompt=spec.prompts[0])
         if spec.image_format not in ("png", "jpg"):
             raise TunelabError(f"image format must be png or jpg, got {spec.image_format!r}")
-        resolve_sampler(spec.base.sampler)
+        resolve_sampler(spec.base.sampler, spec.base.schedule_type)
         _check_numbers(spec)
         return spec
 
@@ -387,7 +393,11 @@ def _render_cells(model: SamplingModel, cells: list[Cell], spec: GridSpec, out: 
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for i, cell in enumerate(cells, start=first_index):
         sample = generate(model, cell.settings)
-        params = settings_params(cell.settings, sample.size, model.name, model.hash, model.vae_name, sample.extras)
+        s = cell.settings
+        params = settings_params(s, sample.size, model.name, model.hash, model.vae_name, sample.extras,
+                                 vae_hash=model_hash(spec.vae) if spec.vae and model.vae_name else None,
+                                 rescale=applied_rescale(s, model),
+                                 attn_layers=list(model.unet.attn_processors) if s.pag_scale or s.seg_scale else None)
         cell.infotext = format_infotext(cell.settings.prompt, cell.settings.negative, params)
         cell.file = str(Path("cells") / cell_name(i, cell, sample.size, spec.image_format))
         save_with_infotext(sample.image, out / cell.file, cell.infotext)
@@ -414,7 +424,8 @@ def _title(spec: GridSpec) -> str:
     parts = [] if "prompt" in on_axes else [f"prompt: {b.prompt or '(empty)'}"]
     if b.negative and "negative" not in on_axes:
         parts.append(f"negative: {b.negative}")
-    fixed = {"sampler": b.sampler, "steps": f"{b.steps} steps", "cfg": f"CFG {b.cfg:g}", "seed": f"seed {b.seed}",
+    sampler = b.sampler if b.schedule_type == "Automatic" or "schedule_type" in on_axes else f"{b.sampler} {b.schedule_type}"
+    fixed = {"sampler": sampler, "steps": f"{b.steps} steps", "cfg": f"CFG {b.cfg:g}", "seed": f"seed {b.seed}",
              "clip_skip": f"clip skip {b.clip_skip}"}
     parts += [v for k, v in fixed.items() if k not in on_axes]
     if b.pag_scale and "pag_scale" not in on_axes:
@@ -531,8 +542,9 @@ def render_training_grid(components: Any, tokenizers: tuple[Any, Any], cfg: Any,
     callback; also callable on any loaded components with a RunConfig)."""
     g = cfg.grid
     base = SampleSettings(negative=g.negative, steps=g.steps, cfg=g.cfg, sampler=g.sampler,
-                          clip_skip=cfg.model.clip_skip, pag_scale=g.pag_scale, seg_scale=g.seg_scale,
-                          max_chunks=cfg.model.max_chunks, seed=g.seeds[0])
+                          schedule_type=g.schedule_type, clip_skip=cfg.model.clip_skip, pag_scale=g.pag_scale, seg_scale=g.seg_scale,
+                          max_chunks=cfg.model.max_chunks, seed=g.seeds[0],
+                          clip_skip_te2=True)  # the trainer applies clip_skip to both encoders
     spec = GridSpec(base=base, prompts=list(g.prompts), x=Axis("prompt", list(g.prompts)),
                     y=Axis("seed", list(g.seeds)) if len(g.seeds) > 1 else None)
     return render_grid_from_components(components, tokenizers, spec, out_dir, step)

@@ -1,23 +1,28 @@
-"""Guidance for sampling: CFG, CFG++, PAG, SEG, guidance rescale, FreeU and the hires-fix plan.
+"""Guidance for sampling: CFG, CFG++, PAG, SEG, guidance rescale, FreeU and the hires-fix sizes.
 
 What is reused and what is hand-written, and why:
 
 - FreeU is diffusers' own (`UNet2DConditionModel.enable_freeu`); only the SDXL defaults live here.
 - Guidance rescale (Lin et al. 2023, for zero-terminal-SNR models) is diffusers' `rescale_noise_cfg`.
-- CFG++ (Chung et al. 2024) is written here: diffusers has no CFG++ sampler. The guided prediction
-  (with a small scale lambda; A1111 convention: lambda = CFG scale / 12.5) gives the denoised
-  estimate, but the step back to the next noise level uses the *unconditional* noise estimate.
-  `EulerCFGPPScheduler` and `DDIMCFGPPScheduler` are diffusers schedulers whose `step` does that;
-  the pure step functions are tested on hand-worked numbers.
+- CFG++ (Chung et al. 2024): the guided prediction, with a small scale lambda, gives the denoised
+  estimate, and the step back to the next noise level uses the *unconditional* one, which
+  `GuidedUNet.last_uncond` keeps; the samplers that do it are in samplers.py. Lambda is the CFG
+  scale / `Guidance.cfg_divisor`: 12.5 for A1111's DDIM CFG++, 1 for ComfyUI's Euler CFG++.
 - PAG (Ahn et al. 2024) and SEG (Hong 2024) are written as one attention processor: diffusers'
   PAG processors assume their own pipeline's fixed batch layout ([uncond, cond, perturbed]) and
   cannot be combined with SEG, while the field runs PAG and SEG together. Our `GuidedUNet` stacks
   every branch in one batch, [uncond, cond, pag, seg] (only those in use), so one UNet call per
   step serves them all. PAG replaces the self-attention map with the identity (output = V); SEG
-  blurs the self-attention query with a Gaussian of `seg_sigma` latent pixels (infinite sigma =
-  the query's mean, i.e. uniform attention). The blur is an exact matrix on the token grid with
-  mirrored edges, so it works at any size, even where the kernel is wider than the feature map
-  (SDXL's middle block is 32 x 32 tokens at 1024 px, the toy's 2 x 2; sigma 11 spans 67 taps).
+  blurs the self-attention query over the layer's token grid with a Gaussian of `seg_sigma`
+  *tokens* (SDXL's middle block is 32 x 32 tokens at 1024 px: one token = 4 latent pixels = 32
+  image pixels), exactly as the SEG reference does it (SusungHong/SEG-SDXL, pipeline_seg.py,
+  `gaussian_blur_2d`; the same function in pamparamm/sd-perturbed-attention, the extension Forge
+  and ComfyUI users run): ceil(6 sigma) taps rounded up to odd, capped at the map's width
+  (33 taps on a 32-wide map), edges mirrored without repeating the edge token (torch's "reflect"
+  padding); sigma above 9999 (the reference's "infinite" 9999999), inf or below 0 (the extension's
+  -1) = the mean query, i.e. uniform attention. The blur is written as a matrix on the grid
+  (`blur_matrix`), which also handles maps whose height is under half their width, where the
+  reference's torch padding refuses to run (the reflection folds again, as numpy's does).
 
 The combined prediction is
     out = u + s (c - u) + pag_scale (c - p) + seg_scale (c - g)
@@ -37,15 +42,11 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
-from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
-CFGPP_DIVISOR = 12.5  # A1111: the CFG++ lambda is the user's CFG scale / 12.5 (CFG 6 -> 0.48)
 FREEU_SDXL = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}  # the FreeU authors' SDXL values
 
 
@@ -53,18 +54,19 @@ FREEU_SDXL = {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}  # the FreeU authors' 
 class Guidance:
     """How one image is guided. Scales of 0 switch a method off."""
 
-    cfg: float = 7.0  # classifier-free guidance scale (for CFG++ divided by 12.5)
-    cfg_pp: bool = False  # CFG++ (DDIM and Euler only)
+    cfg: float = 7.0  # classifier-free guidance scale (CFG++: lambda x cfg_divisor)
+    cfg_pp: bool = False  # CFG++: the unconditional branch always runs (the sampler steps with it)
+    cfg_divisor: float = 1.0  # the guidance scale is cfg / cfg_divisor (A1111's DDIM CFG++: 12.5)
     pag_scale: float = 0.0  # perturbed-attention guidance; the field uses 1
     pag_layers: str = "mid"  # which self-attention layers PAG perturbs (see select_layers)
     seg_scale: float = 0.0  # smoothed-energy guidance; the paper uses 3
-    seg_sigma: float = 11.0  # SEG blur in latent pixels; inf = uniform attention
+    seg_sigma: float = 11.0  # SEG blur in tokens of the layer's grid; > 9999, inf or < 0 = uniform attention
     seg_layers: str = "mid"
     rescale: float = 0.0  # guidance rescale phi; 0.7 for zero-terminal-SNR models
 
     @property
     def scale(self) -> float:
-        return self.cfg / CFGPP_DIVISOR if self.cfg_pp else self.cfg
+        return self.cfg / self.cfg_divisor
 
     def branches(self) -> list[str]:
         """Batch layout of one guided UNet call. The unconditional branch is skipped at scale 1
@@ -89,108 +91,65 @@ def combine(outputs: dict[str, torch.Tensor], g: Guidance) -> torch.Tensor:
     return out
 
 
-# --- CFG++ ------------------------------------------------------------------------------------------------
-
-
-def euler_cfgpp_step(sample: torch.Tensor, sigma: float, sigma_next: float, x0_guided: torch.Tensor,
-                     x0_uncond: torch.Tensor) -> torch.Tensor:
-    """x_next = x0_guided + sigma_next * eps_uncond, with eps_uncond = (x - x0_uncond) / sigma."""
-    return x0_guided + sigma_next * (sample - x0_uncond) / sigma
-
-
-def ddim_cfgpp_step(alpha_prev: float, x0_guided: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """x_prev = sqrt(a_prev) x0_guided + sqrt(1 - a_prev) eps_uncond (DDIM, eta 0)."""
-    return alpha_prev**0.5 * x0_guided + (1 - alpha_prev) ** 0.5 * eps_uncond
-
-
-class _CFGPPMixin:
-    """`uncond_source` is set by the pipeline to the GuidedUNet whose last call produced the
-    prediction being stepped; its `last_uncond` is the unconditional output of that call."""
-
-    uncond_source: Any = None
-
-    def _uncond(self, like: torch.Tensor) -> torch.Tensor:
-        src = self.uncond_source
-        if src is None or src.last_uncond is None or src.last_uncond.shape != like.shape:
-            raise RuntimeError("a CFG++ scheduler needs the GuidedUNet that made the prediction (uncond_source)")
-        return src.last_uncond
-
-
-class EulerCFGPPScheduler(_CFGPPMixin, EulerDiscreteScheduler):
-    """Euler with CFG++: denoise with the guided output, re-noise with the unconditional one."""
-
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
-             return_dict: bool = True, **kwargs: Any):
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-        x = sample.to(torch.float32)
-        x0_g = self._x0(model_output.float(), x, sigma)
-        x0_u = self._x0(self._uncond(model_output).float(), x, sigma)
-        prev = euler_cfgpp_step(x, sigma, sigma_next, x0_g, x0_u).to(model_output.dtype)
-        self._step_index += 1
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0_g) if return_dict else (prev, x0_g)
-
-    def _x0(self, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.config.prediction_type == "v_prediction":
-            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        return x - sigma * out  # epsilon
-
-
-class DDIMCFGPPScheduler(_CFGPPMixin, DDIMScheduler):
-    """DDIM (eta 0) with CFG++."""
-
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
-             return_dict: bool = True, **kwargs: Any):
-        t = int(timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps  # as DDIMScheduler
-        a = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        x0_g, _ = self._x0_eps(model_output.float(), sample.float(), a)
-        _, eps_u = self._x0_eps(self._uncond(model_output).float(), sample.float(), a)
-        prev = ddim_cfgpp_step(float(a_prev), x0_g, eps_u).to(model_output.dtype)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0_g) if return_dict else (prev, x0_g)
-
-    def _x0_eps(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.config.prediction_type == "v_prediction":
-            return a**0.5 * x - (1 - a) ** 0.5 * out, a**0.5 * out + (1 - a) ** 0.5 * x
-        return (x - (1 - a) ** 0.5 * out) / a**0.5, out
-
-
 # --- SEG: Gaussian blur of the query on the token grid ---------------------------------------------------
 
 
-def _mirror(i: int, n: int) -> int:
-    """Mirror an index into [0, n) with the edge sample repeated (numpy's "symmetric" padding),
-    folding as often as needed when the kernel is wider than the grid. With this boundary the blur
-    tends to the plain mean as sigma grows, which is SEG's infinite-blur limit (uniform attention);
-    mirroring without the edge would weigh edge tokens half."""
-    i %= 2 * n
-    return i if i < n else 2 * n - 1 - i
+SEG_INFINITE = 9999.0  # the reference's threshold: a larger sigma is infinite blur (the mean query)
+
+
+def seg_is_infinite(sigma: float) -> bool:
+    """Infinite blur: sigma above 9999 (SEG-SDXL's `inf_blur_threshold`; its README's "infinite" is
+    9999999), inf, or negative (pamparamm/sd-perturbed-attention's -1, its default)."""
+    return sigma > SEG_INFINITE or sigma < 0
+
+
+def seg_kernel_size(sigma: float, width: int) -> int:
+    """Taps of the reference's Gaussian: ceil(6 sigma), made odd by adding one, capped at the
+    largest odd number <= width + 1 (`gaussian_blur_2d` caps by the map's last axis, its width)."""
+    c = math.ceil(6 * sigma)
+    return min(c + 1 - c % 2, width - (width % 2 - 1))
+
+
+def _reflect(i: int, n: int) -> int:
+    """Index i mirrored into [0, n) without repeating the edge (torch's "reflect" padding:
+    ... 2 1 | 0 1 2 ... n-1 | n-2 ...), folding again where a pad is wider than the side."""
+    if n == 1:
+        return 0
+    i %= 2 * (n - 1)
+    return i if i < n else 2 * (n - 1) - i
 
 
 @lru_cache(maxsize=64)
-def blur_matrix(n: int, sigma: float) -> torch.Tensor:
-    """(n, n) matrix of a 1-D Gaussian blur with mirrored edges: row i holds the weights that
-    output position i gives each input position. Radius 3 sigma; sigma inf = the mean."""
-    if math.isinf(sigma):
+def blur_matrix(n: int, sigma: float, width: int | None = None) -> torch.Tensor:
+    """(n, n) matrix of the reference's 1-D blur along a side of n tokens on a map `width` tokens
+    wide (default n: a square map): row i holds the weights output i gives each input. The
+    kernel is normalised over its taps, in float64 (the reference uses float32: ~1e-7 apart).
+    Sigma 0 = the identity (the reference would divide 0 by 0); infinite sigma = the mean."""
+    if math.isnan(sigma):
+        raise TunelabError("seg_sigma is NaN; give a blur in tokens (e.g. 11), or inf for uniform attention")
+    if seg_is_infinite(sigma):
         return torch.full((n, n), 1.0 / n)
-    if sigma <= 0:
-        return torch.eye(n)
-    radius = math.ceil(3 * sigma)
+    size = seg_kernel_size(sigma, width or n) if sigma > 0 else 1
+    half = size // 2
+    taps = [math.exp(-0.5 * (k / sigma) ** 2) if sigma > 0 else 1.0 for k in range(-half, half + 1)]
+    total = sum(taps)
     m = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
-        for k in range(-radius, radius + 1):
-            m[i, _mirror(i + k, n)] += math.exp(-(k * k) / (2 * sigma * sigma))
-    return (m / m.sum(dim=1, keepdim=True)).float()
+        for k, w in zip(range(-half, half + 1), taps):
+            m[i, _reflect(i + k, n)] += w / total
+    return m.float()
 
 
 def smooth_query(query: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
-    """Blur (B, H*W, C) queries over their H x W grid: separable, rows then columns."""
+    """Blur (B, H*W, C) queries over their H x W grid as the reference does: one 2-D kernel (the
+    outer product of the 1-D one, sized by the width) applied separably, rows then columns;
+    infinite sigma = every query replaced by the mean query."""
     b, n, c = query.shape
+    if seg_is_infinite(sigma):
+        return query.float().mean(dim=1, keepdim=True).expand(b, n, c).to(query.dtype)
     q = query.reshape(b, height, width, c).float()
-    q = torch.einsum("ih,bhwc->biwc", blur_matrix(height, sigma).to(q.device), q)
-    q = torch.einsum("jw,biwc->bijc", blur_matrix(width, sigma).to(q.device), q)
+    q = torch.einsum("ih,bhwc->biwc", blur_matrix(height, sigma, width).to(q.device), q)
+    q = torch.einsum("jw,biwc->bijc", blur_matrix(width, sigma, width).to(q.device), q)
     return q.reshape(b, n, c).to(query.dtype)
 
 
@@ -297,16 +256,16 @@ def perturbed_attention(unet: torch.nn.Module, g: Guidance, plan: BranchPlan) ->
         unet.set_attn_processor(saved)
 
 
-# --- the guided UNet the pipeline calls --------------------------------------------------------------------
+# --- the guided UNet the samplers call --------------------------------------------------------------------
 
 
 class GuidedUNet(torch.nn.Module):
-    """Stands in for the pipeline's UNet during one generation: receives the pipeline's
-    conditional batch, runs every guidance branch in one UNet call, returns the combined output.
+    """Stands in for the UNet during one generation (denoiser.py calls it): receives the
+    conditional batch, runs every guidance branch in one UNet call (two when the negative prompt
+    has another chunk count), returns the combined output.
 
-    The pipeline is called with guidance_scale=1 (so it does no CFG of its own); the negative
-    conditioning lives here. Attributes the pipeline reads (config, dtype, add_embedding, ...)
-    are the wrapped UNet's.
+    The negative conditioning lives here. Other attributes (config, dtype, ...) are the wrapped
+    UNet's.
     """
 
     def __init__(self, unet: torch.nn.Module, g: Guidance, neg_context: torch.Tensor, neg_pooled: torch.Tensor,
@@ -325,6 +284,19 @@ class GuidedUNet(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False, **kwargs: Any):
         names = self.g.branches()
+        # A negative prompt of another chunk count than the prompt gets a UNet call of its own, as
+        # A1111 does unless its "Pad prompt/negative prompt" option is on (prompts.encode_pair).
+        apart = "uncond" in names and self.neg_context.shape[1] != encoder_hidden_states.shape[1]
+        groups = [[n for n in names if n != "uncond"], ["uncond"]] if apart else [names]
+        parts: dict[str, torch.Tensor] = {}
+        for group in groups:
+            parts.update(self._branches(group, sample, timestep, encoder_hidden_states, added_cond_kwargs, kwargs))
+        self.last_uncond = parts.get("uncond", parts["cond"])
+        return (combine(parts, self.g),)
+
+    def _branches(self, names: list[str], sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
+                  added_cond_kwargs: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One UNet call for the named branches, stacked [names[0] rows, names[1] rows, ...]."""
         b = sample.shape[0]  # (B, 4, h, w)
         neg_ctx = self.neg_context.to(encoder_hidden_states).expand(b, -1, -1)
         neg_pool = self.neg_pooled.to(added_cond_kwargs["text_embeds"]).expand(b, -1)
@@ -333,14 +305,14 @@ class GuidedUNet(torch.nn.Module):
         rows = {n: slice(i * b, (i + 1) * b) for i, n in enumerate(names)}
         self.plan.pag_rows, self.plan.seg_rows = rows.get("pag"), rows.get("seg")
         self.plan.latent_hw = (sample.shape[-2], sample.shape[-1])
+        if torch.is_tensor(timestep) and timestep.ndim == 1:  # one timestep per image: one per row
+            timestep = timestep.repeat(len(names))
         out = self.unet(
             torch.cat([sample] * len(names)), timestep, encoder_hidden_states=ctx,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": added_cond_kwargs["time_ids"].repeat(len(names), 1)},
             return_dict=False, **{k: v for k, v in kwargs.items() if k in ("timestep_cond", "cross_attention_kwargs")},
         )[0].to(sample.dtype)  # in the latents' dtype: a UNet that accelerate prepared returns float32 whatever its own
-        parts = dict(zip(names, out.chunk(len(names))))
-        self.last_uncond = parts.get("uncond", parts["cond"])
-        return (combine(parts, self.g),)
+        return dict(zip(names, out.chunk(len(names))))
 
 
 # --- FreeU and hires fix ------------------------------------------------------------------------------------
@@ -359,20 +331,14 @@ def freeu(unet: torch.nn.Module, params: dict[str, float] | None) -> Iterator[No
         unet.disable_freeu()
 
 
-def hires_plan(steps: int, denoise: float) -> tuple[int, int]:
-    """(first step index, steps actually run) of the hires pass, as diffusers' img2img does it:
-    a `steps`-long schedule of which the last round(down)(steps * denoise) steps run."""
-    if not 0 < denoise <= 1:
-        raise TunelabError(f"hires denoise must be in (0, 1], got {denoise}")
-    run = min(int(steps * denoise), steps)
-    if run < 1:
-        raise TunelabError(f"hires pass would run 0 steps ({steps} steps x denoise {denoise}); raise hires steps or denoise")
-    return steps - run, run
-
-
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The hires target size, rounded to whole latent pixels (multiples of 8)."""
-    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+    """The hires target size as A1111 computes it (`calculate_target_resolution`: int(side x scale),
+    not rounded to 8): the pass is conditioned on it, its latents are that // 8 (the image that
+    comes out is a multiple of 8)."""
+    size = int(width * scale), int(height * scale)
+    if min(size) < 8:
+        raise TunelabError(f"hires target {size[0]}x{size[1]} is smaller than one latent pixel; raise hires_scale")
+    return size
 
 
 def upscale_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:

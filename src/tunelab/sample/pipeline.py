@@ -1,102 +1,48 @@
-"""Diffusers SDXL pipelines built from tunelab-loaded components, driven the way A1111 users sample.
+"""Sampling SDXL checkpoints from tunelab-loaded modules, the way A1111 v1.10 samples them.
 
-Reused: diffusers' `StableDiffusionXLPipeline` (latents, time ids, scheduler loop, VAE decode)
-and `StableDiffusionXLImg2ImgPipeline` (hires fix) built from the *same* module objects (no copy),
-and diffusers' schedulers. Written here: the A1111 sampler names -> scheduler table, the
-scheduler settings of the checkpoint's prediction record (models/prediction.py; flow
-samples with a flow-matching Euler), VAE override
-loading, and `generate()`, which encodes prompts itself (A1111 weights, long prompts: see
-prompts.py), then calls the pipeline with `prompt_embeds` and a `GuidedUNet` in place of the UNet
-(guidance.py), so CFG, CFG++, PAG and SEG are ours while everything else is the pipeline's.
+A render: the prompts are encoded (prompts.py: A1111 weighting, long prompts); each image's
+initial noise comes from a CPU generator seeded with its seed (A1111's `rng.ImageRNG` with its
+"CPU" RNG source, so an image depends neither on the device nor on its grid neighbours); one
+sampling pass by an A1111 sampler (samplers.py) over the checkpoint's noise schedule
+(schedules.py, from its prediction record: models/prediction.py) with a `GuidedUNet` as the model
+(guidance.py: CFG, CFG++, PAG, SEG, FreeU; denoiser.py); then, with the hires fix, A1111's second
+pass (`_hires`); and the VAE decode, converted to 8 bits as A1111 converts it (truncating).
 
-Noise comes from a CPU generator seeded with the image's seed, so an image does not depend on the
-device it was made on, nor on what else is in the grid.
+Reused: the loaded diffusers modules (UNet, VAE, text encoders), diffusers' FreeU and guidance
+rescale. Written here: the loop that joins them, with SDXL's size conditioning as A1111 and
+diffusers give it (original size = target size = the pass's size, crop 0, 0), the hires fix and the
+VAE override loading. No diffusers pipeline or scheduler is involved: their timestep spacings and
+noise draws are not A1111's.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models.arch import Components, load_arch
 from tunelab.models.prediction import PredictionRecord
 from tunelab.sample import guidance as G
+from tunelab.sample import samplers as SP
+from tunelab.sample import schedules as S
+from tunelab.sample.denoiser import Denoiser
 from tunelab.sample.prompts import encode_pair
 
 log = logging.getLogger(__name__)
 
-# A1111 sampler name -> (diffusers scheduler class, settings). Facts from diffusers' docs table
-# "A1111/k-diffusion -> diffusers"; DDIM needs clip_sample off for latent diffusion.
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "use_karras_sigmas": False}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-}
-CFGPP_SAMPLERS = {"DDIM CFG++": "DDIM", "Euler CFG++": "Euler"}  # A1111 / Forge names
-ALL_SAMPLERS = (*SAMPLERS, *CFGPP_SAMPLERS)
-
-
-def resolve_sampler(name: str) -> tuple[str, bool]:
-    """A1111 sampler name -> (base sampler, CFG++?). Case-insensitive; unknown names get a hint."""
-    by_lower = {n.lower(): n for n in ALL_SAMPLERS}
-    canon = by_lower.get(name.strip().lower())
-    if canon is None:
-        near = difflib.get_close_matches(name, ALL_SAMPLERS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise TunelabError(f"unknown sampler {name!r}{hint}; choose one of: {', '.join(ALL_SAMPLERS)}")
-    return (CFGPP_SAMPLERS[canon], True) if canon in CFGPP_SAMPLERS else (canon, False)
-
-
-def canonical_sampler(name: str) -> str:
-    """The sampler's name as A1111 writes it ("euler a" -> "Euler a")."""
-    resolve_sampler(name)
-    return next(s for s in ALL_SAMPLERS if s.lower() == name.strip().lower())
-
-
-def make_scheduler(sampler: str, base_config: dict[str, Any], pred: PredictionRecord = PredictionRecord()):
-    """A fresh diffusers scheduler for an A1111 sampler name, on the model's noise schedule and
-    prediction record (models/prediction.py)."""
-    import diffusers
-
-    name, cfg_pp = resolve_sampler(sampler)
-    if pred.type == "flow":
-        return _flow_scheduler(sampler, name, cfg_pp, pred)
-    cls_name, settings = SAMPLERS[name]
-    cls = getattr(diffusers, cls_name)
-    if cfg_pp:
-        cls = G.DDIMCFGPPScheduler if name == "DDIM" else G.EulerCFGPPScheduler
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    config.update(settings, prediction_type=pred.diffusers_name)
-    if pred.ztsnr:
-        # "Common Diffusion Noise Schedules and Sample Steps are Flawed": rescaled betas and
-        # timesteps that start at the last training step.
-        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    dropped = sorted(k for k in config if k not in accepted)
-    if pred.ztsnr and "rescale_betas_zero_snr" in dropped:
-        raise TunelabError(f"sampler {sampler!r} cannot sample zero-terminal-SNR models; use Euler, DDIM or UniPC")
-    return cls(**{k: v for k, v in config.items() if k in accepted})
-
-
-def _flow_scheduler(sampler: str, name: str, cfg_pp: bool, pred: PredictionRecord):
-    if name != "Euler" or cfg_pp:
-        raise TunelabError(f"sampler {sampler!r} cannot sample a rectified-flow model; use Euler "
-                           "(the flow-matching Euler sampler, as ComfyUI's ModelSamplingSD3 + euler)")
-    from tunelab.sample.flow import FlowEulerScheduler
-
-    return FlowEulerScheduler(num_train_timesteps=1000, shift=pred.flow_shift if pred.flow_shift is not None else 1.0)
+SAMPLERS = SP.SAMPLERS  # A1111 sampler name -> SamplerSpec (samplers.py)
+ALL_SAMPLERS = tuple(SP.SAMPLERS)
+SCHEDULE_TYPES = tuple(S.SCHEDULES)
+resolve_sampler = SP.split_sampler  # (sampler, schedule type) -> (SamplerSpec, Schedule); errors name the choices
+canonical_sampler = SP.canonical_sampler
+canonical_schedule = SP.canonical_schedule
 
 
 # --- building -------------------------------------------------------------------------------------------
@@ -104,11 +50,12 @@ def _flow_scheduler(sampler: str, name: str, cfg_pp: bool, pred: PredictionRecor
 
 @dataclass
 class SamplingModel:
-    """A text-to-image and an image-to-image pipeline sharing one set of modules, plus what the
-    infotext needs to name the model."""
+    """The modules a render uses (the loaded ones, not copies), plus what the infotext needs to
+    name the model."""
 
-    pipe: Any  # StableDiffusionXLPipeline
-    img2img: Any  # StableDiffusionXLImg2ImgPipeline (same modules)
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: tuple[torch.nn.Module, torch.nn.Module]
     tokenizers: tuple[Any, Any]
     scheduler_config: dict[str, Any]
     prediction: PredictionRecord
@@ -116,30 +63,29 @@ class SamplingModel:
     hash: str | None = None
     vae_name: str | None = None
 
+    @cached_property
+    def noise(self) -> S.NoiseSchedule:
+        return S.NoiseSchedule.of(self.scheduler_config, self.prediction)
+
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.pipe.unet
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def default_size(self) -> int:
+        """The architecture's resolution in pixels (the UNet's sample size x the VAE's factor 8)."""
+        return int(self.unet.config.sample_size) * 8
 
 
 def build_pipeline(comps: Components, tokenizers: tuple[Any, Any], vae: torch.nn.Module | None = None,
                    name: str = "model", model_hash: str | None = None, vae_name: str | None = None) -> SamplingModel:
-    """Pipelines over `comps`' own modules (nothing is copied or downloaded)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
+    """A SamplingModel over `comps`' own modules (nothing is copied or downloaded)."""
     pred = PredictionRecord.of(comps)
-    base = dict(load_arch(comps.arch).scheduler)
-    parts = dict(vae=vae or comps.vae, text_encoder=comps.text_encoder_1, text_encoder_2=comps.text_encoder_2,
-                 tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=comps.unet,
-                 scheduler=make_scheduler("Euler", base, pred))
-    # Our own embeddings are always passed, so diffusers' empty-prompt zeroing must stay off.
-    pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=False, add_watermarker=False)
-    img2img = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=False,
-                                               force_zeros_for_empty_prompt=False, add_watermarker=False)
-    for p in (pipe, img2img):
-        p.set_progress_bar_config(disable=True)  # the grid shows one bar over cells instead
+    pred.diffusers_name  # a record tunelab cannot sample is refused here, with the reason
     if pred != PredictionRecord():
         log.info("%s: %s", name, pred.describe())
-    return SamplingModel(pipe, img2img, tokenizers, base, pred, name, model_hash, vae_name)
+    return SamplingModel(comps.unet, vae or comps.vae, (comps.text_encoder_1, comps.text_encoder_2), tokenizers,
+                         dict(load_arch(comps.arch).scheduler), pred, name, model_hash, vae_name)
 
 
 def load_vae(path: str | Path, arch: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -186,7 +132,8 @@ class SampleSettings:
     seed: int = 0
     steps: int = 28
     cfg: float = 5.0
-    sampler: str = "Euler"
+    sampler: str = "Euler"  # an A1111 sampler name (samplers.py); "DPM++ 2M Karras" = DPM++ 2M + Karras
+    schedule_type: str = "Automatic"  # A1111's "Schedule type": Automatic = the sampler's own (Karras for DPM++ 2M)
     width: int | None = None  # None: the architecture's resolution
     height: int | None = None
     clip_skip: int = 2
@@ -201,8 +148,11 @@ class SampleSettings:
     hires_steps: int = 0  # 0 = the same as steps
     hires_upscaler: str = "latent"  # latent (A1111 "Latent") or lanczos
     guidance_rescale: float | None = None  # None: 0.7 for zero-terminal-SNR models, else 0
-    uncond: str = "empty"  # unconditional branch for an empty negative: empty string or zeros
+    uncond: str = "zeros"  # an empty negative prompt: zeros (A1111's SDXL) or empty (encode "", ComfyUI)
     max_chunks: int = 3
+    comma_backtrack: int = 20  # A1111's comma back-off when cutting 75-token chunks; 0 = cut at 75 (kohya, training)
+    pad_conds: bool = False  # A1111's "Pad prompt/negative prompt": pad the shorter instead of a second UNet call
+    clip_skip_te2: bool = False  # clip_skip on TE2 too (ComfyUI, the trainer); A1111 keeps TE2 penultimate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,6 +171,22 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 out.append(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}")
+        if not 0 < self.hires_denoise <= 1:
+            out.append(f"hires_denoise must be in (0, 1], got {self.hires_denoise}")
+        if self.hires_upscaler not in ("latent", "lanczos"):
+            out.append(f"hires_upscaler must be 'latent' or 'lanczos', got {self.hires_upscaler!r}")
+        if self.uncond not in ("zeros", "empty"):
+            out.append(f"uncond must be 'zeros' (A1111) or 'empty' (encode the empty string), got {self.uncond!r}")
+        if not 0 <= self.comma_backtrack <= 74:
+            out.append(f"comma_backtrack must be 0..74 tokens (A1111's default 20; 0 = none), got {self.comma_backtrack}")
+        try:
+            spec, _ = resolve_sampler(self.sampler, self.schedule_type)
+        except TunelabError:
+            return out  # the names are refused where they are read, with their choices
+        if self.steps < spec.min_steps:
+            out.append(f"steps must be at least {spec.min_steps} for {spec.name} (its order), got {self.steps}")
+        if spec.timesteps and self.steps > 1000:
+            out.append(f"steps must be at most 1000 for {spec.name} (one per training timestep), got {self.steps}")
         return out
 
 
@@ -232,111 +198,197 @@ class Sample:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def _guidance(s: SampleSettings, model: SamplingModel, cfg_pp: bool) -> G.Guidance:
-    rescale = s.guidance_rescale if s.guidance_rescale is not None else (0.7 if model.prediction.ztsnr else 0.0)
-    return G.Guidance(cfg=s.cfg, cfg_pp=cfg_pp, pag_scale=s.pag_scale, pag_layers=s.pag_layers,
-                      seg_scale=s.seg_scale, seg_sigma=s.seg_sigma, seg_layers=s.seg_layers, rescale=rescale)
+def applied_rescale(s: SampleSettings, model: SamplingModel) -> float:
+    """The CFG rescale phi a render applies: the setting, or unset 0.7 for zero-terminal-SNR models."""
+    return s.guidance_rescale if s.guidance_rescale is not None else (0.7 if model.prediction.ztsnr else 0.0)
 
 
-def _run(model: SamplingModel, pipe: Any, s: SampleSettings, g: G.Guidance, steps: int, cond, **call: Any):
-    """One pipeline call with our guided UNet standing in for the real one."""
+def _guidance(s: SampleSettings, model: SamplingModel, spec: SP.SamplerSpec) -> G.Guidance:
+    if spec.cfg_pp and spec.cfg_divisor == 1 and s.cfg > 2 and (spec.name, s.cfg) not in _WARNED:
+        _WARNED.add((spec.name, s.cfg))
+        log.warning("%s takes the CFG scale as the CFG++ lambda itself (%s's convention): %g is far above the "
+                    "usual 0.5-1.5 (A1111's DDIM CFG++ divides by %g instead)", spec.name, spec.source, s.cfg,
+                    SP.CFGPP_DIVISOR)
+    return G.Guidance(cfg=s.cfg, cfg_pp=spec.cfg_pp, cfg_divisor=spec.cfg_divisor, pag_scale=s.pag_scale,
+                      pag_layers=s.pag_layers, seg_scale=s.seg_scale, seg_sigma=s.seg_sigma,
+                      seg_layers=s.seg_layers, rescale=applied_rescale(s, model))
+
+
+_WARNED: set[tuple[str, float]] = set()
+
+
+class SeedNoise:
+    """A1111's `rng.ImageRNG` with its "CPU" RNG source: one torch CPU generator per image, seeded
+    with the image's seed. The first draw is the pass's initial noise; later draws are the extra
+    noise ancestral samplers add, from the same generators (eta noise seed delta 0)."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, int, int], device: torch.device):
+        self.generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        self.shape, self.device = shape, device  # shape (4, h, w) of one image
+
+    def __call__(self) -> torch.Tensor:
+        """The next (B, 4, h, w) draw, float32 on the model's device."""
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+def _plan(model: SamplingModel, s: SampleSettings) -> tuple[SP.SamplerSpec, S.Schedule]:
+    spec, sched = resolve_sampler(s.sampler, s.schedule_type)
+    problems = s.problems()
+    if problems:
+        raise TunelabError("; ".join(problems))
+    if model.prediction.type == "flow" and spec.name != "Euler":
+        raise TunelabError(f"sampler {s.sampler!r} cannot sample a rectified-flow model; use Euler "
+                           "(the flow-matching Euler sampler, as ComfyUI's ModelSamplingSD3 + euler)")
+    return spec, sched
+
+
+def _sample(model: SamplingModel, s: SampleSettings, plan: tuple[SP.SamplerSpec, S.Schedule], g: G.Guidance,
+            cond: tuple[Any, Any], size_hw: tuple[int, int], noise: SeedNoise, steps: int,
+            init: torch.Tensor | None = None, denoise: float = 1.0) -> torch.Tensor:
+    """One sampling pass: from noise (txt2img) or from `init` latents at `denoise` (img2img, as
+    A1111's `sample_img2img`); returns the (B, 4, h, w) float32 latents."""
+    spec, sched = plan
     pos, neg = cond
-    unet = model.unet
-    scheduler = make_scheduler(s.sampler, model.scheduler_config, model.prediction)
-    plan = G.BranchPlan(seg_sigma=s.seg_sigma)
-    dtype = unet.dtype
-    wrapper = G.GuidedUNet(unet, g, neg.context.to(dtype), neg.pooled.to(dtype), plan)
-    if isinstance(scheduler, G._CFGPPMixin):
-        scheduler.uncond_source = wrapper
-    pipe.scheduler = scheduler
-    with G.perturbed_attention(unet, g, plan), G.freeu(unet, G.FREEU_SDXL if s.freeu else None):
-        pipe.unet = wrapper
-        try:
-            return pipe(prompt_embeds=pos.context.to(dtype), pooled_prompt_embeds=pos.pooled.to(dtype),
-                        guidance_scale=1.0, num_inference_steps=steps, **call)
-        finally:
-            pipe.unet = unet
+    unet, ns = model.unet, model.noise
+    branch_plan = G.BranchPlan(seg_sigma=s.seg_sigma)
+    guided = G.GuidedUNet(unet, g, neg.context.to(unet.dtype), neg.pooled.to(unet.dtype), branch_plan)
+    h, w = size_hw  # SDXL's size conditioning: original size = target size = this pass's, crop (0, 0)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(len(noise.generators), 1)
+    device = model.device
+    den = Denoiser(guided, ns, pos.context.to(device), pos.pooled.to(device), time_ids.to(device))
+    with torch.no_grad(), G.perturbed_attention(unet, g, branch_plan), G.freeu(unet, G.FREEU_SDXL if s.freeu else None):
+        if spec.timesteps:
+            return _timestep_pass(spec, ns, den, noise, steps, init, denoise)
+        if init is None:
+            sigmas = SP.sigmas_for(spec, sched, ns, steps).to(device)
+            x = ns.noise_scaling(sigmas[0], noise(), torch.zeros((), device=device))
+        else:  # a schedule of int(steps / denoise) levels, of which the last steps + 1 run
+            total, t_enc = S.img2img_steps(steps, denoise)
+            sigmas = SP.sigmas_for(spec, sched, ns, total).to(device)[total - t_enc - 1:]
+            x = ns.noise_scaling(sigmas[0], noise(), init)
+        return spec.run(den, x, sigmas, noise)
 
 
-def generate(model: SamplingModel, s: SampleSettings, output_type: str = "pil") -> Sample:
-    """Render one image (with the hires fix when hires_scale > 1); output_type="latent" returns
-    the final latents (4, H/8, W/8) instead of a PIL image (tests, probes)."""
-    from diffusers.utils.torch_utils import randn_tensor
+def _timestep_pass(spec: SP.SamplerSpec, ns: S.NoiseSchedule, den: Denoiser, noise: SeedNoise, steps: int,
+                   init: torch.Tensor | None, denoise: float) -> torch.Tensor:
+    """DDIM / PLMS / UniPC (A1111 `CompVisSampler.sample` / `sample_img2img`)."""
+    extra: dict[str, Any] = {}
+    if init is None:
+        timesteps, x = S.timesteps_for(steps), noise()
+    else:  # noised to timesteps[t_enc]; the sampler then runs timesteps[:t_enc], as A1111's does
+        total, t_enc = S.img2img_steps(steps, denoise)
+        every = S.timesteps_for(total)
+        timesteps, a = every[:t_enc], ns.alphas_cumprod[every[t_enc]]
+        x = init * torch.sqrt(a).to(init.device) + noise() * torch.sqrt(1 - a).to(init.device)
+        if spec.name == "UniPC":
+            extra["t_start"] = (timesteps[-1] / 1000 + 1 / 1000).item() if len(timesteps) else 1.0
+    return spec.run(den, x, timesteps, noise, ns.alphas_cumprod, **extra)
 
-    _, cfg_pp = resolve_sampler(s.sampler)
-    pipe = model.pipe
-    width = s.width or pipe.default_sample_size * pipe.vae_scale_factor
-    height = s.height or pipe.default_sample_size * pipe.vae_scale_factor
+
+def _size(model: SamplingModel, s: SampleSettings) -> tuple[int, int]:
+    width, height = s.width or model.default_size, s.height or model.default_size
     if width % 8 or height % 8:
         raise TunelabError(f"width and height must be multiples of 8, got {width}x{height}")
-    device = pipe._execution_device
-    encoders = (pipe.text_encoder, pipe.text_encoder_2)
-    cond = encode_pair(model.tokenizers, encoders, s.prompt, s.negative, s.uncond, s.max_chunks, s.clip_skip)
-    g = _guidance(s, model, cfg_pp)
-    gen = torch.Generator("cpu").manual_seed(s.seed)
-    shape = (1, pipe.unet.config.in_channels, height // 8, width // 8)  # (1, 4, H/8, W/8)
-    latents = randn_tensor(shape, generator=gen, device=torch.device("cpu"), dtype=torch.float32)
-    hires = s.hires_scale > 1.0
-    out = _run(model, pipe, s, g, s.steps, cond, width=width, height=height, generator=gen,
-               latents=latents.to(device, pipe.unet.dtype), output_type="latent" if hires else output_type)
-    if not hires:
-        return Sample(out.images[0], s, (width, height))
-    return _hires(model, s, g, cond, out.images, gen, output_type)
+    return width, height
 
 
-def generate_batch(model: SamplingModel, prompts: list[str], seeds: list[int], s: SampleSettings) -> list[Any]:
-    """PIL images of several (prompt, seed) pairs with one set of settings, in one pipeline call.
-
-    Each image starts from the same noise as `generate` with its seed, so the images match
-    single renders up to the kernels' rounding for another batch size. For many small images
-    (probes, scores); no hires fix, and every prompt must encode to the same number of chunks."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    if len(prompts) != len(seeds) or not prompts:
-        raise ValueError("generate_batch needs one seed per prompt and at least one prompt")
-    if s.hires_scale > 1.0:
-        raise TunelabError("generate_batch does not do the hires fix; render those with generate")
-    _, cfg_pp = resolve_sampler(s.sampler)
-    pipe = model.pipe
-    width = s.width or pipe.default_sample_size * pipe.vae_scale_factor
-    height = s.height or pipe.default_sample_size * pipe.vae_scale_factor
-    encoders = (pipe.text_encoder, pipe.text_encoder_2)
-    pairs = [encode_pair(model.tokenizers, encoders, p, s.negative, s.uncond, s.max_chunks, s.clip_skip) for p in prompts]
+def _render(model: SamplingModel, prompts: list[str], seeds: list[int], s: SampleSettings,
+            output_type: str) -> list[Sample]:
+    """Every (prompt, seed) image of one set of settings, in one batch: first pass, hires pass, decode."""
+    plan = _plan(model, s)
+    width, height = _size(model, s)
+    pairs = [encode_pair(model.tokenizers, model.text_encoders, p, s.negative, s.uncond, s.max_chunks, s.clip_skip,
+                         comma_backtrack=s.comma_backtrack, pad_conds=s.pad_conds, clip_skip_te2=s.clip_skip_te2)
+             for p in prompts]
     if len({pos.context.shape for pos, _ in pairs}) > 1:
         raise TunelabError("generate_batch: the prompts encode to different numbers of chunks; render them one by one")
     pos = type(pairs[0][0])(torch.cat([p.context for p, _ in pairs]), torch.cat([p.pooled for p, _ in pairs]),
                             pairs[0][0].n_chunks, [t for p, _ in pairs for t in p.truncated])
-    gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    shape = (1, pipe.unet.config.in_channels, height // 8, width // 8)
-    latents = torch.cat([randn_tensor(shape, generator=g, device=torch.device("cpu"), dtype=torch.float32) for g in gens])
-    out = _run(model, pipe, s, _guidance(s, model, cfg_pp), s.steps, (pos, pairs[0][1]), width=width, height=height,
-               generator=gens, latents=latents.to(pipe._execution_device, pipe.unet.dtype), output_type="pil")
-    return list(out.images)
+    cond, g = (pos, pairs[0][1]), _guidance(s, model, plan[0])
+    shape = (model.unet.config.in_channels, height // 8, width // 8)  # (4, H/8, W/8)
+    latents = _sample(model, s, plan, g, cond, (height, width), SeedNoise(seeds, shape, model.device), s.steps)
+    size, extras = (width, height), {}
+    if s.hires_scale > 1.0:
+        latents, size = _hires(model, s, plan, g, cond, latents, seeds)
+        extras["first_pass"] = (width, height)
+    images = list(latents) if output_type == "latent" else _to_images(model, latents)
+    return [Sample(image, s, size, dict(extras)) for image in images]
 
 
-def _hires(model: SamplingModel, s: SampleSettings, g: G.Guidance, cond, latents: torch.Tensor, gen,
-           output_type: str = "pil") -> Sample:
-    """Upscale the first pass (latent bilinear, or decoded and Lanczos-resized), then img2img."""
+def generate(model: SamplingModel, s: SampleSettings, output_type: str = "pil") -> Sample:
+    """Render one image (with the hires fix when hires_scale > 1); output_type="latent" returns
+    the final latents (4, H/8, W/8), float32, instead of a PIL image (tests, probes)."""
+    return _render(model, [s.prompt], [s.seed], s, output_type)[0]
+
+
+def generate_batch(model: SamplingModel, prompts: list[str], seeds: list[int], s: SampleSettings) -> list[Any]:
+    """PIL images of several (prompt, seed) pairs with one set of settings, in one batch.
+
+    Each image gets the noise `generate` gives its seed (its own generator, as A1111 does in a
+    batch), so the images match single renders up to the kernels' rounding for another batch
+    size. For many small images (probes, scores); every prompt must encode to the same number of
+    chunks."""
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError("generate_batch needs one seed per prompt and at least one prompt")
+    return [sample.image for sample in _render(model, list(prompts), list(seeds), s, "pil")]
+
+
+def _hires(model: SamplingModel, s: SampleSettings, plan: tuple[SP.SamplerSpec, S.Schedule], g: G.Guidance,
+           cond: tuple[Any, Any], latents: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A1111's hires fix (`StableDiffusionProcessingTxt2Img.sample_hr_pass`): the first pass upscaled
+    to int(size x scale) (latent: bilinear; lanczos: decoded, resized, encoded again), fresh noise
+    from a new generator per seed at the new size, then an img2img pass of `hires_steps` (0 = steps)
+    steps at the denoising strength, conditioned on the new size."""
     width0, height0 = latents.shape[-1] * 8, latents.shape[-2] * 8
     width, height = G.hires_size(width0, height0, s.hires_scale)
-    steps = s.hires_steps or s.steps
-    G.hires_plan(steps, s.hires_denoise)  # validates: at least one step runs
     if s.hires_upscaler == "latent":
-        image: Any = G.upscale_latents(latents, width, height)
-    elif s.hires_upscaler == "lanczos":
+        init = G.upscale_latents(latents, width, height)
+    else:
         from PIL import Image
 
-        decoded = _decode(model, latents)
-        image = decoded.resize((width, height), Image.Resampling.LANCZOS)
-    else:
-        raise TunelabError(f"hires upscaler must be 'latent' or 'lanczos', got {s.hires_upscaler!r}")
-    out = _run(model, model.img2img, s, g, steps, cond, image=image, strength=s.hires_denoise,
-               generator=gen, output_type=output_type)
-    return Sample(out.images[0], s, (width, height), {"first_pass": (width0, height0)})
+        init = _to_latents(model, [im.resize((width, height), Image.Resampling.LANCZOS) for im in _to_images(model, latents)])
+    noise = SeedNoise(seeds, tuple(init.shape[1:]), model.device)
+    out = _sample(model, s, plan, g, cond, (height, width), noise, s.hires_steps or s.steps, init, s.hires_denoise)
+    return out, (out.shape[-1] * 8, out.shape[-2] * 8)
 
 
-def _decode(model: SamplingModel, latents: torch.Tensor):
-    vae = model.pipe.vae
-    with torch.no_grad():
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return model.pipe.image_processor.postprocess(image, output_type="pil")[0]
+class _VAEDtype:
+    """The VAE in float32 for the block when it is fp16 and its config says it overflows there
+    (SDXL's original VAE: `force_upcast`, as diffusers' pipelines and A1111's auto-upcast do)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae
+        self.upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+    def __enter__(self) -> torch.dtype:
+        if self.upcast:
+            self.vae.to(torch.float32)
+        return self.vae.dtype
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.upcast:
+            self.vae.to(torch.float16)  # fp16 -> fp32 -> fp16 is exact
+
+
+def _to_images(model: SamplingModel, latents: torch.Tensor) -> list[Any]:
+    """Decoded PIL images, 8-bit as A1111 converts them: clamp((x + 1) / 2), x 255, truncated."""
+    from PIL import Image
+
+    vae = model.vae
+    with torch.no_grad(), _VAEDtype(vae) as dtype:
+        device = next(vae.parameters()).device
+        pixels = vae.decode(latents.to(device, dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    pixels = torch.clamp((pixels.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu().numpy()
+    return [Image.fromarray((255.0 * np.moveaxis(p, 0, 2)).astype(np.uint8)) for p in pixels]
+
+
+def _to_latents(model: SamplingModel, images: list[Any]) -> torch.Tensor:
+    """Scaled latents of PIL images: the VAE posterior's mean (A1111 draws a sample from it with its
+    global RNG, which no seed pins; the mean is its deterministic centre)."""
+    vae = model.vae
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+    pixels = pixels.permute(0, 3, 1, 2) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    with torch.no_grad(), _VAEDtype(vae) as dtype:
+        device = next(vae.parameters()).device
+        mean = vae.encode(pixels.to(device, dtype)).latent_dist.mean
+    return mean.float() * vae.config.scaling_factor

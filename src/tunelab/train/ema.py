@@ -123,7 +123,7 @@ class EmaCallback(Callback):
     @torch.no_grad()
     def write(self, ctx: LoopContext, path: Path) -> Path:
         """The EMA weights as an SGM file: swapped into the live modules, saved, swapped back."""
-        from tunelab.models.checkpoint import save_checkpoint
+        from tunelab.models.checkpoint import Lineage, save_checkpoint
 
         params = [p for _, p in trained_parameters(ctx.comps)]
         kept = [p.detach().clone() for p in params]
@@ -132,7 +132,8 @@ class EmaCallback(Callback):
                 p.copy_(s.to(p.device, p.dtype))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ctx.comps, path, dtype=ctx.cfg.save.dtype, title=f"{ctx.cfg.run.name} {path.stem} EMA",
-                            training={"steps": ctx.progress.step, "ema_decay": self.cfg.decay, "ema_updates": self.updates})
+                            training={"steps": ctx.progress.step, "ema_decay": self.cfg.decay, "ema_updates": self.updates},
+                            lineage=Lineage.of(ctx.comps, ctx.cfg.run.name, ctx.progress.step, ctx.cfg.model.base))
         finally:
             for p, k in zip(params, kept):
                 p.copy_(k)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tunelab import faults
 from tunelab.config import WANDB_MISSING
 from tunelab.errors import TunelabError
 from tunelab.run import METRICS_SCHEMA as SCHEMA  # the run layout owns the schema
@@ -119,6 +120,7 @@ class MetricsLogger:
         table = pa.table(self.rows, schema=SCHEMA)
         tmp = self.path.with_name(self.path.name + ".partial")
         pq.write_table(table, tmp)
+        faults.point("metrics.write")
         tmp.replace(self.path)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from tunelab import faults
 from tunelab.errors import TunelabError
 from tunelab.run import TRAINER_INFO, RunDir, TrainerInfo, state_manifest
 
@@ -51,10 +52,12 @@ def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2) -> Pa
     accelerator.save_state(str(partial), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        faults.point("state.files")
         info = dataclasses.replace(info, files=state_manifest(partial))  # what a resume will check
         (partial / TRAINER_INFO).write_text(info.to_json())
         if final.exists():
             shutil.rmtree(final)
+        faults.point("state.rename")
         partial.rename(final)
         prune_states(run, keep)
     accelerator.wait_for_everyone()

@@ -27,6 +27,7 @@ every epoch), so every step has the same effective batch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -132,7 +133,41 @@ def train(run: RunConfig | str | Path, allow_config_change: bool = False, init_f
             write_text_atomic(s.run.banner, "\n".join(lines) + "\n")
     if dry_run:
         return None
-    return loop(s)  # 9
+    try:
+        return loop(s)  # 9
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        raise TunelabError(_disk_full(s, err)) from None
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether an exception (or one it came from) is a full disk or quota: OSError's errno, or
+    the message of writers that wrap it (safetensors, pyarrow, tensorboard)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _disk_full(s: Setup, err: BaseException) -> str:
+    """What a full disk cost and how to go on: every file is written beside its final name and
+    renamed when complete, so the last complete checkpoint and state are intact."""
+    import shutil
+
+    where = getattr(err, "filename", None) or s.run.path
+    states = s.run.complete_states()
+    resume = f"it resumes from {states[-1].name}" if states else "no state was saved yet, so it starts again"
+    try:
+        free = f"{shutil.disk_usage(s.run.path).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no space left on the device while writing {where} ({free}); nothing complete was lost. "
+            f"Free some space (or set save.keep_last / save.keep_states lower) and run `tunelab train` again: {resume}")
 
 
 # --- setup --------------------------------------------------------------------------------------------
@@ -249,6 +284,9 @@ def check_prediction(cfg: RunConfig, source: str) -> tuple[PredictionRecord, Pre
     refuse_pickle(source, "model.base" if source == cfg.model.base else "--init-from")
     mine = PredictionRecord.from_objective(cfg.objective)
     base = mine if source == "toy" else (base_record(source) or mine)  # None: no such file (yet)
+    if base.unsupported() and not cfg.objective.convert_base:
+        raise TunelabError(f"the base {source} predicts {base.unsupported()}; to train it as {mine.describe()} "
+                           "anyway (a conversion, like epsilon -> v), set objective.convert_base = true")
     if conversion_note(mine, base) and not cfg.objective.convert_base:
         ob = cfg.objective
         match = f"objective.prediction = {base.type!r}" + (", objective.zero_terminal_snr = true" if base.ztsnr else "")
@@ -336,6 +374,12 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
     index = open_index(cfg.data.index)
     check_bucket_config(index.footer, cfg.data.given_buckets(), cfg.data.index)  # the index's buckets win
     rows = index.rows_in_split("train")
+    latents = None
+    if cfg.data.latents:  # tunelab's shards or a kohya .npz folder, checked against the index's buckets
+        from tunelab.data.latents import open_latents
+
+        latents = open_latents(cfg.data.latents, index)
+        rows = rows_with_latents(index, rows, latents)
     sampler = BucketBatchSampler(index.bucket_ids()[rows], cfg.train.batch_size, seed=cfg.run.seed,
                                  rank=acc.process_index if acc else 0, world_size=world, rows=rows,
                                  repeats=index.repeats()[rows])  # kohya folder repeats: samples per epoch
@@ -346,15 +390,45 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
             f"({accumulation} micro-batches); lower train.batch_size / accumulation or add data"
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    latents = None
-    if cfg.data.latents:  # tunelab's shards or a kohya .npz folder, checked against the index's buckets
-        from tunelab.data.latents import open_latents
-
-        latents = open_latents(cfg.data.latents, index)
-    dataset = TrainDataset(index, cfg.data.captions, seed=cfg.run.seed, latents=latents)
+    dataset = TrainDataset(index, cfg.data.captions, seed=cfg.run.seed, latents=latents,
+                           crop_conditioning=cfg.data.crop_conditioning)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.train.dataloader_workers)
     return TrainData(index, sampler, loader, steps_per_epoch, total, index_digest(cfg.data.index))
+
+
+def rows_with_latents(index, rows, latents):
+    """The training rows that have cached latents. Rows the cache rejected (its rejects logs:
+    truncated, corrupt files found only when decoding) are left out with one warning, so a
+    training run never meets them mid-epoch; rows neither cached nor rejected mean an unfinished
+    cache, refused before the first step. (Checked for tunelab's shards; a kohya folder is
+    checked by sampling in `open_latents`.)"""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tunelab.data.images import read_rejects
+    from tunelab.data.latents import LatentStore
+
+    if not isinstance(latents, LatentStore):
+        return rows
+    keys = pq.read_table(index.path, columns=["key"], memory_map=True)["key"].take(pa.array(rows))
+    have = np.asarray(pc.is_in(keys, value_set=pa.array(latents.keys(), pa.string())).to_numpy(zero_copy_only=False))
+    if have.all():
+        return rows
+    logs = sorted(latents.dir.glob("rejects-r*.jsonl"))
+    rejected = {r["key"] for p in logs for r in read_rejects(p)}
+    lacking = keys.filter(pa.array(~have)).to_pylist()
+    uncached = [k for k in lacking if k not in rejected]
+    if uncached:
+        raise TunelabError(
+            f"{len(uncached):,} training image(s) of {index.path} have no latents in {latents.dir} (e.g. {uncached[0]!r}): "
+            f"finish the cache with `tunelab data cache {index.path} --out {latents.dir}` (it resumes), or leave "
+            "data.latents empty to encode images while training")
+    log.warning("%s image(s) the latent cache rejected are left out of training (reasons in %s)",
+                f"{len(lacking):,}", ", ".join(p.name for p in logs))
+    return rows[have]
 
 
 def _prepare(s: Setup) -> Training:
@@ -715,14 +789,15 @@ def _training_info(s: Setup) -> dict[str, Any]:
 
 
 def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
-    from tunelab.models.checkpoint import save_checkpoint
+    from tunelab.models.checkpoint import Lineage, save_checkpoint
 
     acc = s.accelerator
     acc.wait_for_everyone()
     path = None
     if acc.is_main_process:
         path = save_checkpoint(s.comps, s.run.checkpoint_path(name), dtype=s.cfg.save.dtype,
-                               title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction)
+                               title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction,
+                               lineage=Lineage.of(s.comps, s.cfg.run.name, s.progress.step, s.cfg.model.base))
         s.run.prune_checkpoints(s.cfg.save.keep_last)
     acc.wait_for_everyone()
     ctx.checkpoint = path
