@@ -1,5 +1,6 @@
-"""Guidance math on hand-worked numbers: CFG/PAG/SEG combination, CFG++ steps, SEG blur, the
-PAG/SEG attention processor, FreeU, hires-fix plan."""
+"""Guidance math on hand-worked numbers: CFG/PAG/SEG combination, the CFG++ scale conventions, SEG
+blur, the PAG/SEG attention processor, FreeU, hires-fix sizes. (The CFG++ samplers' steps are in
+test_samplers.py.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_combine_hand_worked():
     g = G.Guidance(cfg=2.0, pag_scale=3.0, seg_scale=4.0)
     # 0 + 2 (1 - 0) + 3 (1 - 0.5) + 4 (1 - 0.75) = 2 + 1.5 + 1
     assert G.combine(out, g).item() == pytest.approx(4.5)
-    assert G.Guidance(cfg=6.0, cfg_pp=True).scale == pytest.approx(0.48)  # A1111: 6 / 12.5
+    assert G.Guidance(cfg=6.0, cfg_pp=True, cfg_divisor=12.5).scale == pytest.approx(0.48)  # A1111's DDIM CFG++
+    assert G.Guidance(cfg=0.8, cfg_pp=True).scale == 0.8  # ComfyUI's Euler CFG++: the scale is lambda
     assert G.Guidance(cfg=1.0).branches() == ["cond"]
     assert G.Guidance(cfg=1.0, cfg_pp=True, pag_scale=1, seg_scale=1).branches() == ["uncond", "cond", "pag", "seg"]
 
@@ -29,50 +31,6 @@ def test_guidance_rescale_is_diffusers():
     c = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     out = G.combine({"uncond": torch.zeros_like(c), "cond": c}, G.Guidance(cfg=3.0, rescale=1.0))
     assert torch.allclose(out, c)  # phi 1: guided rescaled to the conditional std (3c -> c)
-
-
-def test_euler_cfgpp_step_hand_worked():
-    # x = 1, sigma 2 -> 1; guided eps 0.25, uncond eps 0.5:
-    # x0_g = 1 - 2*0.25 = 0.5; x_next = 0.5 + 1 * 0.5 = 1.0 (plain Euler: 1 + (1-2)*0.25 = 0.75)
-    x = torch.tensor([1.0])
-    assert G.euler_cfgpp_step(x, 2.0, 1.0, x - 2 * 0.25, x - 2 * 0.5).item() == pytest.approx(1.0)
-
-
-def test_ddim_cfgpp_step_hand_worked():
-    # a_t = 0.36, a_prev = 0.64, x = 1, eps_g = 0.5 -> x0_g = (1 - 0.8*0.5)/0.6 = 1; eps_u = 0.25
-    # x_prev = 0.8 * 1 + 0.6 * 0.25 = 0.95
-    assert G.ddim_cfgpp_step(0.64, torch.tensor([1.0]), torch.tensor([0.25])).item() == pytest.approx(0.95)
-
-
-class _Uncond:
-    def __init__(self, t):
-        self.last_uncond = t
-
-
-@pytest.mark.parametrize("kind", ["Euler", "DDIM"])
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-def test_cfgpp_scheduler_reduces_to_plain_sampler(kind, pred):
-    """With uncond == guided, CFG++ is exactly the ordinary sampler; otherwise it is not."""
-    from tunelab.models.arch import scheduler_config
-    from tunelab.models.prediction import PredictionRecord, canonical_type
-    from tunelab.sample.pipeline import make_scheduler
-
-    base = scheduler_config("toy")
-    plain = make_scheduler(kind, base, PredictionRecord(canonical_type(pred)))
-    pp = make_scheduler(f"{kind} CFG++", base, PredictionRecord(canonical_type(pred)))
-    assert isinstance(pp, G._CFGPPMixin) and pp.config.prediction_type == pred
-    x, out = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 2, 2)
-    for s in (plain, pp):
-        s.set_timesteps(5)
-    t = plain.timesteps[1]
-    results = []
-    for uncond in (out, 0.5 * out):
-        for s in (plain, pp):
-            s._step_index = 1  # Euler tracks its position; DDIM ignores it
-        pp.uncond_source = _Uncond(uncond)
-        results.append(pp.step(out, t, x).prev_sample)
-    assert torch.allclose(results[0], plain.step(out, t, x).prev_sample, atol=1e-5)
-    assert not torch.allclose(results[1], results[0], atol=1e-4)
 
 
 def test_blur_matrix_hand_worked():
@@ -232,12 +190,11 @@ def test_freeu_context_enables_and_disables(sample_components):
     assert getattr(unet.up_blocks[0], "b1", None) is None
 
 
-def test_hires_plan_and_upscale():
-    assert G.hires_plan(20, 0.7) == (6, 14)  # 20-step schedule, last 14 run
-    assert G.hires_plan(48, 0.7) == (15, 33)
-    with pytest.raises(TunelabError):
-        G.hires_plan(2, 0.3)
+def test_hires_size_and_upscale():
     assert G.hires_size(64, 64, 1.5) == (96, 96) and G.hires_size(1024, 1024, 1.5) == (1536, 1536)
+    assert G.hires_size(872, 1024, 1.5) == (1308, 1536)  # A1111: int(side x scale), not rounded to 8
+    with pytest.raises(TunelabError, match="smaller than one latent pixel"):
+        G.hires_size(8, 8, 0.5)
     lat = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # (1, 1, 2, 2)
     up = G.upscale_latents(lat, 32, 32)  # -> 4 x 4 latent
     assert up.shape == (1, 1, 4, 4)

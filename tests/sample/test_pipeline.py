@@ -1,4 +1,6 @@
-"""Sampling through diffusers' SDXL pipelines on the toy model (random weights, 64 px, few steps)."""
+"""Rendering on the toy model (random weights, 64 px, few steps): every sampler and guidance runs,
+seeds, hires fix, VAE override, v / zero-terminal-SNR records. That each sampler computes what A1111
+computes is tests/sample/test_samplers.py."""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord
-from tunelab.sample.pipeline import (
-    SAMPLERS, SampleSettings, build_pipeline, generate, load_vae, make_scheduler, resolve_sampler,
-)
+from tunelab.sample.pipeline import SampleSettings, build_pipeline, generate, load_vae, resolve_sampler
 
 BASE = SampleSettings(prompt="red (circle:1.2)", seed=11, steps=3, cfg=5.0)
 
@@ -33,10 +33,18 @@ def test_same_seed_same_image(toy_model):
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
-@pytest.mark.parametrize("sampler", [*SAMPLERS, "DDIM CFG++", "Euler CFG++"])
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "DDIM CFG++",
+                                     "Euler CFG++"])  # the rest run on a tiny UNet in test_samplers.py
 def test_each_sampler_runs(toy_model, sampler):
-    lat = _latents(toy_model, sampler=sampler, steps=2)
+    lat = _latents(toy_model, sampler=sampler, steps=3 if sampler == "UniPC" else 2)
     assert lat.shape == (4, 8, 8) and torch.isfinite(lat).all()
+
+
+def test_unipc_needs_its_order_in_steps(toy_model):
+    s = dataclasses.replace(BASE, sampler="UniPC", steps=2)
+    assert s.problems() == ["steps must be at least 3 for UniPC (its order), got 2"]
+    with pytest.raises(TunelabError, match="at least 3 for UniPC"):
+        generate(toy_model, s)
 
 
 @pytest.mark.parametrize("changes", [
@@ -53,7 +61,6 @@ def test_pag_and_seg_run_their_processors_and_restore(toy_model):
     before = {n: type(p) for n, p in unet.attn_processors.items()}
     _latents(toy_model, pag_scale=1.0, seg_scale=1.0, pag_layers="mid,up.0", seg_layers="mid")
     assert {n: type(p) for n, p in unet.attn_processors.items()} == before
-    assert toy_model.pipe.unet is unet  # the GuidedUNet stand-in is gone
 
 
 def test_hires_fix(toy_model):
@@ -67,8 +74,9 @@ def test_hires_fix(toy_model):
 
 
 def test_sampler_names():
-    assert resolve_sampler("ddim cfg++") == ("DDIM", True)
-    assert resolve_sampler("Euler a") == ("Euler a", False)
+    spec, sched = resolve_sampler("ddim cfg++")
+    assert (spec.name, spec.cfg_pp, spec.timesteps, sched.label) == ("DDIM CFG++", True, True, "Automatic")
+    assert resolve_sampler("Euler a")[0].name == "Euler a"
     with pytest.raises(TunelabError, match="did you mean 'Euler a'"):
         resolve_sampler("Euler_a")
 
@@ -77,17 +85,17 @@ def test_vpred_ztsnr_checkpoint_is_sampled_as_such(sample_components, toy_tokeni
     comps = dataclasses.replace(sample_components, extras={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     model = build_pipeline(comps, toy_tokenizers)
     assert model.prediction == PredictionRecord("v", True)
-    for name in ("Euler", "DDIM", "UniPC", "Euler CFG++"):
-        sch = make_scheduler(name, model.scheduler_config, model.prediction)
-        assert sch.config.prediction_type == "v_prediction" and sch.config.timestep_spacing == "trailing"
-        assert sch.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
+    # A1111's "Zero Terminal SNR" noise schedule: rescaled, the last alpha_bar 4.9e-8 (sigma_max ~4519)
+    assert model.noise.prediction == "v" and model.noise.alphas_cumprod[-1].item() == pytest.approx(4.8973451890853435e-08)
+    assert model.noise.sigma_max == pytest.approx(4518.76, rel=1e-4)
     from tunelab.sample.pipeline import _guidance
 
-    assert _guidance(BASE, model, False).rescale == 0.7  # CFG rescale on by default for ztsnr
-    lat = generate(model, dataclasses.replace(BASE, steps=2), output_type="latent").image
-    assert torch.isfinite(lat).all()
-    eps = make_scheduler("Euler", model.scheduler_config, PredictionRecord())
-    assert eps.config.prediction_type == "epsilon" and eps.config.timestep_spacing == "leading"
+    assert _guidance(BASE, model, resolve_sampler("Euler")[0]).rescale == 0.7  # CFG rescale on by default for ztsnr
+    for name in ("Euler", "DDIM", "DPM++ 2M"):
+        lat = generate(model, dataclasses.replace(BASE, sampler=name, steps=2), output_type="latent").image
+        assert torch.isfinite(lat).all()
+    plain = build_pipeline(sample_components, toy_tokenizers)
+    assert plain.noise.prediction == "epsilon" and plain.noise.sigma_max == pytest.approx(14.6146, abs=1e-4)
 
 
 def test_vae_override(tmp_path, sample_components, toy_model):

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from tunelab import faults
 from tunelab.errors import TunelabError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
@@ -177,6 +178,7 @@ def write_streaming(
                 data = _tensor_bytes(s, produce(s))
                 f.write(data)
                 digest.update(data)
+                faults.point("checkpoint.write")  # the n-th tensor written
                 if progress:
                     progress(s)
             value = "0x" + digest.hexdigest()
@@ -185,6 +187,7 @@ def write_streaming(
                 f.write(value.encode())
             f.flush()
             os.fsync(f.fileno())
+        faults.point("checkpoint.rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,8 +12,11 @@ as A1111 wraps its model:
   (`sd_samplers_timesteps.py`) for DDIM, PLMS and UniPC: the UNet sees x at timestep t and v is
   turned into noise with the alphas of int(t).
 
-Both keep the unconditional branch's estimate of the last call (`uncond`, `eps_uncond`) for CFG++.
-The sampler state stays in float32 (as A1111's); the UNet runs in its own dtype.
+The branches' outputs are turned into the sampler's quantity (denoised, or noise) before CFG, PAG
+and SEG combine them, which is where A1111 combines (`GuidedUNet.branch_map`; with CFG rescale,
+defined on the UNet's outputs, they combine first). Both keep the unconditional branch's estimate
+of the last call (`uncond`, `eps_uncond`) for CFG++. The sampler state stays in float32 (as
+A1111's); the UNet runs in its own dtype.
 """
 
 from __future__ import annotations
@@ -47,27 +50,45 @@ class Denoiser:
         sigma = sigma.to(x.device, torch.float32) * x.new_ones([x.shape[0]])  # k-diffusion's sigma * s_in
         s = sigma[:, None, None, None]
         if self.ns.prediction == "flow":
-            out, uncond = self._unet(x, self.ns.timestep(sigma))
-            self.uncond = x - uncond * s
-            return x - out * s
-        c_in = 1 / (s**2 + 1.0) ** 0.5
-        out, uncond = self._unet(x * c_in, self.ns.timestep(sigma))
-        if self.ns.prediction == "v":
-            c_skip, c_out = 1.0 / (s**2 + 1.0), -s * 1.0 / (s**2 + 1.0) ** 0.5
-            self.uncond = uncond * c_out + x * c_skip
-            return out * c_out + x * c_skip
-        self.uncond = x + uncond * -s
-        return x + out * -s
+            x_in, to_denoised = x, lambda o: x - o.float() * s
+        else:
+            c_in = 1 / (s**2 + 1.0) ** 0.5
+            x_in = x * c_in
+            if self.ns.prediction == "v":
+                c_skip, c_out = 1.0 / (s**2 + 1.0), -s * 1.0 / (s**2 + 1.0) ** 0.5
+                to_denoised = lambda o: o.float() * c_out + x * c_skip  # noqa: E731
+            else:
+                to_denoised = lambda o: x + o.float() * -s  # noqa: E731
+        mapped = not self.unet.g.rescale  # the branches combine as denoised (see GuidedUNet.branch_map)
+        self.unet.branch_map = to_denoised if mapped else None
+        try:
+            out, uncond = self._unet(x_in, self.ns.timestep(sigma))
+        finally:
+            self.unet.branch_map = None
+        if mapped:
+            self.uncond = uncond
+            return out
+        self.uncond = to_denoised(uncond)
+        return to_denoised(out)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided noise prediction at timesteps t (B,), for the timestep samplers."""
         if self.ns.prediction == "flow":
             raise TunelabError("DDIM, PLMS and UniPC cannot sample a rectified-flow model; use Euler")
-        out, uncond = self._unet(x, t)
-        if self.ns.prediction == "v":
-            idx = t.to(torch.int).cpu()
-            a = self.ns.alphas_cumprod[idx].to(x.device)[:, None, None, None]
-            sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
-            out, uncond = sqrt_a * out + sqrt_1ma * x, sqrt_a * uncond + sqrt_1ma * x
-        self.eps_uncond = uncond
-        return out
+        if self.ns.prediction != "v":
+            out, self.eps_uncond = self._unet(x, t)
+            return out
+        a = self.ns.alphas_cumprod[t.to(torch.int).cpu()].to(x.device)[:, None, None, None]
+        sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
+        to_eps = lambda o: sqrt_a * o.float() + sqrt_1ma * x  # noqa: E731  (predict_eps_from_z_and_v)
+        mapped = not self.unet.g.rescale
+        self.unet.branch_map = to_eps if mapped else None
+        try:
+            out, uncond = self._unet(x, t)
+        finally:
+            self.unet.branch_map = None
+        if mapped:
+            self.eps_uncond = uncond
+            return out
+        self.eps_uncond = to_eps(uncond)
+        return to_eps(out)

@@ -274,6 +274,11 @@ class GuidedUNet(torch.nn.Module):
         self.unet, self.g, self.plan = unet, g, plan
         self.neg_context, self.neg_pooled = neg_context, neg_pooled  # (1, 77*chunks, D), (1, P)
         self.last_uncond: torch.Tensor | None = None
+        # Set per call by the denoiser: the map from a branch's UNet output to the sampler's space
+        # (denoised), applied before the branches combine, as A1111 combines (without CFG rescale,
+        # which is defined on the UNet's outputs). The combination is linear, so this changes only
+        # the rounding, which sigma_max 4519 of zero-terminal-SNR schedules amplifies.
+        self.branch_map: Any = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -291,6 +296,8 @@ class GuidedUNet(torch.nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for group in groups:
             parts.update(self._branches(group, sample, timestep, encoder_hidden_states, added_cond_kwargs, kwargs))
+        if self.branch_map is not None and not self.g.rescale:
+            parts = {n: self.branch_map(p) for n, p in parts.items()}
         self.last_uncond = parts.get("uncond", parts["cond"])
         return (combine(parts, self.g),)
 

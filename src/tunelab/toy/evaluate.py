@@ -60,7 +60,10 @@ def render(model: Any, looks: Sequence[Look], seeds: Sequence[int] = EVAL_SEEDS,
     """Images of every look with every seed (the look's prompt; Euler; the given CFG)."""
     from tunelab.sample.pipeline import SampleSettings, generate_batch
 
-    settings = SampleSettings(seed=0, steps=steps, cfg=cfg, width=size[0], height=size[1], max_chunks=1)
+    # uncond "empty": toy models learn their unconditional branch from captions dropped to "" (the
+    # encoded empty string), not from A1111's zeros (0.79 vs 0.67 base accuracy, seed 11)
+    settings = SampleSettings(seed=0, steps=steps, cfg=cfg, width=size[0], height=size[1], max_chunks=1,
+                              uncond="empty")
     wanted = [look for _ in seeds for look in looks]
     with torch.no_grad():
         images = generate_batch(model, [prompt_of(look) for look in wanted],
