@@ -16,17 +16,28 @@ import signal
 
 ENV = "TUNELAB_FAULT"
 POINTS = ("checkpoint.write", "checkpoint.rename", "state.files", "state.rename", "metrics.write",
-          "cache.shard", "merge.write")
+          "cache.shard", "merge.write", "loss.nonfinite")
 _hits: dict[str, int] = {}
 
 
 def point(name: str) -> None:
+    """SIGKILL this process if the fault spec names this point and this is its hit."""
+    if hit(name):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hit(name: str) -> bool:
+    """Whether this pass of point `name` is a fault: the spec `name:N` (the N-th pass), `name:N-M`
+    (passes N to M) or `name:N-` (the N-th and every later one). For faults that are not a kill,
+    e.g. `loss.nonfinite` (the trainer makes that micro-batch's loss NaN)."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return False
     where, _, nth = spec.partition(":")
     if where != name:
-        return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        return False
+    _hits[name] = count = _hits.get(name, 0) + 1
+    first, dash, last = (nth or "1").partition("-")
+    if not dash:
+        return count == int(first)
+    return count >= int(first) and (not last or count <= int(last))

@@ -611,3 +611,27 @@ def test_cfg_pp_steps_hand_worked():
     ac, ts, m = torch.tensor([0.9, 0.64, 0.36]), torch.tensor([1, 2]), _Fixed(0.5, 0.25)
     assert SP.ddim_cfgpp(m, x, ts, None, ac).item() == pytest.approx(0.95)
     assert SP.ddim(m, x, ts, None, ac).item() == pytest.approx(1.1)
+
+
+def test_flow_euler_is_diffusers_flow_match_euler(tiny):
+    """Rectified flow (not an A1111 model type): the sigmas and steps of diffusers'
+    FlowMatchEulerDiscreteScheduler (= ComfyUI's ModelSamplingDiscreteFlow + normal + euler), the
+    UNet at shifted sigma x 1000, CFG on the velocity."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    eps, _ = tiny
+    flow = dataclasses.replace(eps, prediction=PredictionRecord("flow", flow_shift=3.0))
+    s = dataclasses.replace(BASE, steps=4)
+    ours, calls = _render(flow, s)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(s.steps)
+    assert torch.allclose(flow.noise.uniform(s.steps), sched.sigmas, rtol=1e-6, atol=1e-7)
+    (c_ctx, c_pool), (u_ctx, u_pool) = conditioning(calls)[0]
+    ids = conditioning(calls)[1]
+    x = cpu_rng(s.seed)()
+    for t in sched.timesteps:
+        v = flow.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([c_ctx, u_ctx]), return_dict=False,
+                      added_cond_kwargs={"text_embeds": torch.cat([c_pool, u_pool]), "time_ids": ids.expand(2, -1)})[0]
+        x = sched.step(v[1:] + (v[:1] - v[1:]) * s.cfg, t, x).prev_sample
+    assert [round(c[0][0].item(), 2) for c in calls] == [round(t.item(), 2) for t in sched.timesteps]
+    assert _rel(ours, x) < TOL

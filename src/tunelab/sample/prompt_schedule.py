@@ -20,6 +20,9 @@ Hand-written here: A1111 parses with a lark grammar (an Earley parser); this is 
 recursive-descent parser for the same language (a bracket is read as a construct where it can
 be one, else it is literal text; a `|` outside brackets, or a lone trailing backslash, means the
 prompt does not parse and A1111 then takes it as it is), checked against A1111's own examples.
+One case has no single A1111 answer: with a stray closing bracket after a construct (`[a:b:3]]`)
+the grammar is ambiguous, and lark's pick changes with Python's string-hash seed, so A1111 reads
+the same prompt differently from one start to the next; this parser always reads the construct.
 """
 
 from __future__ import annotations

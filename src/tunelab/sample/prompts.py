@@ -153,7 +153,8 @@ class WeightedChunks:
 
 def _windows(tokenizer: Any, segments: Segments, comma_backtrack: int) -> list[list[tuple[int, float]]]:
     """Token (id, weight) windows of at most 75, cut A1111's way (see the module docstring)."""
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")  # CLIP's comma (A1111's comma_token)
+    comma = None if comma == tokenizer.unk_token_id else comma
     windows: list[list[tuple[int, float]]] = []
     window: list[tuple[int, float]] = []
     last_comma = -1  # position of the window's last comma; -1: none since the window began

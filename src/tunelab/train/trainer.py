@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from tunelab import faults
 from tunelab.config import RunConfig, load_config, save_resolved
 from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
@@ -687,6 +688,8 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
         last = micro == s.accumulation - 1
         with _no_sync(acc, t.trainable, enabled=not last), acc.autocast():
             loss, cut = _micro_loss(s, batch, epoch, position)
+            if faults.hit("loss.nonfinite"):  # the reliability suite's forced NaN (faults.py)
+                loss = loss * float("nan")
         truncated += cut
         # A NaN/inf loss still goes through backward (every process must take part in DDP's
         # all-reduce); its gradients are thrown away below with the whole step.
