@@ -158,8 +158,8 @@ class GridSection(_Section):
     every_n_steps: int = Field(0, ge=0, description="Render every N optimizer steps; 0 = only at the end of training.")
     steps: int = Field(28, ge=1, description="Sampler steps per image.")
     cfg: float = Field(6.0, ge=0.0, description="Classifier-free guidance scale. DDIM CFG++ (A1111's) divides it by 12.5; Euler CFG++ (ComfyUI's) takes it as the CFG++ lambda itself (about 0.5-1.5).")
-    sampler: str = Field("Euler", description="A1111 sampler name: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M, DPM++ 2S a, DDIM, DDIM CFG++, PLMS, UniPC, Euler CFG++ (old names such as 'DPM++ 2M Karras' = sampler + schedule type).")
-    schedule_type: str = Field("Automatic", description="A1111's Schedule type: Automatic (the sampler's own: Karras for DPM++ 2M and DPM2, the model's timesteps for Euler), Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM.")
+    sampler: str = Field("Euler", description="A1111 sampler name: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM++ 2M SDE Heun, DPM++ 3M SDE, DDIM, DDIM CFG++, PLMS, UniPC, Euler CFG++ (old names such as 'DPM++ 2M Karras' = sampler + schedule type).")
+    schedule_type: str = Field("Automatic", description="A1111's Schedule type: Automatic (the sampler's own: Karras for DPM++ 2M and DPM2, Exponential for the 2M/3M SDE ones, the model's timesteps for Euler), Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM.")
     pag_scale: float = Field(0.0, ge=0.0, description="Perturbed-attention guidance scale (the field uses 1); 0 = off.")
     seg_scale: float = Field(0.0, ge=0.0, description="Smoothed-energy guidance scale; 0 = off.")
 

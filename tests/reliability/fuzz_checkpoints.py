@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -155,6 +156,8 @@ def fuzz(n: int, seed: int = 0, commands: tuple[str, ...] = COMMANDS, root: Path
             s.fresh()
             status, err, crash = run_main(s.argv(command, s.good) + (["--help"] if command == "train" else []))
             assert crash is None and status == 0, f"warm-up of {command} failed:\n{err}\n{crash}"
+        gc.collect()
+        gc.freeze()  # the warm-up's millions of objects: a full collection of them mid-case is not the file's cost
         limit_memory()
         good = s.good.read_bytes()
         cases = []

@@ -136,7 +136,7 @@ MUTATIONS: dict[str, Mutation] = {
     "json-truncated": _json_cut,
     "json-bytes": _json_bytes,
     "json-shape": _json_shape,
-    "dtype": _edit("dtype", ["F33", "f32", "", None, 4, ["F32"], "BF16", "I8", "F64", "U64"]),
+    "dtype": _edit("dtype", ["F33", "f32", "", None, 4, ["F32"], "I8", "F64", "U64", "BOOL"]),  # none of F16's size
     "shape": _edit("shape", [[-1], [1.5], ["3"], None, "[]", [True], [], [0], [1, -1], [2**70]]),
     "offsets": _edit("data_offsets", [None, [0], [0, 1, 2], [-4, 0], [0.0, 4.0], "0,4", [2**64, 2**64 + 4], [5, 1]]),
     "offsets-shift": _offsets_shift,

@@ -62,3 +62,23 @@ def test_every_command_against_each_kind_of_malformed_file(tmp_path):
 def test_a_thousand_malformed_files(tmp_path):
     cases = _fuzz(tmp_path, n=1000, full_rounds=2, seed=1)
     assert len({(c["kind"], c["index"]) for c in cases}) >= 1000
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h, n: h[n].update(dtype=["F16"]), "unknown dtype"),  # was a TypeError (unhashable list)
+    (lambda h, n: h.update(__metadata__=[]), "__metadata__"),  # was accepted, then safetensors failed
+    (lambda h, n: h[n].update(shape=[True] * len(h[n]["shape"])), "malformed shape"),  # bool is not a size
+    (lambda h, n: h[n].update(data_offsets=[False, h[n]["data_offsets"][1]]), "malformed data_offsets"),
+])
+def test_what_the_fuzzer_found_stays_fixed(toy_checkpoint, tmp_path, edit, message):
+    from tests.reliability.mutate import pack
+    from tunelab.errors import TunelabError
+    from tunelab.models.safetensors_io import read_header
+
+    header, data = split(toy_checkpoint.read_bytes())
+    name = next(k for k in header if k != "__metadata__")
+    edit(header, name)
+    path = tmp_path / "found.safetensors"
+    path.write_bytes(pack(header, data))
+    with pytest.raises(TunelabError, match=message):
+        read_header(path)

@@ -25,17 +25,22 @@ from tunelab.sample.pipeline import SampleSettings
     ("cfg", "3, 4.5,6", [3.0, 4.5, 6.0]),
     ("seed", "460372993, 744089893, 1-2", [460372993, 744089893, 1, 2]),
     ("sampler", "euler a, DDIM CFG++", ["Euler a", "DDIM CFG++"]),
+    ("sampler", "dpm++ 2m karras, k_euler", ["DPM++ 2M Karras", "Euler"]),  # A1111's old names and aliases
+    ("schedule_type", "karras, sgm_uniform, Automatic", ["Karras", "SGM Uniform", "Automatic"]),
+    ("schedule", "exponential", ["Exponential"]),
     ("prompt", '"red, circle", blue', ["red, circle", "blue"]),
     ("freeu", "on, off", [True, False]),
     ("hires_denoise", "0.5-0.7 (+0.1)", [0.5, 0.6, 0.7]),
 ])
 def test_axis_syntax(axis, text, expected):
-    assert parse_values(axis, text) == pytest.approx(expected) if axis not in ("sampler", "prompt", "freeu") \
+    assert parse_values(axis, text) == pytest.approx(expected) if axis not in ("sampler", "prompt", "freeu",
+                                                                              "schedule_type", "schedule") \
         else parse_values(axis, text) == expected
 
 
 @pytest.mark.parametrize("axis, text, match", [
     ("seed", "5-1 (+1)", "never gets"), ("cfg", "abc", "not a valid"), ("sampler", "Eulr", "did you mean"),
+    ("schedule_type", "Karas", "did you mean 'Karras'"),
     ("colour", "1", "unknown axis"), ("seed", "", "no values"),
 ])
 def test_axis_errors(axis, text, match):

@@ -254,10 +254,13 @@ def test_first_steps_start_where_a1111s_do(tiny):
 
 # --- k-diffusion samplers --------------------------------------------------------------------------------------
 
-KDIFF = [  # (A1111 name, k-diffusion function, ancestral noise?) as A1111 v1.10's samplers_k_diffusion lists them
-    ("Euler", "sample_euler", False), ("Euler a", "sample_euler_ancestral", True), ("Heun", "sample_heun", False),
-    ("LMS", "sample_lms", False), ("DPM2", "sample_dpm_2", False), ("DPM2 a", "sample_dpm_2_ancestral", True),
-    ("DPM++ 2M", "sample_dpmpp_2m", False), ("DPM++ 2S a", "sample_dpmpp_2s_ancestral", True),
+KDIFF = [  # (A1111 name, k-diffusion function, its extra noise) as A1111 v1.10's samplers_k_diffusion lists them:
+    # "rng" = ImageRNG.next() through TorchHijack, "tree" = create_noise_sampler's Brownian tree (brownian_noise)
+    ("Euler", "sample_euler", None), ("Euler a", "sample_euler_ancestral", "rng"), ("Heun", "sample_heun", None),
+    ("LMS", "sample_lms", None), ("DPM2", "sample_dpm_2", None), ("DPM2 a", "sample_dpm_2_ancestral", "rng"),
+    ("DPM++ 2M", "sample_dpmpp_2m", None), ("DPM++ 2S a", "sample_dpmpp_2s_ancestral", "rng"),
+    ("DPM++ SDE", "sample_dpmpp_sde", "tree"), ("DPM++ 2M SDE", "sample_dpmpp_2m_sde", "tree"),
+    ("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", "tree"), ("DPM++ 3M SDE", "sample_dpmpp_3m_sde", "tree"),
 ]
 
 
@@ -270,7 +273,11 @@ def _kdiffusion(kd, model, s, calls, func, ancestral, v=False, alphas=None):
     sigmas = a1111_sigmas(kd, mw, label, s.steps, spec.discard_penultimate)
     rng = cpu_rng(s.seed)
     x = rng() * sigmas[0]  # KDiffusionSampler.sample: x * sigmas[0] (sgm_noise_multiplier off by default)
-    extra = {"noise_sampler": rng} if ancestral else {}
+    extra = {"noise_sampler": rng} if ancestral == "rng" else {}
+    if ancestral == "tree":  # Sampler.create_noise_sampler: the iteration's seeds, the whole schedule's range
+        extra = {"noise_sampler": kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
+    if spec.name == "DPM++ 2M SDE Heun":
+        extra["solver_type"] = "heun"  # its options' solver_type
     return getattr(kd.sampling, func)(CFG(mw, conds, s.cfg), x, sigmas, disable=True, **extra)
 
 
@@ -510,7 +517,7 @@ def test_hires_schedule_numbers_are_a1111s(kd):
     assert hires_size(1000, 1000, 1.5) == (1500, 1500) and hires_size(872, 1024, 1.5) == (1308, 1536)
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DDIM"])
+@pytest.mark.parametrize("name", ["Euler a", "DDIM", "DPM++ 2M SDE"])
 def test_hires_pass_is_a1111s(kd, tiny, name):
     """txt2img, latent upscale (bilinear, no antialias: shared.latent_upscale_modes["Latent"]), a new
     ImageRNG with the seeds at the hires size for the noise (processing.py sample_hr_pass), the
@@ -520,10 +527,11 @@ def test_hires_pass_is_a1111s(kd, tiny, name):
     ours, calls = _render(eps, s)
     assert ours.shape == (1, 4, 12, 12)
     first = dataclasses.replace(s, hires_scale=1.0)
+    func, extra_noise = next(((f, a) for n, f, a in KDIFF if n == name), (None, None))
     if name == "DDIM":
         low = _timestep_reference(eps, first, calls)
     else:
-        low = _kdiffusion(kd, eps, first, calls, "sample_euler_ancestral", True)
+        low = _kdiffusion(kd, eps, first, calls, func, extra_noise)
     up = F.interpolate(low, size=(96 // 8, 96 // 8), mode="bilinear", antialias=False)
     rng = cpu_rng(s.seed, (1, 4, 12, 12))
     noise = rng()
@@ -537,11 +545,15 @@ def test_hires_pass_is_a1111s(kd, tiny, name):
         xi = up * torch.sqrt(a) + noise * torch.sqrt(1 - a)
         hires_calls = [(None, torch.cat([conds[1][0], conds[0][0]]), torch.cat([conds[1][1], conds[0][1]]), hires_ids)]
         ref = _timestep_reference(eps, s, hires_calls, x=xi, timesteps=ts[:t_enc])
-    else:
+    else:  # KDiffusionSampler.sample_img2img: sigma_sched = sigmas[steps - t_enc - 1:], xi = x + noise * sigma_sched[0]
         mw = kd.external.CompVisDenoiser(CompVisModel(eps.unet, ac, hires_ids))
-        sched = mw.get_sigmas(total)[total - t_enc - 1:]
-        ref = kd.sampling.sample_euler_ancestral(CFG(mw, conds, s.cfg), up + noise * sched[0], sched, disable=True,
-                                                 noise_sampler=rng)
+        spec, sched_type = SP.split_sampler(name)
+        every = a1111_sigmas(kd, mw, SP.effective_schedule(spec, sched_type).label, total)
+        sched = every[total - t_enc - 1:]
+        if extra_noise == "tree":  # create_noise_sampler(x, sigmas, p): the whole schedule's range
+            rng = kd.sampling.BrownianTreeNoiseSampler(up, every[every > 0].min(), every.max(), seed=[s.seed])
+        ref = getattr(kd.sampling, func)(CFG(mw, conds, s.cfg), up + noise * sched[0], sched, disable=True,
+                                         noise_sampler=rng)
     assert _rel(ours, ref) < TOL
 
 
@@ -635,3 +647,13 @@ def test_flow_euler_is_diffusers_flow_match_euler(tiny):
         x = sched.step(v[1:] + (v[:1] - v[1:]) * s.cfg, t, x).prev_sample
     assert [round(c[0][0].item(), 2) for c in calls] == [round(t.item(), 2) for t in sched.timesteps]
     assert _rel(ours, x) < TOL
+
+
+def test_run_file_grid_sampler_is_checked_before_training():
+    from tunelab.config import parse_config
+    from tunelab.errors import TunelabError
+
+    assert parse_config({"grid": {"sampler": "DPM++ 2M Karras"}}).grid.schedule_type == "Automatic"
+    assert parse_config({"grid": {"sampler": "Euler", "schedule_type": "sgm uniform"}})
+    with pytest.raises(TunelabError, match="grid.sampler / grid.schedule_type: unknown schedule type 'Karas'"):
+        parse_config({"grid": {"schedule_type": "Karas"}})

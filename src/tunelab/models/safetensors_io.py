@@ -88,7 +88,9 @@ def read_header(path: str | Path) -> Header:
         raise _fail(path, f"header is not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise _fail(path, "header JSON is not an object")
-    meta = doc.pop("__metadata__", None) or {}
+    meta = doc.pop("__metadata__", {})
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
     tensors = {name: _tensor_info(path, name, entry) for name, entry in doc.items()}

@@ -223,7 +223,8 @@ class SeedNoise:
     noise ancestral samplers add, from the same generators (eta noise seed delta 0)."""
 
     def __init__(self, seeds: list[int], shape: tuple[int, int, int], device: torch.device):
-        self.generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        self.seeds = [int(seed) for seed in seeds]
+        self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
         self.shape, self.device = shape, device  # shape (4, h, w) of one image
 
     def __call__(self) -> torch.Tensor:
@@ -260,13 +261,15 @@ def _sample(model: SamplingModel, s: SampleSettings, plan: tuple[SP.SamplerSpec,
         if spec.timesteps:
             return _timestep_pass(spec, ns, den, noise, steps, init, denoise)
         if init is None:
-            sigmas = SP.sigmas_for(spec, sched, ns, steps).to(device)
+            sigmas = every = SP.sigmas_for(spec, sched, ns, steps).to(device)
             x = ns.noise_scaling(sigmas[0], noise(), torch.zeros((), device=device))
         else:  # a schedule of int(steps / denoise) levels, of which the last steps + 1 run
             total, t_enc = S.img2img_steps(steps, denoise)
-            sigmas = SP.sigmas_for(spec, sched, ns, total).to(device)[total - t_enc - 1:]
+            every = SP.sigmas_for(spec, sched, ns, total).to(device)
+            sigmas = every[total - t_enc - 1:]
             x = ns.noise_scaling(sigmas[0], noise(), init)
-        return spec.run(den, x, sigmas, noise)
+        extra = SP.BrownianNoise(noise.seeds, noise.shape, every, device) if spec.brownian else noise
+        return spec.run(den, x, sigmas, extra)
 
 
 def _timestep_pass(spec: SP.SamplerSpec, ns: S.NoiseSchedule, den: Denoiser, noise: SeedNoise, steps: int,
@@ -346,7 +349,8 @@ def _hires(model: SamplingModel, s: SampleSettings, plan: tuple[SP.SamplerSpec, 
     else:
         from PIL import Image
 
-        init = _to_latents(model, [im.resize((width, height), Image.Resampling.LANCZOS) for im in _to_images(model, latents)])
+        resized = [im.resize((width, height), Image.Resampling.LANCZOS) for im in _to_images(model, latents)]
+        init = _to_latents(model, resized)
     noise = SeedNoise(seeds, tuple(init.shape[1:]), model.device)
     out = _sample(model, s, plan, g, cond, (height, width), noise, s.hires_steps or s.steps, init, s.hires_denoise)
     return out, (out.shape[-1] * 8, out.shape[-2] * 8)

@@ -18,7 +18,8 @@ CFG scale is the CFG++ lambda itself. DDIM CFG++ is A1111's, whose lambda is the
 Each CFG++ sampler keeps the convention of the tool it comes from (`SamplerSpec.cfg_divisor`).
 
 Extra noise (ancestral samplers) is drawn from each image's own seeded generator, after its
-initial noise (A1111's `rng.ImageRNG.next`, with its "CPU" RNG source and eta noise seed delta 0).
+initial noise (A1111's `rng.ImageRNG.next`, with its "CPU" RNG source and eta noise seed delta 0);
+the SDE samplers' comes from a Brownian tree per image seed (`BrownianNoise`, which needs torchsde).
 
 Hand-written: k-diffusion is not a dependency (its package pulls torchvision and training extras),
 and A1111's timestep samplers and schedule types exist in no library.
@@ -27,6 +28,7 @@ and A1111's timestep samplers and schedule types exist in no library.
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -70,6 +72,7 @@ class SamplerSpec:
     cfg_pp: bool = False
     cfg_divisor: float = 1.0  # CFG scale / cfg_divisor = the guidance scale (CFG++ lambda)
     min_steps: int = 1
+    brownian: bool = False  # its noise is a Brownian tree per image seed (BrownianNoise), not fresh draws
     source: str = "A1111"  # whose sampler this is (for the docs and errors)
 
 
@@ -203,6 +206,118 @@ def dpmpp_2s_ancestral(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor,
         if sigmas[i + 1] > 0:
             x = x + noise() * sigma_up
     return x
+
+
+def dpmpp_sde(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor, noise: "BrownianNoise",
+              r: float = 1 / 2) -> torch.Tensor:
+    """DPM-Solver++ (stochastic), eta 1: two model calls per step, at the step's midpoint in t."""
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            continue
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        s = t + h * r
+        fac = 1 / (2 * r)
+        sd, su = _ancestral_step(sigma_fn(t), sigma_fn(s))
+        s_ = t_fn(sd)
+        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + noise(sigma_fn(t), sigma_fn(s)) * su
+        denoised_2 = model(x_2, sigma_fn(s))
+        sd, su = _ancestral_step(sigma_fn(t), sigma_fn(t_next))
+        t_next_ = t_fn(sd)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+        x = x + noise(sigma_fn(t), sigma_fn(t_next)) * su
+    return x
+
+
+def dpmpp_2m_sde(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor, noise: "BrownianNoise",
+                 solver_type: str = "midpoint") -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, eta 1 (midpoint or Heun correction of the second-order term)."""
+    old_denoised, h_last, h = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = 1.0 * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt()
+        old_denoised, h_last = denoised, h
+    return x
+
+
+def dpmpp_2m_sde_heun(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor, noise: "BrownianNoise") -> torch.Tensor:
+    return dpmpp_2m_sde(model, x, sigmas, noise, solver_type="heun")
+
+
+def dpmpp_3m_sde(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor, noise: "BrownianNoise") -> torch.Tensor:
+    """DPM-Solver++(3M) SDE, eta 1."""
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    h = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (1.0 + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                x = x + (h_eta.neg().expm1() / h_eta + 1) * d
+            x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * 1.0).expm1().neg().sqrt()
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+class BrownianNoise:
+    """The SDE samplers' noise as A1111 makes it (`Sampler.create_noise_sampler`: k-diffusion's
+    BrownianTreeNoiseSampler with one torchsde BrownianTree per image, entropy = the image's seed,
+    over (sigma_min, sigma_max) of the pass's whole schedule; torchsde's draws come from a CPU
+    generator of that seed, which is what A1111's patched `_randn` gives with its CPU source).
+    The tree lives on the CPU in float32; needs torchsde (pip install torchsde)."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device: torch.device):
+        try:
+            import torchsde
+        except ImportError:
+            raise TunelabError("the DPM++ SDE samplers need torchsde for their Brownian-tree noise: "
+                               "pip install torchsde (or choose another sampler)") from None
+        sigmas = sigmas.detach().float().cpu()
+        self.t0, self.t1 = sigmas[sigmas > 0].min(), sigmas.max()
+        w0 = torch.zeros(shape)
+        self.trees = [torchsde.BrownianTree(self.t0, w0, self.t1, entropy=int(seed)) for seed in seeds]
+        self.device = device
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        t0, t1 = torch.as_tensor(sigma).detach().cpu(), torch.as_tensor(sigma_next).detach().cpu()
+        lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        with warnings.catch_warnings():  # torchsde compares the float32 ends with its float64 ones
+            warnings.filterwarnings("ignore", message="Should have t")
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        return (w / (t1 - t0).abs().sqrt()).to(self.device)
 
 
 def euler_cfg_pp(model: SigmaModel, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise) -> torch.Tensor:
@@ -386,7 +501,11 @@ def _unipc_update(ns: _VPSchedule, data: Callable, x: torch.Tensor, models: list
 
 _SPECS = (
     SamplerSpec("DPM++ 2M", dpmpp_2m, schedule="Karras"),
+    SamplerSpec("DPM++ SDE", dpmpp_sde, schedule="Karras", brownian=True),
+    SamplerSpec("DPM++ 2M SDE", dpmpp_2m_sde, schedule="Exponential", brownian=True),
+    SamplerSpec("DPM++ 2M SDE Heun", dpmpp_2m_sde_heun, schedule="Exponential", brownian=True),
     SamplerSpec("DPM++ 2S a", dpmpp_2s_ancestral, schedule="Karras"),
+    SamplerSpec("DPM++ 3M SDE", dpmpp_3m_sde, schedule="Exponential", discard_penultimate=True, brownian=True),
     SamplerSpec("Euler a", euler_ancestral),
     SamplerSpec("Euler", euler),
     SamplerSpec("LMS", lms),
@@ -403,8 +522,9 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
 # A1111's own aliases (k_euler, ...) as its samplers_k_diffusion / samplers_timesteps tables list them.
 _ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_lms": "LMS",
             "k_heun": "Heun", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a",
-            "k_dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "ddim_cfgpp": "DDIM CFG++", "plms": "PLMS", "unipc": "UniPC",
-            "euler_cfg_pp": "Euler CFG++"}
+            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+            "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_3m_sde": "DPM++ 3M SDE", "ddim": "DDIM",
+            "ddim_cfgpp": "DDIM CFG++", "plms": "PLMS", "unipc": "UniPC", "euler_cfg_pp": "Euler CFG++"}
 
 
 def _lookup(name: str) -> SamplerSpec | None:

@@ -220,7 +220,8 @@ AUTOMATIC = SCHEDULES["Automatic"]
 def find_schedule(name: str) -> Schedule | None:
     """A schedule type by label, name or alias, in any case ("karras", "SGM Uniform", "sgm_uniform")."""
     key = name.strip().lower()
-    return next((s for s in SCHEDULES.values() if key in {s.label.lower(), s.name, *(a.lower() for a in s.aliases)}), None)
+    spellings = lambda s: {s.label.lower(), s.name, *(a.lower() for a in s.aliases)}  # noqa: E731
+    return next((s for s in SCHEDULES.values() if key in spellings(s)), None)
 
 
 def schedule(name: str) -> Schedule:
