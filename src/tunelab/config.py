@@ -388,9 +388,17 @@ def read_toml(path: str | Path, what: str = "run file") -> dict[str, Any]:
     if not path.is_file():
         raise TunelabError(f"{path}: no such {what}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TunelabError(f"{path}: not valid UTF-8 (byte {err.start}); save the {what} as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise TunelabError(f"{path}: not valid TOML: {err}") from None
+        message = str(err)
+        if message.endswith("(at end of document)"):  # tomllib names no line there: the last one is meant
+            last = text.rstrip("\n").count("\n") + 1
+            message = message.replace("(at end of document)", f"(at the end of the file, line {last})")
+        raise TunelabError(f"{path}: not valid TOML: {message}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -39,3 +39,27 @@ def test_broken_recipes_and_run_files_sample():
 @pytest.mark.slow
 def test_a_thousand_broken_recipes_and_run_files():
     _check(1000, seed=1)
+
+
+def test_what_the_fuzzer_found_stays_fixed(tmp_path):
+    from tests.reliability.fuzz_checkpoints import run_main
+    from tests.reliability.fuzz_text import make_models
+
+    make_models(tmp_path)
+    recipe = tmp_path / "r.mecha"
+    cases = {  # recipe text -> what the error must say
+        'version 0.1.0\nmodel\n': "r.mecha:2: a model line names the model file",  # was an IndexError
+        'version 0.1.0\nmodel "models/base.safetensors" moel_config="sdxl-sgm"\n':
+            "r.mecha:2: sd-mecha cannot read the recipe",  # sd-mecha's error, now with the line
+    }
+    for text, message in cases.items():
+        recipe.write_text(text)
+        status, err, crash = run_main(["merge", "run", str(recipe), "--models-dir", str(tmp_path), "--out", str(tmp_path / "o.txt")])
+        assert crash is None and status == 2 and message in err, err
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[run]\nname = "x"\n[train')  # tomllib: "at end of document"
+    status, err, crash = run_main(["config", "check", str(run_file)])
+    assert status == 2 and "line 3" in err, err
+    run_file.write_bytes(b'[run]\nname = "caf\xe9"\n')
+    status, err, crash = run_main(["config", "check", str(run_file)])
+    assert crash is None and status == 2 and "not valid UTF-8" in err, err

@@ -279,6 +279,8 @@ def resolve_models(recipe: Recipe, models_dir: Path | None, maps: list[tuple[str
     separators), relative paths under `--models-dir`, `.safetensors` added when the name has none;
     a file that cannot be found is an error naming the recipe line."""
     for line in recipe.models:
+        if not line.args or not isinstance(line.args[0], str):
+            raise TunelabError(f"{recipe.where(line)}: a model line names the model file in quotes: model \"path.safetensors\"")
         written = str(line.args[0])
         path = _norm(written)
         for old, new in maps:
@@ -335,10 +337,14 @@ def check_methods(recipe: Recipe) -> None:
                                f"from a fork?){f'; the nearest is {near[1]!r}' if near else ''}: {line.text()}") from None
 
 
-def to_sd_mecha(recipe: Recipe) -> str:
-    """The text sd-mecha deserializes: per-key literals written as a `dict` + `literal` pair."""
+def to_sd_mecha(recipe: Recipe, origins: list[Line | None] | None = None) -> str:
+    """The text sd-mecha deserializes: per-key literals written as a `dict` + `literal` pair.
+    `origins`, when given, receives the recipe line each output line came from (None: the header),
+    so an error sd-mecha finds can name the user's line."""
     out: list[str] = [HEADER]
     remap: dict[int, int] = {}
+    if origins is not None:
+        origins.append(None)
 
     def fix(v: Any) -> Any:
         return Ref(remap[int(v)]) if isinstance(v, Ref) else v
@@ -351,4 +357,6 @@ def to_sd_mecha(recipe: Recipe) -> str:
         else:
             out.append(Line(line.command, [fix(a) for a in line.args], {k: fix(v) for k, v in line.kwargs.items()}).text())
         remap[i] = len(out) - 2
+        if origins is not None:
+            origins.extend([line] * (len(out) - len(origins)))
     return "\n".join(out) + "\n"

@@ -62,11 +62,14 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     from tunelab.models.checkpoint import stamp_merge
 
     check_model_files(recipe)
-    text = to_sd_mecha(recipe)
+    origins: list = []
+    text = to_sd_mecha(recipe, origins)
     try:
         node = sd_mecha.deserialize(text.rstrip("\n"))  # sd-mecha reads every line, an empty last one too
-    except Exception as err:  # noqa: BLE001 - sd-mecha's own message, with the recipe named
-        raise TunelabError(f"{recipe.source}: sd-mecha cannot read the recipe: {err}") from None
+    except Exception as err:  # noqa: BLE001 - sd-mecha's own message, with the recipe line named
+        line = _failing_line(text, origins)
+        where = recipe.where(line) if line is not None else recipe.source
+        raise TunelabError(f"{where}: sd-mecha cannot read the recipe: {err}") from None
     out = Path(out)
     if out.suffix != ".safetensors":
         raise TunelabError(f"--out {out}: the merge is written as one .safetensors file")
@@ -87,6 +90,20 @@ def merge_recipe(recipe: Recipe, out: Path, dtype: str = "fp16", merge_dtype: st
     mecha = out.with_suffix(".mecha")
     mecha.write_text(text, encoding="utf-8")  # what sd-mecha ran: opens in sd-mecha as it is
     return Merged(out, recipe, text, mecha)
+
+
+def _failing_line(text: str, origins: list):
+    """The recipe line whose sd-mecha text first fails to deserialize (recipes are short: one
+    parse per line, only after a failure)."""
+    import sd_mecha
+
+    lines = text.rstrip("\n").split("\n")
+    for k in range(2, len(lines) + 1):
+        try:
+            sd_mecha.deserialize("\n".join(lines[:k]))
+        except Exception:  # noqa: BLE001 - the first prefix sd-mecha refuses ends at the bad line
+            return origins[k - 1] if k - 1 < len(origins) else None
+    return None
 
 
 def check_model_files(recipe: Recipe) -> None:
