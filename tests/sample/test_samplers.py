@@ -593,6 +593,15 @@ def test_schedule_type_in_the_infotext():
     assert fields(sampler="DDIM")["Schedule type"] == "Automatic"  # the timestep samplers run no schedule
     line = format_infotext("p", "", settings_params(dataclasses.replace(BASE, sampler="DPM++ 2M"), (64, 64), "m", None))
     assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5," in line
+    # the noise is A1111's "CPU" source: create_infotext writes "RNG" when it is not GPU (its default), and
+    # infotext_utils maps it back to the randn_source setting, so pasting reproduces the noise
+    assert fields()["RNG"] == "CPU"
+    # hires fields where create_infotext puts them: Denoising strength in the base dict (before Clip skip and RNG),
+    # the Hires ones from extra_generation_params after them
+    hires = format_infotext("p", "", settings_params(dataclasses.replace(BASE, hires_scale=1.5, hires_steps=20),
+                                                     (96, 96), "m", None, extra={"first_pass": (64, 64)}))
+    assert ("Size: 64x64, Model: m, Denoising strength: 0.7, Clip skip: 2, RNG: CPU, Hires upscale: 1.5, "
+            "Hires steps: 20, Hires upscaler: Latent,") in hires
 
 
 # --- hand-worked steps ------------------------------------------------------------------------------------------
@@ -660,3 +669,18 @@ def test_run_file_grid_sampler_is_checked_before_training():
     assert parse_config({"grid": {"sampler": "Euler", "schedule_type": "sgm uniform"}})
     with pytest.raises(TunelabError, match="grid.sampler / grid.schedule_type: unknown schedule type 'Karas'"):
         parse_config({"grid": {"schedule_type": "Karas"}})
+
+
+def test_decode_is_8_bit_as_a1111_converts(tiny):
+    """A1111 v1.10 processing.process_images_inner: clamp((x + 1) / 2, 0, 1), 255 * x, astype(np.uint8)
+    (truncation; diffusers' image processor rounds)."""
+    from tunelab.sample.pipeline import _to_images
+
+    eps, _ = tiny
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = eps.vae.decode(lat / eps.vae.config.scaling_factor, return_dict=False)[0][0]
+    x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+    want = (255.0 * np.moveaxis(x.numpy(), 0, 2)).astype(np.uint8)
+    assert np.array_equal(np.asarray(_to_images(eps, lat)[0]), want)
+    assert not np.array_equal(want, (255.0 * np.moveaxis(x.numpy(), 0, 2)).round().astype(np.uint8))

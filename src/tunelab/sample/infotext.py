@@ -91,13 +91,17 @@ def settings_params(s: Any, size: tuple[int, int], model: str | None, model_hash
     p: dict[str, Any] = {
         "Steps": s.steps, "Sampler": sampler, "Schedule type": schedule_type, "CFG scale": _num(s.cfg), "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}", "Model hash": model_hash, "Model": model, "VAE hash": vae_hash, "VAE": vae,
+        "Denoising strength": _num(s.hires_denoise) if s.hires_scale > 1 else None,
         "Clip skip": s.clip_skip if s.clip_skip > 1 else None,  # A1111 leaves out its default, 1
+        # the noise is A1111's with its "CPU" RNG source (pipeline.SeedNoise); A1111 writes the field
+        # when the source is not its default (GPU) and "Send to txt2img" restores it (randn_source)
+        "RNG": "CPU",
     }
     if s.hires_scale > 1:
         first = (extra or {}).get("first_pass")
         if first:
             p["Size"] = f"{first[0]}x{first[1]}"  # A1111 writes the first pass size plus the upscale
-        p.update({"Denoising strength": _num(s.hires_denoise), "Hires upscale": _num(s.hires_scale),
+        p.update({"Hires upscale": _num(s.hires_scale),
                   "Hires steps": s.hires_steps or None, "Hires upscaler": "Latent" if s.hires_upscaler == "latent" else "Lanczos"})
     if s.pag_scale:
         p.update(_perturbed_params("pag", s.pag_scale, s.pag_layers, attn_layers, s.hires_scale > 1))
