@@ -79,7 +79,7 @@ def test_drift_bad_input_is_one_line_error(tmp_path, cli, monkeypatch, capsys):
     proc = cli("drift", p, not_st, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "not a valid .safetensors" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "refusing a pickle file" in lines[0], proc.stderr
     # The other guards through the same entry point, in-process (each is tested in test_drift.py).
     for args, expected in [([str(p)], "at least 2"), ([str(p), str(p), "--pair", "0,7"], "out of range"),
                            ([str(p), str(p), "--pair", "first"], "two model indices")]:

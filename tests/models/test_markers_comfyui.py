@@ -1,5 +1,6 @@
 """Prediction markers read as ComfyUI reads them, for every combination, and what tunelab does with
-the kinds it cannot sample (EDM v-prediction, Playground's EDM).
+the EDM kinds: v on EDM sigmas (CosXL) is sampled (tests/sample/test_edm_comfyui.py checks how) but
+not trained; Playground's EDM is neither.
 
 References, re-derived below (ComfyUI master):
 - comfy/supported_models.py, `SDXL.model_type`: edm_mean and edm_std -> ModelType.EDM with
@@ -166,15 +167,16 @@ def test_a_record_change_rewrites_the_edm_markers(toy_components):
         PredictionRecord("edm", edm_sigmas=(0.002, 80.0)).stamp({}, {})
 
 
-def test_samplers_and_the_trainer_refuse_edm_records_with_the_reason(tmp_path, toy_components, toy_checkpoint):
+def test_edm_v_samples_playground_is_refused_and_the_trainer_refuses_both(tmp_path, toy_components, toy_checkpoint):
     from tunelab.config import ModelSection, ObjectiveSection, RunConfig
     from tunelab.models.text import load_tokenizers
     from tunelab.sample.pipeline import build_pipeline
     from tunelab.train.trainer import check_prediction
 
     cosxl = dataclasses.replace(toy_components, extras={"edm_vpred.sigma_max": torch.tensor(120.0)})
-    with pytest.raises(TunelabError, match="continuous EDM sigmas .*V_PREDICTION_EDM"):
-        build_pipeline(cosxl, load_tokenizers("toy"))
+    model = build_pipeline(cosxl, load_tokenizers("toy"))  # ComfyUI's ModelSamplingContinuousEDM
+    assert model.noise.continuous and model.noise.sigma_max == pytest.approx(120.0, rel=1e-6)
+    assert model.noise.sigma_min == pytest.approx(0.002, rel=1e-6)  # ModelSamplingContinuousEDM's default
     playground = dataclasses.replace(toy_components, extras=dict(MARKER_SETS["edm_mean + edm_std (Playground)"]))
     with pytest.raises(TunelabError, match="Playground"):
         build_pipeline(playground, load_tokenizers("toy"))

@@ -64,6 +64,18 @@ def test_a_thousand_malformed_files(tmp_path):
     assert len({(c["kind"], c["index"]) for c in cases}) >= 1000
 
 
+def test_deep_json_nesting_is_a_one_line_error(tmp_path):
+    from tests.reliability.mutate import pack
+    from tunelab.errors import TunelabError
+    from tunelab.models.safetensors_io import read_header
+
+    path = tmp_path / "deep.safetensors"
+    for text in ("[" * 100000, '{"a": ' * 50000 + "1" + "}" * 50000):  # was a RecursionError traceback
+        path.write_bytes(pack(text, b""))
+        with pytest.raises(TunelabError, match="nested too deeply"):
+            read_header(path)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda h, n: h[n].update(dtype=["F16"]), "unknown dtype"),  # was a TypeError (unhashable list)
     (lambda h, n: h.update(__metadata__=[]), "__metadata__"),  # was accepted, then safetensors failed
@@ -71,6 +83,7 @@ def test_a_thousand_malformed_files(tmp_path):
     (lambda h, n: h[n].update(data_offsets=[False, h[n]["data_offsets"][1]]), "malformed data_offsets"),
 ])
 def test_what_the_fuzzer_found_stays_fixed(toy_checkpoint, tmp_path, edit, message):
+    """Each case was a traceback or a file taken for good before the fuzzer found it."""
     from tests.reliability.mutate import pack
     from tunelab.errors import TunelabError
     from tunelab.models.safetensors_io import read_header

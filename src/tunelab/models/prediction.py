@@ -7,12 +7,14 @@ probes and merges agree on it. One vocabulary, the run file's (`objective.predic
     v         v-prediction (Salimans & Ho 2022); `ztsnr` = zero-terminal-SNR noise schedule
     flow      rectified flow (the UNet predicts noise - x0 at t' * 1000)
 
-Files from other tools may also be (read, carried through saves, not trained or sampled here):
+Files from other tools may also be (read and carried through saves; not trained here):
 
     v on continuous EDM sigmas   ComfyUI's V_PREDICTION_EDM (CosXL): the UNet gets c_noise =
-                                 ln(sigma) / 4 and predicts v, sigmas log-spaced in [min, max]
+                                 ln(sigma) / 4 and predicts v, sigmas log-spaced in [min, max];
+                                 sampled as ComfyUI samples it (sample/schedules.py)
     edm                          EDM preconditioning (Karras et al. 2022) as Playground v2.5
-                                 ships it: sigma_data 0.5, sigmas [0.002, 80], its own latent scale
+                                 ships it: sigma_data 0.5, sigmas [0.002, 80], its own latent
+                                 scale; not sampled either
 
 In a file the record is (the conventions ComfyUI / Forge / A1111 read):
 
@@ -120,22 +122,29 @@ class PredictionRecord:
         return PLAYGROUND_SIGMA_DATA if self.type == EDM else 1.0
 
     def unsupported(self) -> str | None:
-        """Why tunelab cannot train or sample this record (None: it can). Its samplers and
-        objectives use the preset's 1000 discrete timesteps."""
+        """Why tunelab cannot train this record (None: it can): its objectives use the preset's
+        1000 discrete timesteps. `sampling_problem` says what the samplers refuse."""
         if self.type == EDM:
-            return (f"{self.describe()}: EDM preconditioning with its own latent scale (Playground v2.5); tunelab "
-                    "trains and samples epsilon, v and flow only")
+            return self.sampling_problem()
         if self.continuous:
             return (f"{self.describe()}: v-prediction on continuous EDM sigmas (ComfyUI's V_PREDICTION_EDM, as CosXL); "
-                    "tunelab's samplers and objectives use the 1000 discrete timesteps (sample it in ComfyUI, or "
-                    "in diffusers with the EDMEulerScheduler of `scheduler_config`)")
+                    "tunelab's training objectives use the 1000 discrete timesteps (its samplers do sample it)")
+        return None
+
+    def sampling_problem(self) -> str | None:
+        """Why tunelab's samplers cannot sample this record (None: they can). They sample
+        epsilon, v (discrete, zero-terminal SNR, or on continuous EDM sigmas) and flow."""
+        if self.type == EDM:
+            return (f"{self.describe()}: EDM preconditioning (sigma_data 0.5) with its own latent mean and std "
+                    "(Playground v2.5's edm_mean / edm_std); tunelab samples epsilon, v (also on EDM sigmas) and "
+                    "flow only (sample it in ComfyUI)")
         return None
 
     @property
     def diffusers_name(self) -> str:
-        """The `prediction_type` of a diffusers scheduler over the preset's discrete timesteps, what
-        tunelab's samplers build; a record they cannot sample is refused here, with the reason."""
-        problem = self.unsupported()
+        """The `prediction_type` of a diffusers scheduler for this record ("v_prediction" for v on
+        EDM sigmas too); a record tunelab's samplers cannot sample is refused here, with the reason."""
+        problem = self.sampling_problem()
         if problem:
             raise TunelabError(f"cannot sample {problem}")
         return _DIFFUSERS[self.type]

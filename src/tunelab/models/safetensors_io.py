@@ -86,6 +86,8 @@ def read_header(path: str | Path) -> Header:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _fail(path, f"header is not valid JSON ({err})") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: no real header nests
+        raise _fail(path, "header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise _fail(path, "header JSON is not an object")
     meta = doc.pop("__metadata__", {})

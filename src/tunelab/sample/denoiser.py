@@ -7,7 +7,9 @@ as A1111 wraps its model:
   (`k_diffusion/external.py`): the UNet sees x * c_in at the timestep of sigma and the denoised
   estimate is x * c_skip + output * c_out (epsilon: c_skip 1, c_out -sigma; v: c_skip 1/(sigma^2+1),
   c_out -sigma/sqrt(sigma^2+1); c_in 1/sqrt(sigma^2+1)). Rectified flow is ComfyUI's CONST: the UNet
-  sees x itself at sigma * 1000 and denoised = x - sigma * output.
+  sees x itself at sigma * 1000 and denoised = x - sigma * output. v on continuous EDM sigmas is
+  ComfyUI's V_PREDICTION on ModelSamplingContinuousEDM: the same c_in / c_skip / c_out (its
+  sigma_data is 1), the UNet at timestep ln(sigma) / 4 (`NoiseSchedule.timestep`).
 - `denoiser.eps(x, t)` is A1111's `CompVisTimestepsDenoiser` / `...VDenoiser`
   (`sd_samplers_timesteps.py`) for DDIM, PLMS and UniPC: the UNet sees x at timestep t and v is
   turned into noise with the alphas of int(t).
@@ -75,6 +77,8 @@ class Denoiser:
         """The guided noise prediction at timesteps t (B,), for the timestep samplers."""
         if self.ns.prediction == "flow":
             raise TunelabError("DDIM, PLMS and UniPC cannot sample a rectified-flow model; use Euler")
+        if self.ns.continuous:
+            raise TunelabError("DDIM, PLMS and UniPC cannot sample a model on continuous EDM sigmas; use Euler or DPM++ 2M")
         if self.ns.prediction != "v":
             out, self.eps_uncond = self._unet(x, t)
             return out

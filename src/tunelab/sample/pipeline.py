@@ -240,6 +240,10 @@ def _plan(model: SamplingModel, s: SampleSettings) -> tuple[SP.SamplerSpec, S.Sc
     if model.prediction.type == "flow" and spec.name != "Euler":
         raise TunelabError(f"sampler {s.sampler!r} cannot sample a rectified-flow model; use Euler "
                            "(the flow-matching Euler sampler, as ComfyUI's ModelSamplingSD3 + euler)")
+    if model.prediction.continuous and spec.timesteps:
+        raise TunelabError(f"sampler {s.sampler!r} steps on 1000 discrete timesteps and cannot sample "
+                           f"{model.prediction.describe()} (continuous EDM sigmas); choose a k-diffusion sampler "
+                           "such as Euler or DPM++ 2M")
     return spec, sched
 
 

@@ -7,7 +7,12 @@
   get A1111's rescaled schedule (`sd_models.rescale_zero_terminal_snr_abar`: the last alpha_bar is
   4.8973451890853435e-08, not 0, so sigma_max is about 4519; ComfyUI uses the same constant).
   Rectified-flow models get ComfyUI's `ModelSamplingDiscreteFlow`: sigma(t) = shifted t / 1000, and
-  the UNet sees sigma * 1000.
+  the UNet sees sigma * 1000. v-prediction on continuous EDM sigmas (CosXL, the `edm_vpred.*`
+  markers) gets ComfyUI's `ModelSamplingContinuousEDM`: the table exp(linspace(ln sigma_min,
+  ln sigma_max, 1000)) in float32, sigma <-> t exactly by t = ln(sigma) / 4 (the UNet's timestep),
+  sigma_data 1; its "Automatic" / "Uniform" schedule is ComfyUI's "normal" (log-spaced between the
+  table's ends) and a txt2img pass starts from noise * sqrt(1 + sigma_max^2), as ComfyUI's
+  `noise_scaling` with max_denoise does.
 - `SCHEDULES` are A1111's schedule types (`modules/sd_schedulers.py`, the "Schedule type" of the
   infotext) by label; each maps (steps, schedule) to steps + 1 sigmas (KL Optimal ends at
   sigma_min, not 0, as A1111's does).
@@ -38,10 +43,15 @@ AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.11
 class NoiseSchedule:
     """A model's discrete noise levels (k-diffusion's DiscreteSchedule) and its parameterisation."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str, flow_shift: float | None = None):
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str, flow_shift: float | None = None,
+                 edm_sigmas: tuple[float, float] | None = None):
         self.prediction = prediction  # "epsilon", "v" or "flow"
         self.flow_shift = flow_shift
-        if prediction == "flow":
+        self.continuous = edm_sigmas is not None  # v on continuous EDM sigmas (ModelSamplingContinuousEDM)
+        if self.continuous:
+            lo, hi = edm_sigmas
+            self.sigmas = torch.linspace(math.log(lo), math.log(hi), len(alphas_cumprod)).exp()  # float32, rising
+        elif prediction == "flow":
             shift = flow_shift if flow_shift is not None else 1.0
             s = torch.arange(1, len(alphas_cumprod) + 1, dtype=torch.float32) / len(alphas_cumprod)
             self.sigmas = _flow_shift(s, shift)  # (1000,) rising to 1
@@ -55,6 +65,9 @@ class NoiseSchedule:
         """The schedule of a diffusers scheduler config (the preset's) and a prediction record."""
         pred.diffusers_name  # refuses records tunelab cannot sample, with the reason
         n = int(config.get("num_train_timesteps", 1000))
+        if pred.continuous:  # alpha_bar = 1 / (1 + sigma^2) at each level, what a VP view of it would use
+            sigmas = torch.linspace(math.log(pred.edm_sigmas[0]), math.log(pred.edm_sigmas[1]), n).exp()
+            return cls(1 / (sigmas**2 + 1), pred.type, edm_sigmas=pred.edm_sigmas)
         kind = config.get("beta_schedule", "scaled_linear")
         b0, b1 = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
         if kind == "scaled_linear":  # ldm / sgm make_beta_schedule("linear"): sqrt-spaced, float64
@@ -77,7 +90,10 @@ class NoiseSchedule:
         return self.sigmas[-1].item()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous timestep of a noise level (log-sigma interpolation between table entries)."""
+        """Continuous timestep of a noise level (log-sigma interpolation between table entries;
+        continuous EDM sigmas: ln(sigma) / 4, ModelSamplingContinuousEDM.timestep)."""
+        if self.continuous:
+            return 0.25 * sigma.log()
         log_sigmas = self.log_sigmas.to(sigma.device)
         log_sigma = sigma.log()
         dists = log_sigma - log_sigmas[:, None]
@@ -89,13 +105,18 @@ class NoiseSchedule:
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = t.float()
+        if self.continuous:
+            return (t / 0.25).exp()
         log_sigmas = self.log_sigmas.to(t.device)
         low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp()
 
     def uniform(self, n: int) -> torch.Tensor:
         """k-diffusion's own schedule (`get_sigmas`): n timesteps evenly from 999 to 0, plus 0.
-        Flow: ComfyUI's "normal" on ModelSamplingDiscreteFlow (= diffusers' FlowMatchEuler)."""
+        Flow: ComfyUI's "normal" on ModelSamplingDiscreteFlow (= diffusers' FlowMatchEuler); continuous
+        EDM sigmas: ComfyUI's "normal" (its default scheduler) on ModelSamplingContinuousEDM."""
+        if self.continuous:
+            return normal(n, self)
         if self.prediction == "flow":
             t = torch.linspace(self.sigma_max * 1000, self.sigma_min * 1000, n)
             return _append_zero(_flow_shift(t / 1000, self.flow_shift or 1.0))
@@ -106,9 +127,13 @@ class NoiseSchedule:
         return sigma * 1000 if self.prediction == "flow" else self.sigma_to_t(sigma)
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """The start of an image-to-image pass at sigma (A1111 `x + noise * sigma`; flow mixes)."""
+        """The start of a pass at sigma (A1111 `x + noise * sigma`; flow mixes). Continuous EDM
+        sigmas: ComfyUI's EPS.noise_scaling, whose max_denoise (comfy/samplers.py
+        `Sampler.max_denoise`: sigma at or above sigma_max, rel. 1e-5) scales by sqrt(1 + sigma^2)."""
         if self.prediction == "flow":
             return sigma * noise + (1.0 - sigma) * latent
+        if self.continuous and (math.isclose(self.sigma_max, float(sigma), rel_tol=1e-05) or float(sigma) > self.sigma_max):
+            return latent + noise * torch.sqrt(1.0 + sigma**2.0)
         return latent + noise * sigma
 
 
