@@ -181,11 +181,11 @@ def test_bad_sources_are_refused(tmp_path: Path) -> None:
 
 
 def test_repeated_table_ids_are_refused(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"id": [1, 2, 2], "tags": ["a", "b", "c"], "width": [9] * 3, "height": [9] * 3}),
+    pq.write_table(pa.table({"id": [1, 2, 2], "tags": ["a", "b", "c"], "width": [90] * 3, "height": [90] * 3}),
                    tmp_path / "t.parquet")
     with pytest.raises(TunelabError, match="repeated ids"):
         build_index([f"table:{tmp_path / 't.parquet'},template={{id}}.png"], tmp_path / "x.parquet", progress=False)
-    pq.write_table(pa.table({"id": ["x", "x"], "tags": ["a", "b"], "width": [9] * 2, "height": [9] * 2}),
+    pq.write_table(pa.table({"id": ["x", "x"], "tags": ["a", "b"], "width": [90] * 2, "height": [90] * 2}),
                    tmp_path / "s.parquet")
     with pytest.raises(TunelabError, match="duplicate keys"):
         build_index([f"table:{tmp_path / 's.parquet'},template={{id}}.png"], tmp_path / "x.parquet", progress=False)

@@ -97,6 +97,7 @@ def test_kill_anywhere_then_resume(tmp_path, world):
     _kill_and_resume(tmp_path, world, POINTS, random_kills=3)
 
 
+@pytest.mark.slow  # fast twin: tests/data/test_latents.py::test_resume_after_kill
 def test_kill_while_caching_latents_then_resume(tmp_path, world):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli("data", "cache", world, "--out", straight, "--model", "toy", "--shard-size", "8")
@@ -114,6 +115,7 @@ def test_kill_while_caching_latents_then_resume(tmp_path, world):
         assert (a.get(key).latents == b.get(key).latents).all(), key
 
 
+@pytest.mark.slow
 def test_kill_while_merging_then_merge_again(tmp_path):
     from tunelab.models.checkpoint import new_checkpoint
 
@@ -130,6 +132,7 @@ def test_kill_while_merging_then_merge_again(tmp_path):
     assert _same(tmp_path / "straight.safetensors", out)
 
 
+@pytest.mark.slow  # fast twin: tests/train/test_run_files_kept.py::test_a_second_train_on_the_same_run_directory_is_refused
 def test_a_second_train_on_the_same_run_is_refused(tmp_path, world):
     cfg = write_run(tmp_path / "r.toml", world, tmp_path / "run")
     first = _start(["train", cfg])

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,6 +64,7 @@ def _train_until_state(cfg: Path, state_dir: Path, step: int) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # the fast twin: tests/reliability/test_kill.py (kills inside checkpoint and state writes)
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, world):
     straight = write_run(tmp_path / "a.toml", world, tmp_path / "a")
     run_cli("train", straight, timeout=900)
@@ -84,6 +86,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, world):
     assert refused.returncode == 2 and "effective batch" in refused.stderr
 
 
+@pytest.mark.slow  # the fast twin: tests/reliability/test_numerics.py (forced NaN, once and for good)
 def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path, world):
     run = tmp_path / "run"
     good = write_run(tmp_path / "run.toml", world, run, train={"max_steps": 2, "max_nonfinite_steps": 2},
