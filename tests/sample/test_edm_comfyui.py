@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.kdiffusion import load
+from tests.sample.test_samplers import _render  # every UNet call recorded, the final latents
 from tunelab.errors import TunelabError
 from tunelab.models.checkpoint import load_checkpoint
 from tunelab.models.prediction import PredictionRecord
@@ -132,22 +133,6 @@ class ComfyCFG:
         den = self.ms.calculate_denoised(sigma2, out, x2)
         cond, uncond = den[:b], den[b:]
         return uncond + (cond - uncond) * self.cfg
-
-
-def _render(model, s):
-    """tunelab's final latents (1, 4, h, w) and every UNet call's (timestep, context, pooled, time_ids)."""
-    calls = []
-
-    def hook(module, args, kwargs):
-        added = kwargs["added_cond_kwargs"]
-        calls.append((args[1], kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"]))
-
-    handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        lat = generate(model, s, output_type="latent").image[None]
-    finally:
-        handle.remove()
-    return lat, calls
 
 
 def _rel(a, b) -> float:

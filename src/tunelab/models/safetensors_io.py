@@ -185,18 +185,25 @@ def write_streaming(
                 faults.point("checkpoint.write")  # the n-th tensor written
                 if progress:
                     progress(s)
-            value = "0x" + digest.hexdigest()
-            if where is not None:
-                f.seek(8 + where)
-                f.write(value.encode())
-            f.flush()
-            os.fsync(f.fileno())
+            value = _stamp_and_sync(f, digest, where)
         faults.point("checkpoint.rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return value if hash_key else None
+
+
+def _stamp_and_sync(f, digest, where: int | None) -> str:
+    """Write the data's hash over the header's placeholder (at `where` in the header JSON, if
+    any), then flush and fsync: the file is complete and ready to be renamed into place."""
+    value = "0x" + digest.hexdigest()
+    if where is not None:
+        f.seek(8 + where)
+        f.write(value.encode())
+    f.flush()
+    os.fsync(f.fileno())
+    return value
 
 
 def _placeholder_offset(raw: bytes, key: str) -> int:
@@ -232,12 +239,7 @@ def rewrite_metadata(src: str | Path, dst: str | Path, metadata: dict[str, str],
             for chunk in iter(lambda: g.read(block), b""):
                 f.write(chunk)
                 digest.update(chunk)
-            value = "0x" + digest.hexdigest()
-            if where is not None:
-                f.seek(8 + where)
-                f.write(value.encode())
-            f.flush()
-            os.fsync(f.fileno())
+            value = _stamp_and_sync(f, digest, where)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
