@@ -27,27 +27,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tests.merge.test_recipes import RECIPE_2024, RECIPE_2025
 from tests.reliability.fuzz_checkpoints import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = {
-    "2024": '''model "models/base" "sdxl" "base"
-model "models/ft1" "sdxl" "base"
-model "models/ft2" "sdxl" "base"
-call "add_difference" &0 &1 &2 alpha=0.5
-dict clip_l=0.0 clip_g=0.0 diffuser=0.7 vae=0.0
-call "weighted_sum" &3 &1 alpha=&4
-''',
-    "2025": '''version 0.1.0
-model "models/base.safetensors" model_config="sdxl-sgm" merge_space="weight"
-model "models/ft1.safetensors" model_config="sdxl-sgm" merge_space="weight"
-model "models/ft2.safetensors" model_config="sdxl-sgm" merge_space="weight"
-merge "subtract" &1 &0
-merge "subtract" &2 &0
-merge "ties_sum_with_dropout" &3 &4 probability=0.5 rescale=true k=1.0 seed=7
-merge "add_difference" &0 &5 alpha=0.8
-''',
-}
+# the field's recipes, as the merge tests have them (a 2024 one with Windows paths, mapped by --map)
+RECIPES = {"2024": RECIPE_2024, "2025": RECIPE_2025}
+WINDOWS_MODELS = "D:\\sd\\models\\Stable-diffusion"
 TOKENS = ['&0', '&9', '&-1', '&', '"', '""', '"weighted_sum"', '"no_such_method"', 'alpha=', 'alpha=x', '=0.5',
           '0.5', '1e999', 'nan', '-', 'true', 'model', 'merge', 'call', 'dict', 'version', '0.1.0', '9.9.9',
           'model_config="sd1-ldm"', 'merge_space="delta"', '{', '}', '(', ')', '\\', '#', '\t', '\u00e9', '\x00']
@@ -190,7 +176,7 @@ def make_models(root: Path) -> Path:
     models = root / "models"
     models.mkdir(parents=True)
     new_checkpoint("toy", models / "base.safetensors", seed=1, dtype="fp16")
-    for name in ("ft1", "ft2"):
+    for name in ("ft1", "ft2", "vae"):
         shutil.copy(models / "base.safetensors", models / f"{name}.safetensors")
     return root
 
@@ -221,7 +207,8 @@ def _one(root: Path, what: str, text: str) -> tuple[int, str, str | None]:
     if what == "recipe":
         path = root / "r.mecha"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        return run_main(["merge", "run", str(path), "--models-dir", str(root), "--out", str(root / "merged.txt")])
+        return run_main(["merge", "run", str(path), "--models-dir", str(root), "--map", f"{WINDOWS_MODELS}={root / 'models'}",
+                         "--out", str(root / "merged.txt")])
     path = root / "run.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     return run_main(["config", "check", str(path)])

@@ -49,6 +49,7 @@ def test_what_the_fuzzer_found_stays_fixed(tmp_path):
     recipe = tmp_path / "r.mecha"
     cases = {  # recipe text -> what the error must say
         'version 0.1.0\nmodel\n': "r.mecha:2: a model line names the model file",  # was an IndexError
+        'version 0.1.0\nmodel "models/base.safetensors"\nmerge &0\n': "r.mecha:3: a merge line names its method",  # too
         'version 0.1.0\nmodel "models/base.safetensors" moel_config="sdxl-sgm"\n':
             "r.mecha:2: sd-mecha cannot read the recipe",  # sd-mecha's error, now with the line
     }

@@ -328,6 +328,9 @@ def check_methods(recipe: Recipe) -> None:
     for line in recipe.lines:
         if line.command != "merge":
             continue
+        if not line.args or not isinstance(line.args[0], str):
+            raise TunelabError(f"{recipe.where(line)}: a merge line names its method in quotes first: "
+                               f"merge \"weighted_sum\" &0 &1 alpha=0.5")
         name = str(line.args[0])
         try:
             merge_methods.resolve(name)
