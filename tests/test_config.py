@@ -85,6 +85,15 @@ def test_resolved_config_json_round_trips(tmp_path):
     assert changed.fingerprint() != cfg.fingerprint()
 
 
+def test_settings_at_their_defaults_leave_the_fingerprint_alone():
+    """A run made before a setting existed resumes after it is added (at its default)."""
+    plain = RunConfig.model_validate({"train": {"batch_size": 2}})
+    spelled = RunConfig.model_validate({"train": {"batch_size": 2, "full_bf16": False, "bf16_update": "exact"},
+                                        "optim": {"lr_unet": 1e-5, "schedule": "constant"}})
+    assert plain.fingerprint() == spelled.fingerprint()
+    assert RunConfig.model_validate({"train": {"batch_size": 2, "max_grad_norm": 1.0}}).fingerprint() != plain.fingerprint()
+
+
 def test_every_setting_is_documented():
     rows = field_docs()
     assert len(rows) > 50

@@ -242,6 +242,7 @@ def config_check(
     from tunelab.config import load_config
 
     from tunelab.models.prediction import conversion_note
+    from tunelab.train.fused import check_launch
     from tunelab.train.trainer import check_prediction, check_tokenizers
 
     cfg = load_config(run_file)
@@ -253,6 +254,7 @@ def config_check(
     if tokenizers != cfg.model.tokenizers:
         tokenizers = f"{cfg.model.tokenizers} -> {tokenizers}"
     accum = cfg.accumulation_for(world)
+    check_launch(cfg, world, accum)  # train.fused_backward: one process, one micro-batch per step
     data = _check_data(cfg)  # what training checks before its first step: buckets, latents vs the index
     t = cfg.train
     typer.echo(f"{run_file}: OK")
@@ -288,8 +290,9 @@ def _check_data(cfg) -> str | None:
 
         check_learn_rows(cfg.probe, index.rows_in_split(cfg.probe.learn), cfg.data.index)
     if cfg.data.latents and Path(cfg.data.latents).exists():
-        kind = "tunelab shards" if isinstance(open_latents(cfg.data.latents, index), LatentStore) else "kohya .npz"
-        line += f"; latents: {kind}, fit the index"
+        source = open_latents(cfg.data.latents, index, flip=cfg.data.flip_aug)
+        kind = "tunelab shards" if isinstance(source, LatentStore) else "kohya .npz"
+        line += f"; latents: {kind}{' with the mirrored images' if cfg.data.flip_aug else ''}, fit the index"
     return line
 
 
@@ -467,6 +470,7 @@ def data_cache(
     shard_size: Annotated[int, typer.Option(help="Entries per shard file (about 1024: few, large files).")] = 1024,
     workers: Annotated[int, typer.Option(help="Threads decoding images.")] = 4,
     posterior: Annotated[Optional[str], typer.Option(help="mean: the VAE posterior's mean (deterministic; the default); sample: a draw from it, as kohya's sd-scripts caches, seeded by each image's key. Default: what the folder holds.")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also encode every image mirrored left-right (kohya's --flip_aug caches latents_flipped), for runs with data.flip_aug = true. Default: what the folder holds (a new folder: no).")] = None,
 ) -> None:
     """VAE-encode every image into checksummed fp16 latent shards; resumes after a kill.
 
@@ -481,7 +485,7 @@ def data_cache(
     vae = _vae_for(model, str(state.device))
     s = cache_latents(index, out, vae, rank=state.process_index, world_size=state.num_processes,
                       batch_size=batch_size, shard_size=shard_size, workers=workers, device=str(state.device),
-                      posterior=posterior)
+                      posterior=posterior, flip=flip)
     typer.echo(f"rank {state.process_index}: encoded {s.encoded:,}, already cached {s.skipped_done:,}, "
                f"rejected {s.rejected:,}, {len(s.shards_written)} new shard(s) in {out}")
 
@@ -1112,7 +1116,7 @@ def toy_score(
 
 @toy_app.command("experiment")
 def toy_experiment(
-    name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16 nearest vs stochastic), accumulation (effective batch 16 vs 4).")],
+    name: Annotated[str, typer.Argument(help="tte (text encoders off/on/only), unet-parts (full/71/63 %), lr (x0.3/x1/x3), bf16 (fp32 master vs full_bf16 nearest / stochastic / exact), accumulation (effective batch 16 vs 4).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, the runs, results.csv, summary.md and summary.png.")] = Path("toy-experiments"),
     seeds: Annotated[int, typer.Option(min=1, help="Finetunes per arm, one per seed (mean ± spread over them).")] = 3,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each finetune.")] = 120,

@@ -57,6 +57,8 @@ class DataSection(_Section):
     # equal them (a run file that differs is refused, naming the rebuild command): docs/data.md.
     buckets: BucketConfig = Field(default_factory=BucketConfig, description="The bucket set data.index must have been built with (`tunelab data index --resolution ...`); leave it out to use the index's.")
     crop_conditioning: Literal["kohya", "crop"] = Field("kohya", description="SDXL's crop_top_left conditioning: 'kohya' = where the image would sit fitted inside its bucket (sd-scripts' get_crop_ltrb; what kohya trains with and its caches hold), 'crop' = the pixels really cropped from the top-left (the SDXL paper's). Every cache is converted to it (docs/data.md).")
+    flip_aug: bool = Field(False, description="Mirror each sample left-right with probability 0.5 (kohya's flip_aug); the draw depends only on (seed, epoch, image), so a resumed run mirrors the same samples. With data.latents the cache must hold the mirrored images' latents too: `tunelab data cache --flip` (or kohya .npz caches made with --flip_aug). Leave it off for data where left and right matter (text, asymmetric characters).")
+    random_crop: bool = Field(False, description="Cut each image's bucket from a random place of the resized image instead of its centre (kohya's random_crop), drawn per sample like flips. Only while encoding images on the fly (data.latents empty): a latent cache fixes every crop. crop_top_left then follows data.crop_conditioning: 'crop' feeds the real random offset, 'kohya' kohya's fitted offset, which ignores it as sd-scripts does.")
 
     def given_buckets(self) -> BucketConfig | None:
         """`[data.buckets]` if the run file wrote it (checked against the index), else None."""
@@ -81,28 +83,31 @@ class TrainSection(_Section):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 = use epochs.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="Autocast precision; 'no' on CPU-only machines.")
     full_bf16: bool = Field(False, description="Keep the weights themselves in bf16 (saves memory; the field's 24 GB recipe); needs mixed_precision = 'bf16'.")
-    bf16_update: Literal["stochastic", "kahan", "nearest"] = Field("stochastic", description="How full_bf16 writes an optimizer step back into bf16 weights: 'stochastic' rounding (unbiased, no extra memory; OneTrainer's default), 'kahan' (compensated, +2 bytes per weight), or 'nearest' (plain rounding: at the field's LRs most updates vanish; the banner gives the estimate). The optimizer's math runs in fp32 for the first two.")
+    bf16_update: Literal["exact", "stochastic", "kahan", "nearest"] = Field("exact", description="How full_bf16 writes an optimizer step back into bf16 weights: 'exact' (the fp32 weight's other 16 bits kept beside it: every update lands as with fp32 master weights, +2 bytes per weight; checkpoints hold the fp32 weight), 'stochastic' rounding (unbiased on average, no extra memory; OneTrainer's default), 'kahan' (compensated, +2 bytes per weight), or 'nearest' (plain rounding: at the field's LRs most updates vanish; the banner gives the estimate). The optimizer's math runs in fp32 for the first three.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, ~20 % slower.")
     compile: bool = Field(False, description="torch.compile the UNet (faster steps after a slow first one).")
     max_grad_norm: float = Field(0.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
+    max_grad_norm_scope: Literal["global", "per_parameter"] = Field("global", description="What max_grad_norm bounds: 'global' = the norm of all gradients together (torch's clip_grad_norm_), or 'per_parameter' = each parameter's gradient on its own, a looser clip (what kohya's --fused_backward_pass does; the only clipping fused_backward can do).")
+    fused_backward: bool = Field(False, description="Step each parameter inside backward as soon as its gradient is ready and free that gradient at once, so a step never holds all gradients: saves 4 B per trained parameter (2 with full_bf16), the same weights as without it. Needs one process, grad_accumulation 1, optim adamw / lion / adafactor / came, and max_grad_norm 0 or max_grad_norm_scope 'per_parameter' (kohya's --fused_backward_pass; docs/training.md).")
     max_nonfinite_steps: int = Field(5, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss (each is skipped); the last good state stays intact.")
     dataloader_workers: int = Field(0, ge=0, description="Background processes decoding images / reading latents; raise when the GPU waits for data.")
     parts: PartsSection = Field(default_factory=PartsSection)
 
 
 class OptimSection(_Section):
-    name: Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "came", "class"] = Field("adamw", description="Optimizer; adamw8bit needs bitsandbytes and a CUDA GPU; prodigy needs prodigyopt (lr ~1.0), came needs came-pytorch; 'class' = optim.class_path.")
+    name: Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "came", "adamw_schedulefree", "optimi_adamw",
+                  "optimi_lion", "optimi_stableadamw", "optimi_adan", "class"] = Field("adamw", description="Optimizer; adamw8bit needs bitsandbytes and a CUDA GPU; prodigy needs prodigyopt (lr ~1.0), came needs came-pytorch; adamw_schedulefree (pip install schedulefree) is AdamW without a schedule: checkpoints hold its running average of the weights, optim.schedule stays 'constant' and optim.warmup_steps is its own warm-up; optimi_adamw / optimi_lion / optimi_stableadamw / optimi_adan are torch-optimi's (pip install torch-optimi), whose states stay in the weights' dtype and whose bf16 remedy is Kahan summation (train.bf16_update = 'kahan'); 'class' = optim.class_path.")
     class_path: str = Field("", description="optim.name = 'class': any optimizer class by import path, e.g. 'torch.optim.RAdam' (kohya's escape hatch); constructed with the parameter groups, lr and optim.args.")
     args: dict[str, float | int | bool | str] = Field(default_factory=dict, description="Extra keyword arguments for the optimizer (kohya's --optimizer_args), e.g. {relative_step = true} for Adafactor, {d_coef = 0.8} for Prodigy.")
     lr_unet: float = Field(1e-5, ge=0.0, description="UNet learning rate (the field's production value: 1.5e-6).")
     lr_text_encoder_1: float = Field(0.0, ge=0.0, description="TE1 (CLIP ViT-L) learning rate (production: 1.2e-5).")
     lr_text_encoder_2: float = Field(0.0, ge=0.0, description="TE2 (OpenCLIP bigG) learning rate (production: 1.2e-5).")
     weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/Lion betas.")
+    betas: tuple[float, float] | tuple[float, float, float] = Field((0.9, 0.999), description="Adam/Lion betas; optimi_adan takes three (its gradient, gradient-difference and squared-gradient averages; Adan's own: [0.98, 0.92, 0.99]).")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     schedule: Literal["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial",
                       "warmup_stable_decay"] = Field("constant", description="LR schedule over the optimizer steps (definitions: docs/training.md, as transformers').")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (every schedule but constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (every schedule but constant; adamw_schedulefree: its own warm-up, under schedule = 'constant').")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Decaying schedules end at this share of the LR instead of 0 (cosine, linear, cosine_with_restarts, polynomial, warmup_stable_decay).")
     num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: how many cosine cycles (each restarts at the full LR).")
     power: float = Field(1.0, gt=0.0, description="polynomial: the decay's power (1 = linear).")
@@ -118,6 +123,11 @@ class ObjectiveSection(_Section):
     min_timestep: int = Field(0, ge=0, le=999, description="Epsilon / v: the lowest training timestep drawn (kohya --min_timestep).")
     max_timestep: int = Field(1000, ge=1, le=1000, description="Epsilon / v: timesteps are drawn below this (kohya --max_timestep; 1000 = all).")
     convert_base: bool = Field(False, description="Train another prediction than the base's on purpose (e.g. an epsilon base into v + zero-terminal SNR); without it such a run is refused. Checkpoints always say what the run trained.")
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = Field("none", description="Epsilon / v: draw some timesteps more often (diffusers' --timestep_bias_strategy): 'earlier' = the lowest timesteps (little noise: fine detail), 'later' = the highest (much noise: composition, colour), 'range' = timestep_bias_begin..end; 'none' = every timestep equally often.")
+    timestep_bias_multiplier: float = Field(1.0, gt=0.0, description="Timestep bias: how many times more often the biased timesteps are drawn (2 = twice, 0.5 = half as often); 1 would change nothing, so a strategy needs another value.")
+    timestep_bias_portion: float = Field(0.25, gt=0.0, le=1.0, description="Timestep bias 'earlier' / 'later': the share of all timesteps biased (0.25 = the lowest or highest 250 of 1000).")
+    timestep_bias_begin: int = Field(0, ge=0, le=999, description="Timestep bias 'range': the first biased timestep.")
+    timestep_bias_end: int = Field(1000, ge=1, le=1000, description="Timestep bias 'range': biased timesteps are below this (diffusers' code slices [begin, end), though its help says 'inclusive').")
 
 
 class LossSection(_Section):
@@ -162,6 +172,7 @@ class GridSection(_Section):
     schedule_type: str = Field("Automatic", description="A1111's Schedule type: Automatic (the sampler's own: Karras for DPM++ 2M and DPM2, Exponential for the 2M/3M SDE ones, the model's timesteps for Euler), Uniform, Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM.")
     pag_scale: float = Field(0.0, ge=0.0, description="Perturbed-attention guidance scale (the field uses 1); 0 = off.")
     seg_scale: float = Field(0.0, ge=0.0, description="Smoothed-energy guidance scale; 0 = off.")
+    weights: Literal["live", "ema", "both"] = Field("live", description="Which weights the grid draws: the live ones, the EMA's ([ema] enabled; written to samples/ema/step-N/), or both side by side in time (diffusers' validation with --use_ema draws the EMA).")
 
 
 class ProbeSection(_Section):
@@ -179,6 +190,7 @@ class ProbeSection(_Section):
     timesteps: int = Field(8, ge=1, le=1000, description="Fixed timesteps per sample: stratified quantiles of the run's timestep distribution, split into low / mid / high noise bands.")
     batch_size: int = Field(8, ge=1, description="UNet forwards per probe batch.")
     seed: int = Field(0, ge=0, description="Seeds the probe's fixed noise.")
+    weights: Literal["live", "ema"] = Field("live", description="Which weights the probes measure: the live ones, or the EMA's ([ema] enabled): the model the run will most likely ship.")
     scorer: str = Field("", description="Image-level numbers: 'toy' (the toy world's concept reader) or 'module:function' (image, prompt -> {name: value}); empty = none. Renders the learn set's prompts and the preserve prompts with the preserve seeds.")
 
 
@@ -242,8 +254,11 @@ class RunConfig(_Section):
         return t.target_effective_batch // per_step
 
     def fingerprint(self, fields: tuple[str, ...] = ("train", "optim", "objective", "loss", "data")) -> str:
-        """A hash of the settings that must not change across a resume."""
-        dumped = {k: v for k, v in self.model_dump(mode="json").items() if k in fields}
+        """A hash of the settings that must not change across a resume. Settings at their defaults
+        are left out, so a setting added in a later version (at a default that keeps the old
+        behaviour) does not change the fingerprint of runs made before it."""
+        dumped = {k: v for k, v in self.model_dump(mode="json", exclude_defaults=True).items() if k in fields}
+        dumped.get("train", {}).pop("fused_backward", None)  # the same steps, bit for bit: may change on resume
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -296,6 +311,36 @@ def _precision(c: RunConfig) -> str | None:
     return None
 
 
+def _optimizer_fit(c: RunConfig) -> str | None:
+    """What the schedule-free and torch-optimi optimizers cannot do (train/optim.py)."""
+    o, t = c.optim, c.train
+    if o.name == "adamw_schedulefree" and o.schedule != "constant":
+        return (f"optim.name = 'adamw_schedulefree' replaces the LR schedule (its checkpoints are an average over the "
+                f"run), so optim.schedule must be 'constant', not {o.schedule!r}; its warm-up is optim.warmup_steps")
+    if o.name == "optimi_adan" and len(o.betas) != 3:
+        return ("optim.name = 'optimi_adan' takes three betas (its gradient, gradient-difference and squared-gradient "
+                "averages); set optim.betas = [0.98, 0.92, 0.99] (Adan's own)")
+    if o.name != "optimi_adan" and len(o.betas) != 2:
+        return f"optim.betas has three values, which only optim.name = 'optimi_adan' takes; give {o.name} two (e.g. [0.9, 0.999])"
+    if not t.full_bf16 or t.bf16_update == "nearest":
+        return None
+    if o.name == "adamw_schedulefree":
+        return (f"train.bf16_update = {t.bf16_update!r} is not available for optim.name = 'adamw_schedulefree' (it "
+                "writes bf16 weights by plain rounding); set train.bf16_update = 'nearest', or train.full_bf16 = false")
+    if o.name.startswith("optimi_"):
+        if t.bf16_update in ("exact", "stochastic"):
+            return (f"train.bf16_update = {t.bf16_update!r} is tunelab's, built for optim.name = 'adamw' / 'lion'; "
+                    f"{o.name!r}'s bf16 remedy is its Kahan summation: set train.bf16_update = 'kahan' (or 'nearest'), "
+                    "or use optim.name = 'adamw' / 'lion'")
+        return None
+    if o.name not in ("adamw", "lion"):
+        return (f"train.bf16_update = {t.bf16_update!r} (bf16 weights that keep their small updates) exists for "
+                f"optim.name = 'adamw' / 'lion' (and 'kahan' for the optimi_* ones), not {o.name!r}; use one of those, or "
+                "set train.bf16_update = 'nearest' (updates below half a bf16 step are then lost; the banner estimates "
+                "how many), or train.full_bf16 = false")
+    return None
+
+
 def _objective(c: RunConfig) -> str | None:
     ob = c.objective
     if ob.zero_terminal_snr and ob.prediction != "v":
@@ -326,6 +371,47 @@ def _noise_options(c: RunConfig) -> str | None:
     return None
 
 
+def _ema_users(c: RunConfig) -> str | None:
+    users = [f"{name}.weights = {w!r}" for name, w in (("grid", c.grid.weights), ("probe", c.probe.weights)) if w != "live"]
+    if users and not c.ema.enabled:
+        return f"{' and '.join(users)} need an EMA; set [ema] enabled = true, or weights = 'live'"
+    return None
+
+
+def _timestep_bias(c: RunConfig) -> str | None:
+    from tunelab.train.objectives import bias_span
+
+    ob = c.objective
+    if ob.timestep_bias_strategy == "none":
+        return None
+    if ob.prediction == "flow":
+        return ("objective.timestep_bias_strategy applies to epsilon / v; flow draws logit-normal timesteps (shape them "
+                "with flow_logit_mean / flow_logit_std / flow_shift), so set timestep_bias_strategy = 'none'")
+    if ob.timestep_bias_multiplier == 1.0:
+        return (f"objective.timestep_bias_strategy = {ob.timestep_bias_strategy!r} with timestep_bias_multiplier = 1 "
+                "changes nothing; set the multiplier (2 draws the biased timesteps twice as often), or the strategy to 'none'")
+    if ob.timestep_bias_strategy == "range" and ob.timestep_bias_begin >= ob.timestep_bias_end:
+        return (f"objective.timestep_bias_begin ({ob.timestep_bias_begin}) must be below objective.timestep_bias_end "
+                f"({ob.timestep_bias_end})")
+    lo, hi = bias_span(ob.timestep_bias_strategy, 1000, ob.timestep_bias_portion, ob.timestep_bias_begin,
+                       ob.timestep_bias_end)
+    window = (ob.min_timestep, ob.max_timestep)
+    inside = max(0, min(hi, window[1]) - max(lo, window[0]))
+    if inside == 0 or inside == window[1] - window[0]:
+        what = "none of" if inside == 0 else "every one of"
+        return (f"objective.timestep_bias_* biases timesteps {lo}-{hi - 1}, {what} the timesteps objective.min_timestep / "
+                f"max_timestep allow ({window[0]}-{window[1] - 1}), so the bias would change nothing; move the bias "
+                "(timestep_bias_portion, _begin, _end) or the window")
+    return None
+
+
+def _augmentation(c: RunConfig) -> str | None:
+    if c.data.random_crop and c.data.latents:
+        return ("data.random_crop needs images decoded while training (a latent cache fixes each image's crop; kohya "
+                "refuses --cache_latents with random_crop too): leave data.latents empty, or set data.random_crop = false")
+    return None
+
+
 def _grid_sampler(c: RunConfig) -> str | None:
     from tunelab.sample.samplers import split_sampler
 
@@ -336,8 +422,17 @@ def _grid_sampler(c: RunConfig) -> str | None:
     return None
 
 
+def _fused_backward(c: RunConfig) -> str | None:
+    if not c.train.fused_backward:
+        return None
+    from tunelab.train.fused import problems  # what the fused pass cannot honour, each with its fix
+
+    return "\n".join(problems(c)) or None
+
+
 _COMBINATION_CHECKS = (_te_only_without_lr, _te_on_without_lr, _unet_without_lr, _accumulation, _length,
-                       _precision, _objective, _block_lrs, _noise_options, _grid_sampler)
+                       _precision, _optimizer_fit, _objective, _block_lrs, _noise_options, _grid_sampler, _ema_users,
+                       _timestep_bias, _augmentation, _fused_backward)
 
 
 # --- loading and error reporting -------------------------------------------------------------------------------
@@ -419,6 +514,16 @@ def check_installed(cfg: RunConfig, source: str = "run file") -> None:
 
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise TunelabError(f"{source}: {WANDB_MISSING}")
+    module, package = _OPTIMIZER_PACKAGES.get(cfg.optim.name, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise TunelabError(f"{source}: optim.name = {cfg.optim.name!r} needs the {package} package: pip install {package} "
+                           "(or 'tunelab[optimizers]'), or choose another optim.name")
+
+
+# optim.name -> (module, package) for the optional optimizers check_installed looks for
+_OPTIMIZER_PACKAGES = {"adamw_schedulefree": ("schedulefree", "schedulefree"), "optimi_adamw": ("optimi", "torch-optimi"),
+                       "optimi_lion": ("optimi", "torch-optimi"), "optimi_stableadamw": ("optimi", "torch-optimi"),
+                       "optimi_adan": ("optimi", "torch-optimi")}
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> Path:

@@ -26,7 +26,7 @@ SDXL_LINE = ("accelerate launch --num_processes 4 --multi_gpu sdxl_train.py --pr
              "--save_every_n_steps=5000 --save_precision=fp16 --save_last_n_steps=20000 --seed=42 "
              "--loss_type=huber --huber_schedule=snr --huber_c=0.2 --min_snr_gamma=5 --v_parameterization "
              "--zero_terminal_snr --noise_offset=0.0357 --max_grad_norm=0 --cache_latents_to_disk "
-             "--log_with=wandb --deepspeed --zero_stage=2 --fused_backward_pass --xformers --my_fork_flag=1")
+             "--log_with=wandb --deepspeed --zero_stage=2 --fused_optimizer_groups=4 --xformers --my_fork_flag=1")
 
 
 def _settings(line: str, index: str = "idx.parquet") -> tuple[dict, object]:
@@ -56,13 +56,26 @@ def test_the_production_launch_maps_flag_by_flag():
     assert doc["objective"] == {"prediction": "v", "zero_terminal_snr": True}
     assert doc["log"] == {"wandb": True}
     status = {r.flag: r.status for r in c.rows}
-    assert status["deepspeed"] == status["zero_stage"] == status["fused_backward_pass"] == "not yet supported"
+    assert status["deepspeed"] == status["zero_stage"] == status["fused_optimizer_groups"] == "not yet supported"
     assert status["xformers"] == status["accelerate --multi_gpu"] == "not applicable"
     assert status["my_fork_flag"] == "unknown"
     assert o["args"] == {"relative_step": False}  # handed to the optimizer, as kohya does
     assert c.data_sources == ["kohya:/data/meta.json,images=/data/img"]
     parse_config(doc)  # the run file validates
     assert "--my_fork_flag 1: unknown" in convert(parse_words(SDXL_LINE.split())).text  # kept in the header
+
+
+def test_fused_backward_pass_maps_with_kohyas_per_parameter_clipping():
+    """kohya's sdxl_train.py, in its --fused_backward_pass hook, clips each parameter's gradient on
+    its own (`accelerator.clip_grad_norm_(tensor, args.max_grad_norm)`), at the default 1.0 here."""
+    doc, c = _settings("sdxl_train.py --pretrained_model_name_or_path=b.safetensors --train_data_dir=img "
+                       "--optimizer_type=Adafactor --fused_backward_pass --full_bf16 --mixed_precision=bf16")
+    t = doc["train"]
+    assert t["fused_backward"] is True and t["max_grad_norm_scope"] == "per_parameter" and t["max_grad_norm"] == 1.0
+    assert {r.flag: r.status for r in c.rows}["fused_backward_pass"] == "mapped"
+    doc["train"]["bf16_update"] = "nearest"  # tunelab's Adafactor rounds bf16 weights to nearest (docs)
+    cfg = parse_config(doc)  # kohya's fused run validates as tunelab's
+    assert cfg.train.fused_backward and cfg.optim.name == "adafactor"
 
 
 def test_kohya_defaults_are_written_where_tunelab_differs():

@@ -236,3 +236,38 @@ def test_probe_command_with_the_toy_scorer(probed_run, tmp_path):
         assert list(scores) == [0, 2, 4, 6] and all(0.0 <= v <= 1.0 for v in scores.values())
         assert _by_step(rows, "score/subject", s)
     assert "learn_score/all" in proc.stdout and "preserve_score/all" in proc.stdout
+
+
+def test_grid_and_probes_draw_on_the_ema(tmp_path, held_out):
+    """grid.weights = 'both' and probe.weights = 'ema': the EMA grid is the one its SGM file draws,
+    the live grid another, and the training probe's numbers are `tunelab probe`'s on the EMA files."""
+    import numpy as np
+    from PIL import Image
+
+    from tunelab.config import parse_config
+    from tunelab.models.checkpoint import load_checkpoint
+    from tunelab.models.text import load_tokenizers
+    from tunelab.probe.command import ProbeOptions, run_probe
+    from tunelab.sample.grid import render_training_grid
+    from tunelab.train.trainer import train
+
+    grid = {"prompts": ["a red circle on a white background"], "seeds": [1], "steps": 3, "cfg": 2.0, "weights": "both"}
+    cfg_path = write_run(tmp_path / "run.toml", held_out, tmp_path / "run", train={"max_steps": 4},
+                         probe=PROBE | {"weights": "ema"}, ema={"enabled": True, "decay": 0.9}, grid=grid)
+    train(cfg_path)
+    run = tmp_path / "run"
+    live, ema = (sorted(p.glob("step-*/grid*.png")) for p in (run / "samples", run / "samples" / "ema"))
+    assert live and len(live) == len(ema)
+    pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
+    assert not np.array_equal(pixels(live[-1]), pixels(ema[-1]))  # the EMA lags the live weights
+    cfg = parse_config(__import__("json").loads((run / "config.json").read_text()), "config.json")
+    comps = load_checkpoint(run / "checkpoints" / "ema" / "last.safetensors", "toy")
+    again = render_training_grid(comps, load_tokenizers("toy"), cfg, tmp_path / "again", 4).grid
+    assert np.array_equal(pixels(again), pixels(ema[-1]))
+    files = [run / "checkpoints" / "ema" / n for n in ("step-00000002.safetensors", "last.safetensors")]
+    rep = run_probe(files, tmp_path / "p", ProbeOptions(run=str(run)), steps=[2, 4])
+    rows = pq.read_table(tmp_path / "p" / "checkpoints.parquet").to_pylist()
+    trained = pq.read_table(run / "probes" / "training.parquet").to_pylist()
+    for s in ("learn", "preserve"):
+        assert _by_step(rows, "drift", s) == pytest.approx(_by_step(trained, "drift", s), rel=1e-6, abs=1e-12)
+    assert rep.checkpoints

@@ -80,3 +80,32 @@ def test_the_banner_states_memory_per_trained_parameter():
     assert "weights 2 + gradients 2 + adamw states 8 + Kahan 2 = 14 B" in line and "EMA 4 B on the CPU" in line
     eight = RunConfig.model_validate({"optim": {"name": "adamw8bit"}, "ema": {"enabled": True, "device": "same"}})
     assert "adamw8bit states 2 + EMA 4 = 14 B" in memory_line(eight, n)
+
+
+def test_grid_or_probes_on_the_ema_need_one():
+    import pytest
+    from pydantic import ValidationError
+
+    from tunelab.config import RunConfig
+
+    with pytest.raises(ValidationError, match=r"grid.weights = 'both' and probe.weights = 'ema' need an EMA; set \[ema\] enabled"):
+        RunConfig.model_validate({"grid": {"weights": "both"}, "probe": {"weights": "ema"}})
+    RunConfig.model_validate({"grid": {"weights": "ema"}, "ema": {"enabled": True}})
+
+
+def test_swapped_in_puts_the_live_weights_back_even_on_error(toy):
+    import pytest
+
+    ema = EmaCallback(EmaSection(enabled=True, decay=0.5))
+    for p in toy.unet.parameters():
+        p.requires_grad_(True)
+    ema.on_start(_Ctx(toy, 0))
+    with torch.no_grad():
+        for p in toy.unet.parameters():
+            p.add_(1.0)
+    live = [p.detach().clone() for p in toy.unet.parameters()]
+    with pytest.raises(KeyError):
+        with ema.swapped_in(toy):
+            assert all(torch.equal(p, s) for p, s in zip(toy.unet.parameters(), ema.shadow))
+            raise KeyError("inside")
+    assert all(torch.equal(p, k) for p, k in zip(toy.unet.parameters(), live))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train.lowprec import LowPrecisionAdamW, LowPrecisionLion, fraction_vanishing, stochastic_round_bf16
+from tunelab.train.lowprec import (LowPrecisionAdamW, LowPrecisionLion, fraction_vanishing, join_fp32, master_weights,
+                                   split_fp32, stochastic_round_bf16)
 from tunelab.train.optim import Lion
 
 
@@ -131,3 +132,43 @@ def test_fraction_vanishing_counts_weights_above_the_threshold():
     w = torch.tensor([1.0, -0.5, 1e-4, 0.0])
     assert fraction_vanishing([w], 1.5e-6) == pytest.approx(0.5)
     assert fraction_vanishing([w], 1.0) == 0.0
+
+
+def test_split_fp32_is_bf16_plus_the_other_16_bits_exactly():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200_000, generator=g) * torch.logspace(-30, 30, 200_000)
+    w = torch.cat([w, torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-40, -1e-40])])
+    high, low = split_fp32(w)
+    assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(join_fp32(high, low).view(torch.int32), w.view(torch.int32))  # bit for bit, signs and specials
+    # the bf16 half is the nearest bf16 (ties away from zero where torch's cast goes to even)
+    differ = high != w.to(torch.bfloat16)
+    finite = torch.isfinite(w) & (w.abs() < 3e38) & (w.abs() > 1e-37)  # normal numbers: relative error bound
+    assert int(differ[finite].sum()) <= 3
+    assert (high.float() - w)[finite].abs().le(w[finite].abs() * 2.0**-8).all()
+
+
+def test_exact_bf16_weights_take_the_fp32_steps_bit_for_bit():
+    """The whole weight (bf16 half + low bits) is the fp32 AdamW trajectory from the same start and
+    gradients, step for step; the bf16 half is its nearest bf16; a resume keeps the low bits."""
+    start = torch.randn(4096, generator=torch.Generator().manual_seed(4)).mul(0.05).to(torch.bfloat16)
+    p = start.clone().requires_grad_()
+    ref = start.float().clone().requires_grad_()
+    opt = LowPrecisionAdamW([p], lr=1.5e-6, weight_decay=1e-2, update="exact")
+    ref_opt = LowPrecisionAdamW([ref], lr=1.5e-6, weight_decay=1e-2, update="nearest")
+    for i, g in enumerate(_grads(ref, 200, seed=3)):
+        if i == 100:  # save, rebuild, load: what a resume does
+            state = opt.state_dict()
+            opt = LowPrecisionAdamW([p], lr=1.5e-6, weight_decay=1e-2, update="exact")
+            opt.load_state_dict(state)
+            assert opt.state[p]["low_bits"].dtype == torch.int16
+        p.grad, ref.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()  # the same gradient values
+        opt.step()
+        ref_opt.step()
+    whole = opt.master_weight(p)
+    assert torch.equal(whole, ref.detach())
+    assert (whole != start.float()).float().mean() > 0.99  # every weight moved, as in fp32
+    assert (p.detach() != start).float().mean() < 0.2  # while few bf16 halves did
+    with master_weights(opt):
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), ref.detach())
+    assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), split_fp32(ref.detach())[0])

@@ -24,7 +24,9 @@ SDXL's crop conditioning comes in two conventions (`CROP_CONVENTIONS`): "kohya",
 offset on the axis that is *not* cropped), which kohya's caches store and its trainers feed; and
 "crop", the pixels really cut from the resized image's top-left (the SDXL paper's c_top, c_left).
 Both are functions of (original size, bucket), so a value of one converts exactly to the other
-(`convert_crop_ltrb`).
+(`convert_crop_ltrb`). kohya's augmentations: `random_crop_box` cuts the bucket from a random place
+(random_crop), `mirror_crop_ltrb` gives a left-right mirrored sample's box (flip_aug) in either
+convention.
 
 With `no_upscale` (kohya's `--bucket_no_upscale`) there is no predefined set: each image gets a
 bucket made from its own size — shrunk to the max area first if it is larger — with both sides
@@ -280,6 +282,35 @@ def convert_crop_ltrb(crop_ltrb: tuple[float, ...], stored: str, wanted: str, or
     if stored == wanted:
         return tuple(crop_ltrb)
     return crop_ltrb_in(wanted, original_size, bucket, buckets)
+
+
+def random_crop_box(resized: tuple[int, int], bucket: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """kohya's `random_crop` (sd-scripts `trim_and_resize_if_required`, library/train_util.py): the
+    bucket cut from a random place of the resized image, each axis' offset uniform in 0..excess
+    (both ends included, `random.randint(0, trim_size)`); drawn from `rng`, left then top.
+    Returns the real crop (l, t, r, b) in resized pixels, like `resize_plan`'s centre crop."""
+    (rw, rh), (bw, bh) = resized, bucket
+    left = int(rng.integers(0, rw - bw + 1))
+    top = int(rng.integers(0, rh - bh + 1))
+    return left, top, left + bw, top + bh
+
+
+def mirror_crop_ltrb(crop_ltrb: tuple[float, ...], convention: str, original_size: tuple[int, int],
+                     bucket: tuple[int, int], buckets: BucketConfig | None = None) -> tuple[float, ...]:
+    """The crop box of the left-right mirrored sample, in the same `convention`.
+
+    The box is mirrored inside the frame it is measured in: the bucket for "kohya" (left becomes
+    bucket width - right: sd-scripts' `BaseDataset.__getitem__`, `target_size[0] - crop_ltrb[2]`,
+    library/train_util.py), the resized image for "crop" (the pixels cut off on the right of the
+    unmirrored image are those cut on the left of the mirrored one). Top and bottom are unchanged."""
+    left, top, right, bottom = crop_ltrb
+    if convention == "kohya":
+        width = bucket[0]
+    elif convention == "crop":
+        width = resize_plan(original_size[0], original_size[1], bucket, buckets)[0][0]
+    else:
+        raise TunelabError(f"crop convention {convention!r}: choose one of {', '.join(CROP_CONVENTIONS)}")
+    return width - right, top, width - left, bottom
 
 
 def crop_top_left(crop_ltrb: tuple[float, ...]) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tunelab.data.buckets import BucketConfig, resize_plan
+from tunelab.data.buckets import BucketConfig, random_crop_box, resize_plan
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -188,16 +188,19 @@ def load_rgb(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 def load_into_bucket(
     ref: ImageRef, bucket: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS, buckets: BucketConfig | None = None,
-    exif_transpose: bool = True,
+    exif_transpose: bool = True, crop_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
     """Decode, resize and centre-trim into `bucket` by kohya's rule (`resize_plan`; `buckets` is the
-    index's bucket config, which says whether it is a no-upscale bucket).
+    index's bucket config, which says whether it is a no-upscale bucket). With `crop_rng` the bucket
+    is cut from a random place instead of the centre (kohya's random_crop: `random_crop_box`).
 
     Returns (pixels (H, W, 3) uint8, original_size (w, h) as displayed — as stored when
     `exif_transpose` is off —, the real crop_ltrb in resized pixels).
     """
     im, original = _decode(ref, max_pixels, bucket, buckets, exif_transpose)  # may be a 1/2..1/8 JPEG draft
     (rw, rh), crop = resize_plan(original[0], original[1], bucket, buckets)
+    if crop_rng is not None:
+        crop = random_crop_box((rw, rh), bucket, crop_rng)
     try:
         # reducing_gap: a cheap box reduce first, then Lanczos — near-identical to full Lanczos.
         im = im.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)

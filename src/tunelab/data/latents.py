@@ -29,6 +29,14 @@ safetensors, the encoder is diffusers' AutoencoderKL. By default the latent is t
 mean (deterministic, so a repaired entry equals the original); `posterior = "sample"` draws from
 the posterior as kohya's sd-scripts caches (`latent_dist.sample()`), with noise seeded by the image's
 key, so a repair still reproduces it. The manifest records which, and a folder is never mixed.
+
+`flip = True` (`tunelab data cache --flip`, for runs with `data.flip_aug`) also stores the latents of
+each image mirrored left-right, as kohya's `--flip_aug` caches `latents_flipped`: the mirrored pixels
+are encoded (sd-scripts `LatentsCachingStrategy._default_cache_batch_latents`, library/strategy_base.py,
+`torch.flip(img_tensor, dims=[3])` before the VAE), because a VAE's latent of a mirrored image is not
+the mirrored latent. In a shard they are the tensor `KEY#flipped` with their own checksum
+(`flipped_checksum` in the entry); the manifest records `flip`, and a folder is never mixed either.
+Kohya `.npz` files give their `latents_flipped` (or `latents_flipped_{h}x{w}`) when asked.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ KOHYA_SDXL_SUFFIX = "_sdxl.npz"  # sd-scripts' SdSdxlLatentsCachingStrategy.SDXL
 KOHYA_SD_SUFFIX = "_sd.npz"  # ... SD_LATENTS_NPZ_SUFFIX: SD 1.x/2.x latents (another VAE), not for SDXL
 _SAMPLE_ROWS = 32  # index rows checked against a latent folder when it is opened (plus one per bucket)
 MANIFEST = "latents.json"  # which index, and which bucket set, a shard folder was cached from
+FLIPPED_SUFFIX = "#flipped"  # a shard's tensor of an image's mirrored latents: KEY#flipped
 
 
 @dataclass
@@ -84,13 +93,16 @@ class LatentEntry:
     original_size: tuple[int, int]  # (w, h) of the image (as the index saw it; kohya: as stored)
     crop_ltrb: tuple[float, float, float, float]  # the crop box, in `crop_convention`
     crop_convention: str = "kohya"  # "kohya" (fitted inside the bucket) or "crop" (real crop): buckets.py
+    flipped: bool = False  # `latents` are the mirrored image's (kohya's latents_flipped); crop_ltrb is not mirrored
 
 
 class LatentSource(Protocol):
     """What `TrainDataset` reads latents from. `record` is the image's index row (key, path,
-    width, height, bucket_width, bucket_height, ...), for caches that are found from the image."""
+    width, height, bucket_width, bucket_height, ...), for caches that are found from the image.
+    `flipped`: the latents of the image mirrored left-right (a TunelabError naming the rebuild when
+    the cache has none)."""
 
-    def get(self, key: str, record: dict | None = None) -> LatentEntry | None: ...
+    def get(self, key: str, record: dict | None = None, flipped: bool = False) -> LatentEntry | None: ...
 
     def missing(self, key: str, record: dict | None = None) -> str:
         """The error message for an image `get` has nothing for."""
@@ -117,14 +129,20 @@ def shard_header(path: Path) -> tuple[dict[str, dict], str]:
 
 
 def _write_shard(out_dir: Path, rank: int, entries: dict[str, tuple[np.ndarray, dict]],
-                 crop_convention: str = "kohya") -> Path:
+                 crop_convention: str = "kohya", flipped: dict[str, np.ndarray] | None = None) -> Path:
     """Write entries {key: (latents, info)} as one shard, atomically; `crop_convention` is the one
-    of every entry's crop_ltrb."""
+    of every entry's crop_ltrb; `flipped` {key: latents of the mirrored image} become `KEY#flipped`."""
     name = f"shard-r{rank:03d}-{uuid.uuid4().hex[:12]}.safetensors"
     tmp = out_dir / f".{name}.tmp"
     table = {k: {**info, "checksum": checksum(arr)} for k, (arr, info) in entries.items()}
-    save_file({k: arr for k, (arr, _) in entries.items()}, str(tmp),
-              metadata={META_KEY: json.dumps(table), CROP_META_KEY: crop_convention})
+    tensors = {k: arr for k, (arr, _) in entries.items()}
+    for k, arr in (flipped or {}).items():
+        if k + FLIPPED_SUFFIX in tensors:
+            raise TunelabError(f"the index has both {k!r} and {k + FLIPPED_SUFFIX!r}: rename one (tunelab keeps "
+                               f"mirrored latents under KEY{FLIPPED_SUFFIX})")
+        tensors[k + FLIPPED_SUFFIX] = arr
+        table[k]["flipped_checksum"] = checksum(arr)
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(table), CROP_META_KEY: crop_convention})
     faults.point("cache.shard")
     os.replace(tmp, out_dir / name)
     return out_dir / name
@@ -159,6 +177,10 @@ class LatentStore:
     def missing(self, key: str, record: dict | None = None) -> str:
         return f"no cached latents for {key!r} in {self.dir}; run `tunelab data cache` (or verify --repair)"
 
+    def has_flipped(self, key: str) -> bool:
+        """Whether `key`'s entry holds the mirrored image's latents too (cached with --flip)."""
+        return "flipped_checksum" in self._info.get(key, {})
+
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The shape of `key`'s latents, (4, H/8, W/8), from its shard's header (no tensor is read)."""
         shard = self._where.get(key)
@@ -167,16 +189,28 @@ class LatentStore:
         with safe_open(str(shard), framework="np") as f:
             return tuple(f.get_slice(key).get_shape())
 
-    def get(self, key: str, record: dict | None = None) -> LatentEntry | None:
+    def get(self, key: str, record: dict | None = None, flipped: bool = False) -> LatentEntry | None:
         shard = self._where.get(key)
         if shard is None:
             return None
-        with safe_open(str(shard), framework="np") as f:
-            arr = f.get_tensor(key)
         info = self._info[key]
-        if checksum(arr) != info["checksum"]:
+        if flipped and not self.has_flipped(key):
+            raise TunelabError(f"{self.dir} holds no mirrored latents for {key!r} (cached without --flip), which "
+                               "data.flip_aug needs: " + flip_fix())
+        name, want = (key + FLIPPED_SUFFIX, info.get("flipped_checksum")) if flipped else (key, info["checksum"])
+        with safe_open(str(shard), framework="np") as f:
+            arr = f.get_tensor(name)
+        if checksum(arr) != want:
             raise TunelabError(f"latents of {key!r} in {shard.name} are corrupt; run `tunelab data verify --repair`")
-        return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]), self._convention[shard])
+        return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]), self._convention[shard],
+                           flipped)
+
+
+def flip_fix(index: Path | str = "INDEX") -> str:
+    """How to get a latent cache that data.flip_aug can train from (the end of a refusal)."""
+    return (f"cache the mirrored images too, into a new folder: `tunelab data cache {index} --out NEW_DIR --flip "
+            "--model BASE`, and set data.latents = NEW_DIR; or leave data.latents empty to encode (and mirror) the "
+            "images while training")
 
 
 class KohyaNpzLatents:
@@ -194,7 +228,8 @@ class KohyaNpzLatents:
     `crop_ltrb` [l, t, r, b] (very old caches have `latents` only), or the per-resolution keys
     of its newer strategy code, `latents_{h}x{w}`, `original_size_{h}x{w}`, `crop_ltrb_{h}x{w}`
     with h x w the latent size of the bucket (several buckets may share one file); fp16 or fp32.
-    `latents_flipped` and `alpha_mask` are not used. The latents must fit the index's bucket.
+    `latents_flipped` (`latents_flipped_{h}x{w}`: kohya's `--flip_aug` caches) is read when a flipped
+    sample asks for it; `alpha_mask` is not used. The latents must fit the index's bucket.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -234,18 +269,19 @@ class KohyaNpzLatents:
         return (f"no kohya latents for {key!r} (looked for {tried}); cache every image with sd-scripts "
                 "(--cache_latents_to_disk), or point data.latents at a `tunelab data cache` folder")
 
-    def get(self, key: str, record: dict | None = None) -> LatentEntry | None:
+    def get(self, key: str, record: dict | None = None, flipped: bool = False) -> LatentEntry | None:
         path = self.find(key, record)
         if path is None:
             return None
-        return read_kohya_npz(path, key, record)
+        return read_kohya_npz(path, key, record, flipped)
 
 
 _RESO_KEY = re.compile(r"^latents_(\d+)x(\d+)$")
 
 
-def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEntry:
-    """One kohya `.npz`, either key layout, checked against the record's bucket (see `KohyaNpzLatents`)."""
+def read_kohya_npz(path: Path, key: str, record: dict | None = None, flipped: bool = False) -> LatentEntry:
+    """One kohya `.npz`, either key layout, checked against the record's bucket (see `KohyaNpzLatents`);
+    `flipped`: its `latents_flipped` instead of its `latents` (refused, with the fix, when it has none)."""
     want = (int(record["bucket_height"]) // 8, int(record["bucket_width"]) // 8) \
         if record is not None and record.get("bucket_width") else None
     try:
@@ -266,7 +302,10 @@ def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEn
                         + _kohya_fix(tuple(int(v) for v in npz[stored]) if stored in names else None, record))
                 h, w = want if want is not None else sizes[0]
                 suffix = f"_{h}x{w}"
-            latents = npz["latents" + suffix]
+            if flipped and "latents_flipped" + suffix not in names:
+                raise TunelabError(f"{path} has no `latents_flipped{suffix}`, which data.flip_aug needs (sd-scripts "
+                                   "caches them only with --flip_aug): re-cache with --flip_aug, or " + flip_fix())
+            latents = npz[("latents_flipped" if flipped else "latents") + suffix]
             size = tuple(int(v) for v in npz["original_size" + suffix]) if "original_size" + suffix in names else None
             crop = tuple(float(v) for v in npz["crop_ltrb" + suffix]) if "crop_ltrb" + suffix in names else None
     except TunelabError:
@@ -274,7 +313,8 @@ def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEn
     except Exception as exc:  # noqa: BLE001 - zip/pickle/shape errors all mean "corrupt"
         raise TunelabError(f"{path} is not a readable kohya latent cache ({exc}); delete it and re-cache") from exc
     if latents.ndim != 3 or latents.shape[0] != 4:
-        raise TunelabError(f"{path}: `latents{suffix}` has shape {latents.shape}, not SDXL's (4, H/8, W/8); re-cache it")
+        raise TunelabError(f"{path}: `latents{'_flipped' if flipped else ''}{suffix}` has shape {latents.shape}, not "
+                           "SDXL's (4, H/8, W/8); re-cache it")
     if want is not None and latents.shape[1:] != want:
         raise TunelabError(
             f"{path} holds latents of a {latents.shape[2] * 8}x{latents.shape[1] * 8} bucket, but the index "
@@ -283,7 +323,7 @@ def read_kohya_npz(path: Path, key: str, record: dict | None = None) -> LatentEn
         size = (latents.shape[-1] * 8, latents.shape[-2] * 8)
     if crop is None:  # very old caches: no crop stored; what kohya's `get_crop_ltrb` gives for them
         crop = kohya_crop_ltrb((latents.shape[-1] * 8, latents.shape[-2] * 8), size)
-    return LatentEntry(latents, size, crop, "kohya")
+    return LatentEntry(latents, size, crop, "kohya", flipped)
 
 
 def _kohya_fix(size: tuple[int, ...] | None, record: dict) -> str:
@@ -348,8 +388,9 @@ def is_kohya_folder(folder: str | Path) -> bool:
     return root.is_dir() and next(root.glob(SHARD_GLOB), None) is None and next(root.rglob("*.npz"), None) is not None
 
 
-def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
-    """The latent cache in folder `path` for the images of `index`, whichever tool wrote it.
+def open_latents(path: str | Path, index: "IndexTable", flip: bool = False) -> LatentSource:
+    """The latent cache in folder `path` for the images of `index`, whichever tool wrote it;
+    `flip` (data.flip_aug): it must hold the mirrored images' latents too (`check_flipped`).
 
     * `shard-*.safetensors` at the top: tunelab's shards (`tunelab data cache`) -> `LatentStore`;
     * otherwise kohya's `.npz` files, found from a sample of the index's training rows (see
@@ -368,6 +409,8 @@ def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
         if len(store) == 0:
             raise TunelabError(f"{root}: no readable latent shard; run `tunelab data verify --repair`")
         check_agreement(store, index)
+        if flip:
+            check_flipped(store, index)
         return store
     kohya = KohyaNpzLatents(root)
     records = _sample_records(index)
@@ -386,6 +429,8 @@ def open_latents(path: str | Path, index: "IndexTable") -> LatentSource:
             "index kohya's way, `tunelab data index --no-exif-transpose ...`, or cache it with `tunelab data cache`")
     for rec in _one_per_bucket(records):
         kohya.get(rec["key"], rec)  # readable, SDXL-shaped, the index's bucket
+        if flip:
+            kohya.get(rec["key"], rec, flipped=True)  # and cached with --flip_aug
     log.info("data.latents: kohya .npz caches in %s", root)
     return kohya
 
@@ -434,11 +479,14 @@ def _same_buckets(manifest: dict, footer: dict) -> bool:
     return [list(b) for b in manifest.get("buckets") or []] == [list(b) for b in footer.get("buckets") or []]
 
 
-def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int, posterior: str | None = None) -> str:
+def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int, posterior: str | None = None,
+           flip: bool | None = None) -> tuple[str, bool]:
     """Record in `latents.json` which index the folder caches, and how (the posterior's mean or a
-    sample); refuse a folder cached from an index with other buckets (its shards would be kept and
-    new ones added at other sizes) or with the other posterior. Returns the posterior to use."""
+    sample; with or without the mirrored images); refuse a folder cached from an index with other
+    buckets (its shards would be kept and new ones added at other sizes), with the other posterior,
+    or with the other flip choice. Returns the posterior and the flip choice to use."""
     old = read_manifest(cache_dir)
+    flip = _flip_choice(cache_dir, old, flip)
     had = None  # what the folder holds: its manifest's posterior (older manifests with shards: the mean)
     if old is not None:
         had = old.get("posterior") or ("mean" if next(cache_dir.glob(SHARD_GLOB), None) else None)
@@ -454,11 +502,31 @@ def _claim(cache_dir: Path, index_path: Path, footer: dict, rank: int, posterior
             f"{_buckets_of(footer)}); cache into a new folder: `tunelab data cache {index_path} --out NEW_DIR` "
             f"(or delete {cache_dir} first)")
     doc = {"version": 1, "index": str(index_path), "rows": footer.get("rows"),
-           "bucket_config": footer.get("bucket_config"), "buckets": footer.get("buckets"), "posterior": posterior}
+           "bucket_config": footer.get("bucket_config"), "buckets": footer.get("buckets"), "posterior": posterior,
+           "flip": flip}
     tmp = cache_dir / f".{MANIFEST}.r{rank:03d}.tmp"
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, cache_dir / MANIFEST)
-    return posterior
+    return posterior, flip
+
+
+def _flip_choice(cache_dir: Path, manifest: dict | None, flip: bool | None) -> bool:
+    """--flip / --no-flip against what the folder holds (its manifest; shards from before flips
+    existed hold none); None: what the folder holds, else no flips. Mixing is refused."""
+    has_shards = next(cache_dir.glob(SHARD_GLOB), None) is not None
+    had = None
+    if manifest is not None and "flip" in manifest:
+        had = bool(manifest["flip"])
+    elif has_shards:
+        had = False
+    if flip is None:
+        return bool(had)
+    if had is not None and had != flip:
+        holds = "with" if had else "without"
+        raise TunelabError(f"{cache_dir} holds latents cached {holds} the mirrored images; caching more "
+                           f"{'with' if flip else 'without'} them would mix the two: use {'--flip' if had else '--no-flip'}, "
+                           "or cache into a new folder")
+    return flip
 
 
 def check_agreement(store: LatentStore, index: "IndexTable") -> None:
@@ -484,6 +552,18 @@ def check_agreement(store: LatentStore, index: "IndexTable") -> None:
                 f"data.latents {store.dir} holds latents of a {got[2] * 8}x{got[1] * 8} bucket for {rec['key']!r}, but "
                 f"data.index {index.path} puts it in {rec['bucket_width']}x{rec['bucket_height']} (cached from another "
                 f"bucket setup): {fix}")
+
+
+def check_flipped(store: LatentStore, index: "IndexTable") -> None:
+    """Refuse, for data.flip_aug, a shard folder cached without the mirrored latents: its manifest
+    says so (`flip`), or (folders without one) a sampled row's entry has none."""
+    manifest = read_manifest(store.dir)
+    lacking = manifest is not None and not manifest.get("flip")
+    if manifest is None:
+        lacking = any(not store.has_flipped(r["key"]) for r in _sample_records(index) if r["key"] in store)
+    if lacking:
+        raise TunelabError(f"data.latents {store.dir} was cached without the mirrored images (`tunelab data cache` "
+                           "without --flip), which data.flip_aug needs: " + flip_fix(index.path))
 
 
 def _unknown_layout(root: Path, kohya: KohyaNpzLatents, record: dict | None) -> str:
@@ -606,13 +686,15 @@ def cache_latents(
     device: str = "cpu",
     progress: bool = True,
     posterior: str | None = None,
+    flip: bool | None = None,
 ) -> CacheSummary:
     """Encode every index row this rank owns and no complete shard holds yet. `posterior`: mean or
-    sample (None: what the folder was cached with, else mean)."""
+    sample (None: what the folder was cached with, else mean); `flip`: also the mirrored images'
+    latents, for data.flip_aug (None: what the folder was cached with, else not)."""
     index_path, cache_dir = Path(index_path), Path(cache_dir)
     footer = read_footer(index_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    posterior = _claim(cache_dir, index_path, footer, rank, posterior)
+    posterior, flip = _claim(cache_dir, index_path, footer, rank, posterior, flip)
     rejects_path = cache_dir / f"rejects-r{rank:03d}.jsonl"
     skip = pa.array([r["key"] for p in cache_dir.glob("rejects-r*.jsonl") for r in read_rejects(p)], pa.string())
     done = _done_keys(cache_dir)
@@ -621,6 +703,7 @@ def cache_latents(
     bar = tqdm(total=total, initial=min(total, len(done) // world_size), desc=f"caching (rank {rank})",
                unit=" img", disable=not progress)
     pending: dict[str, tuple[np.ndarray, dict]] = {}
+    mirrored: dict[str, np.ndarray] | None = {} if flip else None  # key -> the mirrored image's latents
     with RejectsLog(rejects_path) as rejects, ThreadPoolExecutor(workers) as pool:
         try:
             batches = _todo_batches(index_path, done, skip, rank, world_size, batch_size)
@@ -628,14 +711,14 @@ def cache_latents(
             while ahead:
                 current = [f.result() for f in ahead]
                 ahead = _decode_batch(pool, next(batches, []), footer)  # decode the next batch while encoding this one
-                _encode_into(vae, current, pending, rejects, device, summary, posterior)
+                _encode_into(vae, current, pending, rejects, device, summary, posterior, mirrored)
                 bar.update(len(current))
                 if len(pending) >= shard_size:
-                    summary.shards_written.append(_write_shard(cache_dir, rank, pending).name)
-                    pending = {}
+                    summary.shards_written.append(_write_shard(cache_dir, rank, pending, flipped=mirrored).name)
+                    pending, mirrored = {}, ({} if flip else None)
         finally:
             if pending:  # a normal end or an exception: keep what was encoded
-                summary.shards_written.append(_write_shard(cache_dir, rank, pending).name)
+                summary.shards_written.append(_write_shard(cache_dir, rank, pending, flipped=mirrored).name)
             bar.close()
     summary.rejected = rejects.count
     log.info("rank %d: encoded %d, already cached %d, rejected %d, %d new shards",
@@ -644,7 +727,9 @@ def cache_latents(
 
 
 def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device: str, summary: CacheSummary,
-                 posterior: str = "mean") -> None:
+                 posterior: str = "mean", mirrored: dict | None = None) -> None:
+    """Encode one decoded batch into `pending`; with `mirrored` (flip), the mirrored pixels too (a
+    posterior sample of them is seeded by KEY#flipped: its own draw, as kohya encodes them anew)."""
     good = []
     for rec, result in current:
         if isinstance(result, ImageRejected):
@@ -658,6 +743,11 @@ def _encode_into(vae, current: list, pending: dict, rejects: RejectsLog, device:
     for (rec, (_, size, _crop)), lat in zip(good, latents):
         crop = kohya_crop_ltrb((rec["bucket_width"], rec["bucket_height"]), size)  # the shards' convention (module doc)
         pending[rec["key"]] = (np.ascontiguousarray(lat), {"original_size": list(size), "crop_ltrb": list(crop)})
+    if mirrored is not None:  # (H, W, 3): axis 1 is left-right
+        flipped = encode_pixels(vae, [pixels[:, ::-1] for _, (pixels, _, _) in good], device, posterior,
+                                [rec["key"] + FLIPPED_SUFFIX for rec, _ in good])
+        for (rec, _), lat in zip(good, flipped):
+            mirrored[rec["key"]] = np.ascontiguousarray(lat)
     summary.encoded += len(good)
 
 
@@ -689,13 +779,16 @@ class VerifyReport:
 
 
 def _check_shard(path: Path) -> tuple[list[str], list[str]]:
-    """(good keys, corrupt keys) of a shard; raises if the file itself is unreadable."""
+    """(good keys, corrupt keys) of a shard, the mirrored latents checked too; raises if the file
+    itself is unreadable."""
     table = shard_entries(path)
     good, bad = [], []
     with safe_open(str(path), framework="np") as f:
         for key, info in table.items():
             try:
                 ok = checksum(f.get_tensor(key)) == info["checksum"]
+                if ok and "flipped_checksum" in info:
+                    ok = checksum(f.get_tensor(key + FLIPPED_SUFFIX)) == info["flipped_checksum"]
             except Exception:  # noqa: BLE001 - a tensor that cannot be read is corrupt
                 ok = False
             (good if ok else bad).append(key)
@@ -748,6 +841,7 @@ def _rewrite_without(path: Path, drop: set[str]) -> None:
     keep = {k: v for k, v in table.items() if k not in drop}
     with safe_open(str(path), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in keep}
+        tensors |= {k + FLIPPED_SUFFIX: f.get_tensor(k + FLIPPED_SUFFIX) for k, v in keep.items() if "flipped_checksum" in v}
     if tensors:
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(keep), CROP_META_KEY: convention})  # kept as it was

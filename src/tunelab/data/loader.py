@@ -17,7 +17,11 @@ accelerate's sharding cannot keep every batch inside one bucket. The design:
   position and the rank split work on samples, so resume and sharding are unchanged;
 - the sampler yields (epoch, row) pairs — (epoch, row, copy) for the 2nd, 3rd, ... copy of a
   repeated row — so the dataset's captions depend on (seed, epoch, row[, copy]), whatever the number
-  of dataloader workers, and each copy gets its own tag shuffle and dropout.
+  of dataloader workers, and each copy gets its own tag shuffle and dropout;
+- augmentations (kohya's flip_aug and random_crop) are drawn the same way, each from its own
+  generator (`augment_rng`): a resumed run, or one with more workers or processes, mirrors and
+  crops every sample exactly as an uninterrupted one; turning one on leaves the other's draws as
+  they were.
 """
 
 from __future__ import annotations
@@ -246,6 +250,22 @@ class BucketBatchSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+FLIP, CROP = 1, 2  # the augmentation streams of `augment_rng`
+
+
+def augment_rng(seed: int, epoch: int, row: int, copy: int, stream: int) -> np.random.Generator:
+    """The generator of one sample's augmentation `stream` (FLIP or CROP): a function of (seed,
+    epoch, row, copy) alone, like the captions' (captions.sample_rng), and independent of them."""
+    entropy = [seed & 0xFFFFFFFF, epoch, row, copy, 0x617567, stream]  # 0x617567: "aug", apart from captions
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def draws_flip(seed: int, epoch: int, row: int, copy: int = 0) -> bool:
+    """Whether a sample is mirrored under data.flip_aug: probability 0.5, as kohya's
+    `subset.flip_aug and random.random() < 0.5` (sd-scripts `BaseDataset.__getitem__`)."""
+    return bool(augment_rng(seed, epoch, row, copy, FLIP).random() < 0.5)
+
+
 class TrainDataset:
     """Samples for training: prompt (from captions config) and pixels or cached latents.
 
@@ -258,6 +278,13 @@ class TrainDataset:
     `get_crop_ltrb`, the default) or "crop" (the real crop). Images decoded here and every latent
     cache (kohya's, tunelab's of either age) are converted to it, so one run feeds one convention.
     Images are decoded by the index's resize rule and EXIF choice (its footer).
+
+    `flip_aug` mirrors a sample left-right with probability 0.5 (`draws_flip`): decoded pixels are
+    flipped, a cache gives the mirrored image's latents (kohya's `latents_flipped`), and the crop
+    box is mirrored as kohya mirrors it (`buckets.mirror_crop_ltrb`); the sample says `flipped`.
+    `random_crop` cuts the bucket from a random place of each decoded image (kohya's random_crop;
+    images only: a cache fixes the crop) and crop_top_left is that crop's in the "crop" convention
+    and kohya's fitted offset, which ignores it as sd-scripts does, in the "kohya" one.
     """
 
     def __init__(
@@ -268,6 +295,8 @@ class TrainDataset:
         latents: "LatentSource | None" = None,
         rejects_path: str | Path | None = None,
         crop_conditioning: str = "kohya",
+        flip_aug: bool = False,
+        random_crop: bool = False,
     ) -> None:
         from tunelab.data.buckets import CROP_CONVENTIONS, BucketConfig
 
@@ -278,6 +307,10 @@ class TrainDataset:
         if crop_conditioning not in CROP_CONVENTIONS:
             raise TunelabError(f"data.crop_conditioning = {crop_conditioning!r}: choose one of {', '.join(CROP_CONVENTIONS)}")
         self.crop_conditioning = crop_conditioning
+        if random_crop and latents is not None:
+            raise TunelabError("data.random_crop needs images decoded while training (a latent cache fixes each crop): "
+                               "leave data.latents empty, or set data.random_crop = false")
+        self.flip_aug, self.random_crop = flip_aug, random_crop
         footer = self.index.footer
         self.buckets = BucketConfig(**footer["bucket_config"]) if footer.get("bucket_config") else None
         self.exif_transpose = bool(footer.get("exif_transpose", True))  # indexes before the choice applied EXIF
@@ -289,38 +322,60 @@ class TrainDataset:
         return len(self.index)
 
     def __getitem__(self, item: tuple[int, int]) -> dict | None:
+        from tunelab.data.captions import prompt_for
+
+        epoch, row, *rest = item  # (epoch, row) or (epoch, row, copy) for a repeated row's later copies
+        copy = rest[0] if rest else 0
+        rec = self.index.records([row])[0]
+        flipped = self.flip_aug and draws_flip(self.seed, epoch, row, copy)
+        sample = {"key": rec["key"], "row": row, "flipped": flipped,
+                  "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row, copy=copy),
+                  "target_size_hw": (rec["bucket_height"], rec["bucket_width"])}
+        if self.latents is not None:
+            return self._from_latents(rec, sample, flipped)
+        crop_rng = augment_rng(self.seed, epoch, row, copy, CROP) if self.random_crop else None
+        return self._from_image(rec, sample, flipped, crop_rng)
+
+    def _conditioning(self, crop: tuple[float, ...], stored: str, size: tuple[int, int], bucket: tuple[int, int],
+                      flipped: bool) -> tuple[int, int]:
+        """crop_top_left in the run's convention, of the mirrored sample when `flipped`."""
+        from tunelab.data.buckets import convert_crop_ltrb, crop_top_left, mirror_crop_ltrb
+
+        crop = convert_crop_ltrb(crop, stored, self.crop_conditioning, size, bucket, self.buckets)
+        if flipped:
+            crop = mirror_crop_ltrb(crop, self.crop_conditioning, size, bucket, self.buckets)
+        return crop_top_left(crop)
+
+    def _from_latents(self, rec: dict, sample: dict, flipped: bool) -> dict:
         import torch
 
-        from tunelab.data.buckets import convert_crop_ltrb, crop_top_left
-        from tunelab.data.captions import prompt_for
+        bucket = (rec["bucket_width"], rec["bucket_height"])
+        entry = self.latents.get(rec["key"], rec, flipped=flipped)  # the row: kohya's files are found from the image
+        if entry is None:
+            raise TunelabError(self.latents.missing(rec["key"], rec))
+        w, h = entry.original_size
+        return {**sample, "latents": torch.from_numpy(entry.latents.astype(np.float32)), "original_size_hw": (h, w),
+                "crop_top_left": self._conditioning(entry.crop_ltrb, entry.crop_convention, (w, h), bucket, flipped)}
+
+    def _from_image(self, rec: dict, sample: dict, flipped: bool, crop_rng: np.random.Generator | None) -> dict | None:
+        import torch
+
         from tunelab.data.images import ImageRef, ImageRejected, RejectsLog, load_into_bucket
 
-        epoch, row, *copy = item  # (epoch, row) or (epoch, row, copy) for a repeated row's later copies
-        rec = self.index.records([row])[0]
-        sample = {"key": rec["key"], "row": row,
-                  "prompt": prompt_for(rec["tags"], rec["caption"], self.captions, self.seed, epoch, row,
-                                       copy=copy[0] if copy else 0),
-                  "target_size_hw": (rec["bucket_height"], rec["bucket_width"])}
         bucket = (rec["bucket_width"], rec["bucket_height"])
-        if self.latents is not None:
-            entry = self.latents.get(rec["key"], rec)  # the row: kohya's files are found from the image
-            if entry is None:
-                raise TunelabError(self.latents.missing(rec["key"], rec))
-            w, h = entry.original_size
-            crop = convert_crop_ltrb(entry.crop_ltrb, entry.crop_convention, self.crop_conditioning, (w, h), bucket,
-                                     self.buckets)
-            return {**sample, "latents": torch.from_numpy(entry.latents.astype(np.float32)),
-                    "original_size_hw": (h, w), "crop_top_left": crop_top_left(crop)}
         ref = ImageRef(rec["path"], rec["offset"], rec["size"])
         try:
-            pixels, (w, h), crop = load_into_bucket(ref, bucket, buckets=self.buckets, exif_transpose=self.exif_transpose)
+            pixels, (w, h), crop = load_into_bucket(ref, bucket, buckets=self.buckets, exif_transpose=self.exif_transpose,
+                                                    crop_rng=crop_rng)
         except ImageRejected as rej:
             with RejectsLog(self.rejects_path) as log_file:
                 log_file.add(rec["key"], rec["path"], rej.reason)
             return None
-        crop = convert_crop_ltrb(crop, "crop", self.crop_conditioning, (w, h), bucket, self.buckets)
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
-        return {**sample, "pixels": tensor, "original_size_hw": (h, w), "crop_top_left": crop_top_left(crop)}
+        if flipped:
+            pixels = pixels[:, ::-1]  # (H, W, 3): mirrored left-right
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+        return {**sample, "pixels": tensor, "original_size_hw": (h, w),
+                "crop_top_left": self._conditioning(crop, "crop", (w, h), bucket, flipped)}
 
 
 def collate(samples: list[dict | None]) -> dict | None:
@@ -331,6 +386,7 @@ def collate(samples: list[dict | None]) -> dict | None:
     if not samples:
         return None
     out: dict = {name: [s[name] for s in samples] for name in ("key", "row", "prompt")}
+    out["flipped"] = [bool(s.get("flipped", False)) for s in samples]
     for name in ("pixels", "latents"):
         if name in samples[0]:
             out[name] = torch.stack([s[name] for s in samples])  # (B, C, H, W)

@@ -98,6 +98,9 @@ def convert(launch: Launch, index: str = "index.parquet") -> Converted:
     _kohya_defaults(c)
     _launcher(c, launch.launcher)
     _data(c, index)
+    _random_crop_without_cache(c)
+    _schedule_free(c)
+    _optimi(c)
     text = to_toml(c.settings, _header(launch, c))
     return Converted(launch, c, text)
 
@@ -143,10 +146,16 @@ def _kohya_defaults(c: Conversion) -> None:
     if "seed" not in given:
         c.set("run.seed", 0)
         c.notes.append("no --seed: kohya draws a random seed; the run file fixes it at 0 (runs repeat exactly)")
-    if c.get("train.full_bf16"):
-        c.notes.append("--full_bf16: kohya rounds each bf16 update to nearest (at lr 1.5e-6 most updates vanish); "
-                       "tunelab uses stochastic rounding (train.bf16_update = 'stochastic'); set 'nearest' to "
-                       "reproduce kohya (docs/training.md)")
+    if c.get("train.full_bf16") and c.get("train.bf16_update") is None:
+        if c.get("optim.name") in ("adamw", "lion", None):
+            c.notes.append("--full_bf16: kohya rounds each bf16 update to nearest (at lr 1.5e-6 most updates vanish); "
+                           "tunelab uses stochastic rounding (train.bf16_update = 'stochastic'); set 'nearest' to "
+                           "reproduce kohya (docs/training.md)")
+        else:
+            c.set("train.bf16_update", "nearest")
+            c.notes.append(f"--full_bf16 with {c.get('optim.name')}: bf16 updates are rounded to nearest, as in kohya "
+                           "(train.bf16_update = 'nearest': at lr 1.5e-6 most updates vanish); tunelab's remedies are "
+                           "for optim.name = 'adamw' / 'lion' (stochastic) and the optimi_* optimizers (kahan)")
     _objective(c)
     if c.get("run.output_dir") is None:
         c.set("run.output_dir", f"runs/{c.get('run.name') or 'kohya'}")
@@ -236,6 +245,57 @@ def _data(c: Conversion, index: str) -> None:
         c.notes.append("no --train_data_dir, --in_json or --dataset_config: name the data with `tunelab data index`")
     if "cache_latents_to_disk" in c.given and (image_dir or meta):
         c.set("data.latents", image_dir or str(Path(meta).parent))
+
+
+def _random_crop_without_cache(c: Conversion) -> None:
+    """kohya refuses a latent cache with random_crop (sdxl_train.py: `assert
+    train_dataset_group.is_latent_cacheable()`, library/train_util.py `BaseDataset.is_latent_cacheable`);
+    the run file encodes the images while training instead, and says so."""
+    if c.get("data.random_crop") and c.get("data.latents"):
+        del c.settings["data"]["latents"]
+        c.notes.append("random_crop with --cache_latents_to_disk: kohya refuses the two together (a cache fixes each "
+                       "crop), so the run file leaves data.latents empty and encodes the images while training")
+
+
+def _schedule_free(c: Conversion) -> None:
+    """kohya gives a schedule-free optimizer a dummy LR scheduler (library/train_util.py
+    `get_scheduler_fix` -> `get_dummy_scheduler`): --lr_scheduler and --lr_warmup_steps do nothing;
+    its warm-up is the optimizer's own `warmup_steps` argument, tunelab's optim.warmup_steps. Its
+    bf16 weights (--full_bf16) take plain rounding, as in kohya: tunelab has no remedy for it."""
+    if c.get("optim.name") != "adamw_schedulefree":
+        return
+    if c.get("optim.schedule", "constant") != "constant" or c.get("optim.warmup_steps"):
+        c.notes.append("AdamWScheduleFree: kohya ignores --lr_scheduler and --lr_warmup_steps with it (a dummy "
+                       "scheduler); the run file keeps optim.schedule = 'constant'")
+    c.set("optim.schedule", "constant")
+    args = dict(c.get("optim.args") or {})
+    c.set("optim.warmup_steps", int(args.pop("warmup_steps", 0)))  # --optimizer_args warmup_steps=N
+    if args:
+        c.set("optim.args", args)
+    else:
+        c.settings["optim"].pop("args", None)
+    if c.get("train.full_bf16"):
+        c.set("train.bf16_update", "nearest")
+        c.notes.append("--full_bf16 with AdamWScheduleFree: bf16 updates are rounded to nearest, as in kohya "
+                       "(train.bf16_update = 'nearest'; tunelab's remedies are for adamw / lion)")
+
+
+def _optimi(c: Conversion) -> None:
+    """kohya constructs an `optimi.*` class with its own defaults for what --optimizer_args leave
+    out (eps 1e-6, betas (0.9, 0.99), Adan's three), written out here; on bf16 weights optimi turns
+    on Kahan summation by itself (kahan_sum=None), tunelab's train.bf16_update = 'kahan'."""
+    from tunelab.kohya.flags import _OPTIMI_DEFAULTS
+
+    defaults = _OPTIMI_DEFAULTS.get(str(c.get("optim.name")))
+    if defaults is None:
+        return
+    for key, value in defaults.items():
+        if c.get(f"optim.{key}") is None:
+            c.set(f"optim.{key}", value)
+    if c.get("train.full_bf16"):
+        c.set("train.bf16_update", "kahan")
+        c.notes.append("--full_bf16 with an optimi optimizer: optimi compensates bf16 updates with Kahan summation "
+                       "by itself (train.bf16_update = 'kahan', +2 bytes per weight)")
 
 
 def index_command(c: Conversion) -> list[str]:

@@ -24,7 +24,8 @@ _CAPTION_KEYS = {"shuffle_caption": "data.captions.shuffle_tags", "keep_tokens":
                  "caption_tag_dropout_rate": "data.captions.tag_dropout"}
 _BUCKET_KEYS = {"min_bucket_reso": "data.buckets.min_side", "max_bucket_reso": "data.buckets.max_side",
                 "bucket_reso_steps": "data.buckets.step", "bucket_no_upscale": "data.buckets.no_upscale"}
-_LATER = ("is_reg", "flip_aug", "color_aug", "random_crop", "face_crop_aug_range", "caption_prefix", "caption_suffix",
+_AUGMENT_KEYS = {"flip_aug": "data.flip_aug", "random_crop": "data.random_crop"}
+_LATER = ("is_reg", "color_aug", "face_crop_aug_range", "caption_prefix", "caption_suffix",
           "keep_tokens_separator", "secondary_separator", "token_warmup_min", "token_warmup_step",
           "caption_dropout_every_n_epochs", "alpha_mask", "cache_info", "recursive")
 
@@ -92,6 +93,7 @@ def read_dataset_config(path: Path) -> DatasetPlan:
             if "resolution" in merged:
                 values["data.buckets.resolution"] = _side(merged["resolution"], where)
             values.update({key: merged[k] for k, key in _BUCKET_KEYS.items() if k in merged})
+            values.update({key: bool(merged.get(k, False)) for k, key in _AUGMENT_KEYS.items()})  # absent: kohya's off
             if "batch_size" in merged:
                 values["train.batch_size"] = int(merged["batch_size"])
             for key, value in values.items():
@@ -106,6 +108,9 @@ def read_dataset_config(path: Path) -> DatasetPlan:
     for key, where in seen.items():
         plan.notes.append(f"{key}: subsets differ ({', '.join(sorted(where))}); tunelab has one value per run and "
                           f"uses the first subset's ({plan.settings[key]!r})")
+    for key in _AUGMENT_KEYS.values():  # off is tunelab's default too: the run file need not say it
+        if plan.settings.get(key) is False:
+            del plan.settings[key]
     return plan
 
 

@@ -29,11 +29,16 @@ MAPPED, NOT_APPLICABLE, NOT_YET, UNKNOWN = "mapped", "not applicable", "not yet 
 KOHYA_DEFAULTS = {"max_train_steps": 1600, "learning_rate": 2e-6, "max_grad_norm": 1.0, "mixed_precision": "no"}
 
 _OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "adafactor": "adafactor", "prodigy": "prodigy",
-               "came": "came"}
+               "came": "came", "adamwschedulefree": "adamw_schedulefree"}
 _LATER_OPTIMIZERS = {"pagedadamw8bit", "pagedadamw", "pagedadamw32bit", "lion8bit", "pagedlion8bit", "sgdnesterov",
                      "sgdnesterov8bit", "dadaptation", "dadaptadam", "dadaptadagrad", "dadaptadan",
-                     "dadaptadanip", "dadaptlion", "dadaptsgd", "adamwschedulefree", "radamschedulefree",
-                     "sgdschedulefree"}
+                     "dadaptadanip", "dadaptlion", "dadaptsgd", "radamschedulefree", "sgdschedulefree"}
+# torch-optimi's constructor defaults (optimi/adamw.py, lion.py, stableadamw.py, adan.py), what kohya
+# hands an `optimi.*` class when --optimizer_args leave them out
+_OPTIMI_DEFAULTS = {"optimi_adamw": {"betas": [0.9, 0.99], "weight_decay": 1e-2, "eps": 1e-6},
+                    "optimi_lion": {"betas": [0.9, 0.99], "weight_decay": 0.0},
+                    "optimi_stableadamw": {"betas": [0.9, 0.99], "weight_decay": 1e-2, "eps": 1e-6},
+                    "optimi_adan": {"betas": [0.98, 0.92, 0.99], "weight_decay": 2e-2, "eps": 1e-6}}
 _SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine",
               "linear": "linear", "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial",
               "warmup_stable_decay": "warmup_stable_decay", "cosine_with_min_lr": "cosine"}
@@ -170,10 +175,12 @@ def _block_lr(c: Conversion, f: Flag) -> tuple[str, str]:
     return MAPPED, "train.parts.block_lr_values (kohya's learning rates, as they are)"
 
 
-@mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor, Prodigy, CAME; a full class path -> `optim.name = "class"`, `optim.class_path` (others: not yet supported)')
+@mapped('`optim.name`: AdamW, AdamW8bit, Lion, AdaFactor, Prodigy, CAME, AdamWScheduleFree (`adamw_schedulefree`: schedule constant, its `warmup_steps` optimizer argument -> `optim.warmup_steps`), `optimi.AdamW` / `Lion` / `StableAdamW` / `Adan` (`optimi_*`, with optimi\'s defaults; Kahan summation under `--full_bf16`, as optimi does by itself); a full class path -> `optim.name = "class"`, `optim.class_path` (others: not yet supported)')
 def _optimizer(c: Conversion, f: Flag) -> tuple[str, str]:
     written = _one(f)
     name = written.rsplit(".", 1)[-1].lower()  # full class paths: bitsandbytes.optim.AdamW8bit, came_pytorch.CAME
+    if written.lower().startswith("optimi.") and f"optimi_{name}" in _OPTIMI_DEFAULTS:  # before optimi.AdamW -> adamw
+        return MAPPED, c.set("optim.name", f"optimi_{name}")
     if name in _OPTIMIZERS:
         return MAPPED, c.set("optim.name", _OPTIMIZERS[name])
     if name in _LATER_OPTIMIZERS:
@@ -196,8 +203,8 @@ def _optimizer_args(c: Conversion, f: Flag) -> tuple[str, str]:
             done.append(c.set("optim.weight_decay", _float(value, "optimizer_args weight_decay")))
         elif key == "betas":
             b = [_float(v, "optimizer_args betas") for v in value.replace("(", "").replace(")", "").split(",") if v]
-            if len(b) != 2:
-                raise TunelabError(f"--optimizer_args betas={value!r}: give two numbers, e.g. betas=0.9,0.999")
+            if len(b) not in (2, 3):  # three: optimi's Adan
+                raise TunelabError(f"--optimizer_args betas={value!r}: give two numbers, e.g. betas=0.9,0.999 (Adan: three)")
             done.append(c.set("optim.betas", b))
         elif key == "eps":
             done.append(c.set("optim.eps", _float(value, "optimizer_args eps")))
@@ -222,6 +229,15 @@ def _arg_value(text: str) -> Any:
         except ValueError:
             pass
     return t.strip("'\"")
+
+
+@mapped('`train.fused_backward = true` with `train.max_grad_norm_scope = "per_parameter"` (kohya clips each '
+        'parameter\'s gradient on its own in its fused pass)')
+def _fused_backward(c: Conversion, f: Flag) -> tuple[str, str]:
+    c.set("train.fused_backward", True)
+    c.set("train.max_grad_norm_scope", "per_parameter")  # sdxl_train.py: clip_grad_norm_(tensor, max_grad_norm) in the hook
+    return MAPPED, ("train.fused_backward = true, train.max_grad_norm_scope = 'per_parameter' (kohya clips each "
+                    "parameter's gradient on its own there)")
 
 
 @mapped("`optim.warmup_steps` (a value below 1 is kohya's share of the total steps)")
@@ -388,7 +404,7 @@ TABLE: dict[str, Handler] = {
     "lr_decay_steps": to("optim.decay_steps", _whole),
     "lr_scheduler_min_lr_ratio": to("optim.min_lr_ratio", _number),
     "max_grad_norm": to("train.max_grad_norm", _number),
-    "fused_backward_pass": later("the fused backward pass (optimizer step inside backward)"),
+    "fused_backward_pass": _fused_backward,
     "fused_optimizer_groups": later("fused optimizer groups"),
     # steps, batches, precision
     "max_train_steps": to("train.max_steps", _whole),
@@ -462,9 +478,9 @@ TABLE: dict[str, Handler] = {
     "max_bucket_reso": to("data.buckets.max_side", _whole),
     "bucket_reso_steps": to("data.buckets.step", _whole),
     "bucket_no_upscale": switch("data.buckets.no_upscale"),
-    "flip_aug": later("horizontal flips"),
+    "flip_aug": switch("data.flip_aug"),
     "color_aug": later("colour augmentation"),
-    "random_crop": later("random crops"),
+    "random_crop": switch("data.random_crop"),
     "face_crop_aug_range": later("face crops"),
     "alpha_mask": later("alpha masks"),
     # data

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunelab.train.callbacks import Callback, LoopContext
 
@@ -56,8 +56,9 @@ def auto_interval(cost: int, samples_per_step: int, share: float = TARGET_SHARE)
 class ProbeCallback(Callback):
     all_ranks = False
 
-    def __init__(self, cfg: "RunConfig") -> None:
+    def __init__(self, cfg: "RunConfig", ema: Any = None) -> None:
         self.every_n_steps = cfg.probe.every_n_steps
+        self.ema = ema  # probe.weights = "ema": measure the EMA's weights (swapped in, then back)
         self.prepared = None
         self.prepare_seconds = 0.0
         self.rows: list[dict] = []
@@ -109,6 +110,13 @@ class ProbeCallback(Callback):
         return comps, tokenizers
 
     def _measure(self, ctx: LoopContext, base=None) -> None:
+        if self.ema is not None and base is None:
+            with self.ema.swapped_in(ctx.comps):
+                self._measure_live(ctx)
+        else:
+            self._measure_live(ctx, base)
+
+    def _measure_live(self, ctx: LoopContext, base=None) -> None:
         from tunelab.probe.images import image_scores
         from tunelab.probe.measure import score_rows
         from tunelab.probe.plots import plot_probes

@@ -62,7 +62,7 @@ def _bf16(s: FinetuneSettings) -> list[Arm]:
     field_ratio = s.but(lr_unet=s.lr_text / 8 * 2, lr_text=s.lr_text * 2)
     bf16 = field_ratio.but(mixed_precision="bf16", full_bf16=True)
     return [Arm("fp32 master", field_ratio), Arm("full_bf16 nearest", bf16.but(bf16_update="nearest")),
-            Arm("full_bf16 stochastic", bf16.but(bf16_update="stochastic"))]
+            Arm("full_bf16 stochastic", bf16.but(bf16_update="stochastic")), Arm("full_bf16 exact", bf16.but(bf16_update="exact"))]
 
 
 def _accumulation(s: FinetuneSettings) -> list[Arm]:
@@ -77,7 +77,7 @@ EXPERIMENTS = {
     "unet-parts": Experiment("unet-parts", "the full UNet vs 71 % vs 63 %, text encoders on, at the same LR",
                              _unet_parts),
     "lr": Experiment("lr", "learning rate x0.3 / x1 / x3 (text encoders on, 71 % UNet)", _lr),
-    "bf16": Experiment("bf16", "fp32 master weights vs full_bf16 with round-to-nearest or stochastic rounding at the "
+    "bf16": Experiment("bf16", "fp32 master weights vs full_bf16 with round-to-nearest, stochastic rounding or exact updates at the "
                        "field's LR ratio", _bf16),
     "accumulation": Experiment("accumulation", "effective batch 16 as intended vs 4 (the run moved to 1 GPU)",
                                _accumulation),

@@ -35,7 +35,7 @@ class FinetuneSettings:
     grad_accumulation: int = 1
     mixed_precision: str = "no"
     full_bf16: bool = False
-    bf16_update: str = "stochastic"  # how bf16 weights take their updates (train.bf16_update)
+    bf16_update: str = "exact"  # how bf16 weights take their updates (train.bf16_update)
     seed: int = 0
     save_every: int = 0  # checkpoint (and grid) every N steps; 0 = only the last
     grid: bool = False  # render the grid at each checkpoint

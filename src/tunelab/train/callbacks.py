@@ -100,6 +100,10 @@ class Callbacks:
 
     items: list[Callback] = field(default_factory=list)
 
+    def due(self, event: Event, ctx: LoopContext) -> bool:
+        """Whether `fire` would run any callback (the same on every process: cadence only)."""
+        return any(cb.due(event, ctx) for cb in self.items)
+
     def fire(self, event: Event, ctx: LoopContext) -> None:
         acc = ctx.accelerator
         for cb in self.items:
@@ -112,10 +116,15 @@ class Callbacks:
 
 
 class GridCallback(Callback):
-    """[grid]: prompts across, seeds down, from the live weights every N steps and at the end."""
+    """[grid]: prompts across, seeds down, every N steps and at the end, from the live weights,
+    the EMA's (`grid.weights = "ema"`: into samples/ema/, logged as `grid_ema`) or both."""
 
-    def __init__(self, every_n_steps: int) -> None:
+    def __init__(self, every_n_steps: int, weights: str = "live", ema: Any = None) -> None:
         self.every_n_steps = every_n_steps
+        self.which = {"live": ("live",), "ema": ("ema",), "both": ("live", "ema")}[weights]
+        if "ema" in self.which and ema is None:
+            raise ValueError("grid.weights = 'ema' / 'both' needs the run's EMA callback")
+        self.ema = ema
 
     def on_step(self, ctx: LoopContext) -> None:
         self._render(ctx)
@@ -127,24 +136,32 @@ class GridCallback(Callback):
         from tunelab.sample.grid import render_training_grid
 
         step = ctx.progress.step
-        result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, ctx.run.samples, step)
-        ctx.metrics.log_image("grid", result.grid, step)
-        log.info("grid at step %d: %s", step, result.grid)
+        for which in self.which:
+            if which == "live":
+                result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, ctx.run.samples, step)
+            else:
+                with self.ema.swapped_in(ctx.comps):
+                    result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, ctx.run.samples / "ema", step)
+            tag = "grid" if which == "live" else "grid_ema"
+            ctx.metrics.log_image(tag, result.grid, step)
+            log.info("grid%s at step %d: %s", "" if which == "live" else " (EMA)", step, result.grid)
 
 
 def default_callbacks(cfg: "RunConfig") -> Callbacks:
     """The callbacks a run file asks for."""
     items: list[Callback] = []
-    if cfg.ema.enabled:
+    ema = None
+    if cfg.ema.enabled:  # first: the grid and the probes may draw on the step's EMA
         from tunelab.train.ema import EmaCallback
 
-        items.append(EmaCallback(cfg.ema))
-    if cfg.probe.enabled:  # first: step 0's probe sees the base before any grid is rendered
+        ema = EmaCallback(cfg.ema)
+        items.append(ema)
+    if cfg.probe.enabled:  # before the grid: step 0's probe sees the base before any grid is rendered
         from tunelab.probe.callback import ProbeCallback
 
-        items.append(ProbeCallback(cfg))
+        items.append(ProbeCallback(cfg, ema=ema if cfg.probe.weights == "ema" else None))
     if cfg.grid.prompts:
-        items.append(GridCallback(cfg.grid.every_n_steps))
+        items.append(GridCallback(cfg.grid.every_n_steps, cfg.grid.weights, ema))
     if cfg.report.enabled:  # last: it shows what the others just wrote
         from tunelab.report.callback import ReportCallback
 

@@ -20,8 +20,9 @@ is the one after the step the state records, and a resumed run continues it bit 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -120,23 +121,32 @@ class EmaCallback(Callback):
     def on_end(self, ctx: LoopContext) -> None:
         self._update(ctx)
 
-    @torch.no_grad()
+    @contextmanager
+    def swapped_in(self, comps: "Components") -> Iterator[None]:
+        """The EMA's weights in the live modules for the block (a grid, a probe, a save); the live
+        weights are put back bit for bit after it, whatever happens inside."""
+        params = [p for _, p in trained_parameters(comps)]
+        if self.shadow is None or len(params) != len(self.shadow):
+            raise RuntimeError("the EMA has not started yet (it starts with the loop's START event)")
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in params]
+            try:
+                for p, s in zip(params, self.shadow):
+                    p.copy_(s.to(p.device, p.dtype))
+                yield
+            finally:
+                for p, k in zip(params, kept):
+                    p.copy_(k)
+
     def write(self, ctx: LoopContext, path: Path) -> Path:
         """The EMA weights as an SGM file: swapped into the live modules, saved, swapped back."""
         from tunelab.models.checkpoint import Lineage, save_checkpoint
 
-        params = [p for _, p in trained_parameters(ctx.comps)]
-        kept = [p.detach().clone() for p in params]
-        try:
-            for p, s in zip(params, self.shadow or []):
-                p.copy_(s.to(p.device, p.dtype))
+        with self.swapped_in(ctx.comps):
             path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ctx.comps, path, dtype=ctx.cfg.save.dtype, title=f"{ctx.cfg.run.name} {path.stem} EMA",
                             training={"steps": ctx.progress.step, "ema_decay": self.cfg.decay, "ema_updates": self.updates},
                             lineage=Lineage.of(ctx.comps, ctx.cfg.run.name, ctx.progress.step, ctx.cfg.model.base))
-        finally:
-            for p, k in zip(params, kept):
-                p.copy_(k)
         return path
 
 

@@ -33,12 +33,22 @@ weight discount^i, stopping at a side of 1; the sum divided by its std); input-p
 (the noisy input is formed with noise + gamma x N(0, 1), gamma x U(0, 1) with random strength; the
 target keeps the noise); a timestep range [min_timestep, max_timestep) for epsilon / v.
 
+Timestep bias (diffusers' examples/text_to_image/train_text_to_image_sdxl.py, `generate_timestep_weights`
+and its `torch.multinomial(weights, bsz, replacement=True)`): weights 1 for every timestep, times the
+multiplier on the biased span -- the lowest `int(portion T)` ('earlier'), the highest ('later'), or
+[begin, end) ('range') -- then normalised; timesteps are drawn from them with replacement. Here the
+weights of timesteps outside [min_timestep, max_timestep) are 0, so the window and the bias compose
+(config refuses a bias that changes nothing inside the window). One difference, on purpose: a portion
+so small that int(portion T) = 0 biases nothing (diffusers' `slice(-0, None)` would bias every
+timestep for 'later'; config refuses both as changing nothing).
+
 Random draws, in this order, all from the given generator on the generator's device (so a CPU
 generator gives the same numbers whatever device the latents live on): noise (B, C, H, W); the
 offset's random strength (1) when on; offset noise (B, C, 1, 1) when noise_offset > 0; per
 multi-resolution level r (1) and its noise; the input-perturbation strength (1) when random and its
-noise (B, C, H, W) when ip_noise_gamma > 0; timesteps (B,) -- randint for epsilon / v, normal for
-flow. With every option off, the draws are the same as before they existed.
+noise (B, C, H, W) when ip_noise_gamma > 0; timesteps (B,) -- randint for epsilon / v (multinomial
+over the bias weights when a timestep bias is on), normal for flow. With every option off, the draws
+are the same as before they existed.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from tunelab.config import ObjectiveSection
+from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +116,35 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
     return out / out.std()
 
 
+BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+def bias_span(strategy: str, num_timesteps: int, portion: float, begin: int, end: int) -> tuple[int, int]:
+    """The biased timesteps [lo, hi) of a strategy other than 'none' (module docstring)."""
+    n = int(portion * num_timesteps)  # diffusers' num_to_bias
+    if strategy == "earlier":
+        return 0, n
+    if strategy == "later":
+        return num_timesteps - n, num_timesteps
+    if strategy == "range":
+        return begin, end
+    raise ValueError(f"timestep bias strategy {strategy!r}: one of {', '.join(BIAS_STRATEGIES[1:])} has a span")
+
+
+def timestep_weights(strategy: str, num_timesteps: int, multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> torch.Tensor:
+    """(T,) float32 sampling weights summing to 1: diffusers' `generate_timestep_weights` (module docstring)."""
+    weights = torch.ones(num_timesteps, dtype=torch.float32)
+    if strategy == "none":
+        return weights / num_timesteps
+    lo, hi = bias_span(strategy, num_timesteps, portion, begin, end)
+    if not 0 <= lo <= hi <= num_timesteps:
+        raise TunelabError(f"objective.timestep_bias_begin / _end ({begin}, {end}) must lie in 0..{num_timesteps} "
+                           f"(the schedule's {num_timesteps} timesteps)")
+    weights[lo:hi] *= multiplier
+    return weights / weights.sum()
+
+
 @dataclass(frozen=True)
 class NoiseOptions:
     """The noise and timestep options of the module docstring (all off by default)."""
@@ -116,12 +156,19 @@ class NoiseOptions:
     ip_random_strength: bool = False
     min_timestep: int = 0
     max_timestep: int = 1000
+    bias_strategy: str = "none"
+    bias_multiplier: float = 1.0
+    bias_portion: float = 0.25
+    bias_begin: int = 0
+    bias_end: int = 1000
 
     @classmethod
     def from_config(cls, objective: ObjectiveSection, loss: Any) -> "NoiseOptions":
+        ob = objective
         return cls(loss.noise_offset_random_strength, loss.multires_noise_iterations, loss.multires_noise_discount,
-                   loss.ip_noise_gamma, loss.ip_noise_gamma_random_strength, objective.min_timestep,
-                   objective.max_timestep)
+                   loss.ip_noise_gamma, loss.ip_noise_gamma_random_strength, ob.min_timestep, ob.max_timestep,
+                   ob.timestep_bias_strategy, ob.timestep_bias_multiplier, ob.timestep_bias_portion,
+                   ob.timestep_bias_begin, ob.timestep_bias_end)
 
 
 class Objective:
@@ -138,6 +185,7 @@ class Objective:
         self.noise_offset = noise_offset
         self.flow_logit_mean, self.flow_logit_std, self.flow_shift = flow_logit_mean, flow_logit_std, flow_shift
         self.options = options or NoiseOptions()
+        self.timestep_weights = self._biased_weights()  # (T,) or None: uniform draws (randint)
 
     @classmethod
     def from_config(cls, objective: ObjectiveSection, scheduler: Mapping[str, Any], noise_offset: float = 0.0,
@@ -148,6 +196,17 @@ class Objective:
         opts = NoiseOptions.from_config(objective, loss) if loss is not None else None
         return cls(objective.prediction, ac, noise_offset, objective.flow_logit_mean,
                    objective.flow_logit_std, objective.flow_shift, opts)
+
+    def _biased_weights(self) -> torch.Tensor | None:
+        """The timestep bias' weights inside [min_timestep, max_timestep), or None without a bias."""
+        o = self.options
+        if o.bias_strategy == "none" or self.prediction == "flow":  # config refuses a bias with flow
+            return None
+        w = timestep_weights(o.bias_strategy, self.num_train_timesteps, o.bias_multiplier, o.bias_portion,
+                             o.bias_begin, o.bias_end)
+        w[:o.min_timestep] = 0.0
+        w[o.max_timestep:] = 0.0
+        return w
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) SNR of UNet timesteps (indices for eps / v, t * 1000 for flow)."""
@@ -176,6 +235,9 @@ class Objective:
             t = shift_timesteps(torch.sigmoid(u), self.flow_shift)
             return t * FLOW_TIMESTEP_SCALE
         o = self.options
+        if self.timestep_weights is not None:  # diffusers' multinomial over the bias weights
+            w = self.timestep_weights.to(generator.device)
+            return torch.multinomial(w, batch, replacement=True, generator=generator)
         high = min(o.max_timestep, self.num_train_timesteps)
         return torch.randint(o.min_timestep, high, (batch,), generator=generator, device=generator.device)
 

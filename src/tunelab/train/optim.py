@@ -1,9 +1,16 @@
 """Optimizers and learning-rate schedules, one named parameter group per trained part.
 
 Reused: torch's AdamW, bitsandbytes' AdamW8bit (when installed and CUDA is present), transformers'
-Adafactor, torch's LambdaLR. Hand-written: Lion (Chen et al. 2023, "Symbolic Discovery of
-Optimization Algorithms"; no package for it is installed), and the four schedule multipliers
+Adafactor, schedulefree's AdamWScheduleFree, torch-optimi's AdamW / Lion / StableAdamW / Adan
+(`optimi_*`; Kahan summation is their bf16 remedy), torch's LambdaLR. Hand-written: Lion (Chen et
+al. 2023, "Symbolic Discovery of Optimization Algorithms"), and the four schedule multipliers
 (below), so they are plain picklable objects whose state resumes exactly.
+
+Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled") keeps two points: the live
+weights y where gradients are taken (train mode) and the average x that is the model (eval mode);
+`optimizer.eval()` turns y into x in place, `optimizer.train()` back. `eval_weights` is the one
+place the trainer does that: around checkpoint files, training states and the loop's callbacks
+(a no-op for every other optimizer).
 
 Parameter groups carry a `name`: `unet`, `text_encoder_1`, `text_encoder_2`, or `unet/IN04`-style
 names when block LRs are on (`unet/BASE`, `unet/IN00`.., `unet/MID00`.., `unet/OUT00`.., `unet/OUT`;
@@ -30,11 +37,12 @@ A decaying schedule with `min_lr_ratio` m > 0 ends at m instead of 0: m + (1 - m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -70,9 +78,12 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str =
                     seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer named by `optim.name` over the plan's trainable parameters; `bf16_update`
     'stochastic' / 'kahan' (bf16 weights: `train.full_bf16`) picks its low-precision twin
-    (`train/lowprec.py`), with fp32 math and states."""
+    (`train/lowprec.py`), with fp32 math and states; for the optimi_* ones 'kahan' is optimi's
+    own kahan_sum (`_optimi`)."""
     groups = param_groups(plan, optim)
     lr = groups[0]["lr"]  # every group sets its own lr; this is only the constructor default
+    if optim.name in OPTIMI:
+        return _optimi(groups, optim, bf16_update)
     if bf16_update != "nearest":
         from tunelab.train.lowprec import LowPrecisionAdamW
 
@@ -82,9 +93,9 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str =
         if optim.name == "lion":
             return LowPrecisionLion(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay,
                                     update=bf16_update, seed=seed)
-        raise TunelabError(f"train.bf16_update = {bf16_update!r} is built for optim.name = 'adamw' or 'lion', not "
-                           f"{optim.name!r}; use one of those, or train.bf16_update = 'nearest' (updates below half a "
-                           "bf16 step are then lost)")
+        raise TunelabError(f"train.bf16_update = {bf16_update!r} is built for optim.name = 'adamw' or 'lion' ('kahan' "
+                           f"also for the optimi_* ones), not {optim.name!r}; use one of those, or train.bf16_update = "
+                           "'nearest' (updates below half a bf16 step are then lost)")
     extra = dict(optim.args)
     if optim.name == "adamw":
         # foreach: one multi-tensor kernel per group instead of a Python loop over ~2,500 tensors
@@ -113,12 +124,68 @@ def build_optimizer(plan: TrainablePlan, optim: OptimSection, bf16_update: str =
     if optim.name == "came":
         cls = _imported("came_pytorch", "CAME", "came-pytorch")
         return _construct(cls, groups, dict(lr=lr, weight_decay=optim.weight_decay), extra, optim)
+    if optim.name == "adamw_schedulefree":
+        cls = _imported("schedulefree", "AdamWScheduleFree", "schedulefree")
+        # Its own warm-up (optim.warmup_steps) replaces the schedule, which config check keeps constant.
+        return _construct(cls, groups, dict(lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                                            warmup_steps=optim.warmup_steps), extra, optim)
     if optim.name == "class":
         if "." not in optim.class_path:
             raise TunelabError("optim.name = 'class' needs optim.class_path = 'package.module.Class' (e.g. torch.optim.RAdam)")
         module, _, name = optim.class_path.rpartition(".")
         return _construct(_imported(module, name, module.split(".")[0]), groups, dict(lr=lr), extra, optim)
-    raise TunelabError(f"optim.name = {optim.name!r} is unknown; choose adamw, adamw8bit, adafactor, lion, prodigy, came or class")
+    raise TunelabError(f"optim.name = {optim.name!r} is unknown; choose adamw, adamw8bit, adafactor, lion, prodigy, came, "
+                       f"adamw_schedulefree, {', '.join(OPTIMI)} or class")
+
+
+# optim.name -> torch-optimi's class. Their states are kept in the weights' dtype (bf16 under
+# train.full_bf16); Kahan summation (kahan_sum) is the package's own low-precision remedy.
+OPTIMI = {"optimi_adamw": "AdamW", "optimi_lion": "Lion", "optimi_stableadamw": "StableAdamW", "optimi_adan": "Adan"}
+
+
+def _optimi(groups: list[dict], optim: OptimSection, bf16_update: str) -> torch.optim.Optimizer:
+    """torch-optimi's optimizer; on bf16 weights kahan_sum follows train.bf16_update ('kahan' on,
+    'nearest' off; it has no stochastic rounding). On fp32 weights optimi's own default stands
+    (it compensates only low-precision weights anyway)."""
+    name = OPTIMI[optim.name]
+    cls = _imported("optimi", name, "torch-optimi")
+    if optim.name == "optimi_adan" and len(optim.betas) != 3:
+        raise TunelabError("optim.name = 'optimi_adan' takes three betas (gradient, gradient-difference and squared-"
+                           "gradient averages); set optim.betas = [0.98, 0.92, 0.99] (Adan's own)")
+    kw = dict(lr=groups[0]["lr"], betas=optim.betas, weight_decay=optim.weight_decay)
+    if optim.name != "optimi_lion":  # Lion has no epsilon
+        kw["eps"] = optim.eps
+    if any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"]):
+        if bf16_update in ("exact", "stochastic"):
+            raise TunelabError(f"optim.name = {optim.name!r} has no {bf16_update} write-back for bf16 weights; set "
+                               "train.bf16_update = 'kahan' (its Kahan summation, +2 bytes per weight) or 'nearest', or "
+                               "use optim.name = 'adamw' / 'lion' for stochastic rounding")
+        kw["kahan_sum"] = bf16_update == "kahan"
+    return _construct(cls, groups, kw, dict(optim.args), optim)
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps schedule-free train / eval weights (schedulefree's optimizers
+    mark every parameter group with `train_mode`; accelerate's wrapper passes its groups through)."""
+    groups = optimizer.param_groups
+    return bool(groups) and "train_mode" in groups[0] and callable(getattr(optimizer, "eval", None))
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer | None, enabled: bool = True) -> Iterator[None]:
+    """Inside: the live weights are the ones a checkpoint holds. For a schedule-free optimizer,
+    `eval()` (weights y -> x) on entry and `train()` (x -> y) on exit, so training steps always see
+    y. The trainer saves checkpoints and training states and fires its callbacks inside, so the
+    files, grids, probes and EMA all see x, and every state is saved in eval mode (a resumed run's
+    first `train()` repeats the uninterrupted run's: exact resume). No-op for other optimizers."""
+    if not enabled or optimizer is None or not is_schedule_free(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def _imported(module: str, name: str, package: str):

@@ -11,10 +11,14 @@ The order things are wired in (and why):
   5. freeze what does not train (train/parts.py) — before wrapping, so DDP never builds gradient
      buckets for frozen parameters and the optimizer never sees them;
   6. build the optimizer and LR schedule from the trainable parameter groups;
-  7. wrap the trainable modules with accelerate (DDP / DeepSpeed / FSDP by launch config);
+  7. wrap the trainable modules with accelerate (DDP / DeepSpeed / FSDP by launch config); with
+     train.fused_backward, hook every trainable parameter so it steps inside backward
+     (train/fused.py: one process, checked at step 2);
   8. register the LR schedule for checkpointing; load the saved state when resuming;
   9. loop: one optimizer step = `accumulation` micro-batches per process (train/step.py does
-     each micro-batch's math); log; save; fire the loop events (train/callbacks.py).
+     each micro-batch's math); log; save; fire the loop events (train/callbacks.py). Saving and
+     the events run inside `optim.eval_weights`: under a schedule-free optimizer they see, and
+     every file and state holds, its evaluation weights x; the steps are taken on its y.
 
 Determinism: noise and timesteps come from a generator seeded by (seed, epoch, global batch
 position), captions from (seed, epoch, row), the sample order from the sampler's (seed, epoch): a
@@ -42,6 +46,8 @@ from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name, write_text_atomic
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
+from tunelab.train.lowprec import master_weights
+from tunelab.train.optim import eval_weights
 from tunelab.train.state import check_resume, choose_state, load_state, save_state
 from tunelab.train.step import StepLoss, StepModels, TextSettings, batch_seed, training_loss
 
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
     from tunelab.data.loader import BucketBatchSampler, IndexTable
     from tunelab.models.arch import Components
     from tunelab.train.objectives import Objective
+    from tunelab.train.fused import FusedBackward
     from tunelab.train.parts import TrainablePlan
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,7 @@ class Training:
     models: StepModels  # the modules each micro-batch calls (DDP / compiled wrappers where training)
     trainable: list[torch.nn.Module]  # wrapped modules that train (no_sync targets)
     params: list[torch.nn.Parameter]  # every trainable parameter, for the gradient norm
+    fused: "FusedBackward | None" = None  # train.fused_backward: the optimizer steps inside backward (train/fused.py)
 
 
 @dataclass
@@ -207,11 +215,13 @@ def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Pa
 
 def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_from: str | Path | None,
            dry_run: bool, resume_from: str | Path | None) -> Setup:
+    from tunelab.train.fused import check_launch
     from tunelab.train.parts import select_trainable
 
     world = acc.num_processes if acc else (cfg.train.expect_world_size or 1)
     _check_world(cfg, world)
     accumulation = cfg.accumulation_for(world)
+    check_launch(cfg, world, accumulation, acc.distributed_type.value if acc else "NO")  # train.fused_backward
     state = choose_state(run, resume_from)  # 3: resume? checked against the run file and the data first
     resume = run.read_trainer_info(state) if state is not None else None
     data = _data(cfg, acc, world, accumulation)
@@ -379,7 +389,7 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
     if cfg.data.latents:  # tunelab's shards or a kohya .npz folder, checked against the index's buckets
         from tunelab.data.latents import open_latents
 
-        latents = open_latents(cfg.data.latents, index)
+        latents = open_latents(cfg.data.latents, index, flip=cfg.data.flip_aug)
         rows = rows_with_latents(index, rows, latents)
     sampler = BucketBatchSampler(index.bucket_ids()[rows], cfg.train.batch_size, seed=cfg.run.seed,
                                  rank=acc.process_index if acc else 0, world_size=world, rows=rows,
@@ -392,7 +402,8 @@ def _data(cfg: RunConfig, acc, world: int, accumulation: int) -> TrainData | Non
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     dataset = TrainDataset(index, cfg.data.captions, seed=cfg.run.seed, latents=latents,
-                           crop_conditioning=cfg.data.crop_conditioning)
+                           crop_conditioning=cfg.data.crop_conditioning, flip_aug=cfg.data.flip_aug,
+                           random_crop=cfg.data.random_crop)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.train.dataloader_workers)
     return TrainData(index, sampler, loader, steps_per_epoch, total, index_digest(cfg.data.index))
@@ -462,7 +473,13 @@ def _prepare(s: Setup) -> Training:
         wrapped["unet"] = torch.compile(wrapped["unet"])
     objective = Objective.from_config(cfg.objective, load_arch(comps.arch).scheduler, cfg.loss.noise_offset, cfg.loss)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
-    return Training(optimizer, lr_scheduler, objective, StepModels.of(comps, s.tokenizers, wrapped), trainable, params)
+    fused = None
+    if cfg.train.fused_backward:  # each parameter steps from its gradient hook; max_grad_norm is per parameter then
+        from tunelab.train.fused import FusedBackward
+
+        fused = FusedBackward(optimizer, params, cfg.train.max_grad_norm)
+    return Training(optimizer, lr_scheduler, objective, StepModels.of(comps, s.tokenizers, wrapped), trainable, params,
+                    fused)
 
 
 def _autocast_dtype(acc) -> torch.dtype:
@@ -483,8 +500,13 @@ def bf16_line(s: Setup) -> str:
     """How bf16 weights take their updates; for 'nearest', the share of UNet weights whose update
     at lr_unet is below half a bf16 step (lost at every step)."""
     t, o = s.cfg.train, s.cfg.optim
+    if t.bf16_update == "exact":
+        return ("bf16 weights: updates exact (the fp32 weight's other 16 bits kept beside each bf16 one, +2 bytes per "
+                "weight; fp32 optimizer math and states; checkpoints hold the fp32 weights)")
     if t.bf16_update == "stochastic":
         return "bf16 weights: updates by stochastic rounding (fp32 optimizer math and states; unbiased)"
+    if t.bf16_update == "kahan" and o.name.startswith("optimi_"):
+        return "bf16 weights: updates with torch-optimi's Kahan summation (bf16 optimizer states; +2 bytes per weight)"
     if t.bf16_update == "kahan":
         return "bf16 weights: updates with Kahan compensation (fp32 optimizer math and states; +2 bytes per weight)"
     from tunelab.train.lowprec import fraction_vanishing
@@ -493,25 +515,46 @@ def bf16_line(s: Setup) -> str:
     if not params or params[0].device.type == "meta":
         return "bf16 weights: updates rounded to nearest (train.bf16_update = 'nearest')"
     lost = fraction_vanishing(params, o.lr_unet)
-    warn = (" — most updates vanish; set train.bf16_update = 'stochastic' (the default) or 'kahan'"
+    warn = (" — most updates vanish; set train.bf16_update = 'exact' (the default) or 'stochastic'"
             if lost > 0.5 else "")
     return (f"bf16 weights: updates rounded to nearest; at lr_unet {o.lr_unet:g}, {100 * lost:.1f} % of the trained UNet "
             f"weights have |w| so large that an update of ~lr is below half a bf16 step and is lost{warn}")
 
 
 _STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "adafactor": 4}  # per trained parameter, roughly (Adafactor: factored)
+# Optimizers whose states are tensors the size of the weights, in the weights' dtype (bf16 under
+# full_bf16): how many. Schedule-free keeps z and the second moment (the weights themselves hold
+# y; x is computed by eval()); optimi's Adan the first moment, the gradient-difference average, the
+# second moment and the previous gradient. optimi's Kahan buffer is counted apart (+2 B).
+_STATE_TENSORS = {"adamw_schedulefree": 2, "optimi_adamw": 2, "optimi_stableadamw": 2, "optimi_lion": 1,
+                  "optimi_adan": 4}
 
 
-def memory_line(cfg: RunConfig, n_trained: int) -> str:
+def _state_bytes(cfg: RunConfig) -> int:
+    t, name = cfg.train, cfg.optim.name
+    w = 2 if t.full_bf16 else 4
+    if name in _STATE_TENSORS:
+        return _STATE_TENSORS[name] * w
+    if name == "adamw" and t.full_bf16 and t.bf16_update == "nearest":
+        return 2 * w  # torch's AdamW keeps its moments in the weights' dtype (the remedies' twin: fp32)
+    return _STATE_BYTES.get(name, 8)  # tunelab's low-precision optimizers keep fp32 states too
+
+
+def memory_line(cfg: RunConfig, n_trained: int, largest: int = 0) -> str:
     """Bytes per trained parameter on the device (weights + gradients + optimizer states + EMA), and
-    their total: what fits is known before launching (activations come on top)."""
+    their total: what fits is known before launching (activations come on top). With
+    train.fused_backward the gradients count ~0: one parameter's (`largest` elements at most) at a time."""
     t, o = cfg.train, cfg.optim
     w = 2 if t.full_bf16 else 4
-    states = _STATE_BYTES.get(o.name, 8)  # tunelab's low-precision optimizers keep fp32 states too
+    g = 0 if t.fused_backward else w
+    states = _state_bytes(cfg)
     kahan = 2 if t.full_bf16 and t.bf16_update == "kahan" else 0
+    low = 2 if t.full_bf16 and t.bf16_update == "exact" else 0
     ema = 4 if cfg.ema.enabled and cfg.ema.device == "same" else 0
-    per = w + w + states + kahan + ema
-    parts = [f"weights {w}", f"gradients {w}", f"{o.name} states {states}"] + ([f"Kahan {kahan}"] if kahan else []) + \
+    per = w + low + g + states + kahan + ema
+    one = f", the largest {largest:,} x {w} B = {largest * w / 2**20:,.0f} MiB" if largest else ""
+    grads = f"gradients ~0 (fused backward: one parameter's at a time{one})" if t.fused_backward else f"gradients {w}"
+    parts = [f"weights {w}"] + ([f"low bits {low}"] if low else []) + [grads, f"{o.name} states {states}"] + ([f"Kahan {kahan}"] if kahan else []) + \
         ([f"EMA {ema}"] if ema else [])
     cpu = "; EMA 4 B on the CPU" if cfg.ema.enabled and cfg.ema.device == "cpu" else ""
     return (f"memory per trained parameter: {' + '.join(parts)} = {per} B on the device x {n_trained:,} = "
@@ -544,7 +587,8 @@ def banner(s: Setup) -> list[str]:
                  f"{' (bf16 weights)' if t.full_bf16 else ''}")
     if t.full_bf16:
         lines.append(bf16_line(s))
-    lines.append(memory_line(cfg, s.plan.n_trained))
+    largest = max((p.numel() for ps in s.plan.param_groups.values() for p in ps), default=0)
+    lines.append(memory_line(cfg, s.plan.n_trained, largest))
     converting = conversion_note(s.prediction, s.base_prediction)
     lines.append(f"objective {s.prediction.describe()}{converting}; checkpoints are marked {s.prediction.describe()}")
     if cfg.probe.enabled:
@@ -621,7 +665,8 @@ def _loop(s: Setup) -> TrainResult:
     bar = _progress_bar(acc, s.total_steps, p.step)
     start_step, streak, last_ckpt, smooth, t0 = p.step, 0, None, None, time.perf_counter()
     warned_truncation = False  # once per run: the per-step count is the prompts_truncated metric
-    s.callbacks.fire(Event.START, ctx)
+    with eval_weights(s.training.optimizer):  # a resumed schedule-free state holds x: train() after START
+        s.callbacks.fire(Event.START, ctx)
     while p.step < s.total_steps:
         result = optimizer_step(s, data)
         p.epoch, p.position = result.next_epoch, result.next_position
@@ -638,8 +683,7 @@ def _loop(s: Setup) -> TrainResult:
         smooth = result.loss if smooth is None else 0.98 * smooth + 0.02 * result.loss  # the bar's loss: an EMA
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{rate:.2f}", epoch=p.epoch)
-        last_ckpt = _maybe_save(s, ctx, epoch_ended=p.position == 0) or last_ckpt
-        s.callbacks.fire(Event.STEP, ctx)
+        last_ckpt = _after_step(s, ctx) or last_ckpt
     bar.close()
     last_ckpt = _finish(s, ctx) or last_ckpt
     return TrainResult(p.step, p.samples_seen, last_ckpt, p.skipped_nonfinite)
@@ -651,7 +695,8 @@ def _scalars(s: Setup, result: "StepResult", rate: float) -> dict[str, float]:
                "effective_batch": p.effective_batch, "samples_seen": p.samples_seen,
                "nonfinite_skipped": p.skipped_nonfinite, "prompts_truncated": result.truncated}
     groups = s.training.optimizer.param_groups
-    return scalars | {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)}
+    # schedule-free: the lr its last step used (its own warm-up included)
+    return scalars | {f"lr/{g.get('name', i)}": g.get("scheduled_lr", g["lr"]) for i, g in enumerate(groups)}
 
 
 def _warn_truncation(s: Setup, result: "StepResult") -> bool:
@@ -694,17 +739,30 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
         # A NaN/inf loss still goes through backward (every process must take part in DDP's
         # all-reduce); its gradients are thrown away below with the whole step.
         bad += int(not torch.isfinite(loss))
-        acc.backward(loss / s.accumulation)
+        _backward(s, loss, skip=bad > 0)
         total += loss.detach().float().item()
     flags = acc.reduce(torch.tensor([total, float(bad), float(truncated)], device=acc.device), reduction="sum")
     finite = flags[1].item() == 0
     grad_norm = _clip(s) if finite else float("nan")
     if finite:
-        t.optimizer.step()
+        if t.fused is None:  # fused: every parameter has stepped inside backward already
+            t.optimizer.step()
         t.lr_scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     mean_loss = flags[0].item() / (s.accumulation * acc.num_processes)
     return StepResult(mean_loss, finite, grad_norm, *_next_start(s, epoch, position), truncated=int(flags[2].item()))
+
+
+def _backward(s: Setup, loss: torch.Tensor, skip: bool) -> None:
+    """One micro-batch's backward. With train.fused_backward the optimizer steps inside it, so a
+    step whose loss is already known to be non-finite skips backward altogether: no parameter
+    moves, as the unfused step is thrown away whole (fused runs on one process: nobody waits)."""
+    fused = s.training.fused
+    if fused is None:
+        s.accelerator.backward(loss / s.accumulation)
+    elif not skip:
+        with fused.stepping():
+            s.accelerator.backward(loss / s.accumulation)
 
 
 def _micro_loss(s: Setup, batch: dict | None, epoch: int, position: int) -> StepLoss:
@@ -734,10 +792,18 @@ def _no_sync(acc, modules, enabled: bool):
 
 
 def _clip(s: Setup) -> float:
-    """Clip to train.max_grad_norm (0 = off) and return the total gradient norm (logged)."""
-    params = s.training.params
-    if s.cfg.train.max_grad_norm > 0:
-        return float(s.accelerator.clip_grad_norm_(params, s.cfg.train.max_grad_norm))
+    """Clip to train.max_grad_norm (0 = off) and return the total gradient norm before clipping
+    (logged). Fused: the hooks clipped and measured each gradient as it came."""
+    from tunelab.train.fused import clip_one, total_norm
+
+    params, t = s.training.params, s.cfg.train
+    if s.training.fused is not None:
+        return s.training.fused.grad_norm()
+    if t.max_grad_norm > 0 and t.max_grad_norm_scope == "per_parameter":
+        s.accelerator.unscale_gradients()  # fp16's loss scale first, once (accelerate's clip_grad_norm_ does the same)
+        return total_norm([clip_one(p, t.max_grad_norm) for p in params if p.grad is not None])
+    if t.max_grad_norm > 0:
+        return float(s.accelerator.clip_grad_norm_(params, t.max_grad_norm))
     grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
@@ -757,23 +823,43 @@ def _nonfinite_guard(s: Setup, streak: int) -> None:
 # --- saving ----------------------------------------------------------------------------------------------
 
 
-def _maybe_save(s: Setup, ctx: LoopContext, epoch_ended: bool) -> Path | None:
-    """Checkpoint + training state every N steps and/or every N epochs (`epoch` = where the next
-    step starts, so after the last step of epoch 3 it is 4 and the file is `epoch-0004`)."""
+def _after_step(s: Setup, ctx: LoopContext) -> Path | None:
+    """Save if due, then the STEP event, inside `eval_weights` when either uses the weights: a
+    schedule-free run's files, state and callbacks see its evaluation weights x (train/optim.py)."""
+    epoch_ended = s.progress.position == 0
+    used = _checkpoint_name(s, epoch_ended) is not None or s.callbacks.due(Event.STEP, ctx)
+    with eval_weights(s.training.optimizer, enabled=used):
+        path = _maybe_save(s, ctx, epoch_ended)
+        s.callbacks.fire(Event.STEP, ctx)
+    return path
+
+
+def _checkpoint_name(s: Setup, epoch_ended: bool) -> str | None:
+    """The checkpoint this step saves, every N steps and/or every N epochs (`epoch` = where the next
+    step starts, so after the last step of epoch 3 it is 4 and the file is `epoch-0004`); None if none."""
     cfg, p = s.cfg.save, s.progress
     by_step = cfg.every_n_steps > 0 and p.step % cfg.every_n_steps == 0
     by_epoch = epoch_ended and cfg.every_n_epochs > 0 and p.epoch % cfg.every_n_epochs == 0
     if not (by_step or by_epoch) or p.step == s.total_steps:
         return None  # the final step is saved by _finish
-    path = _write_checkpoint(s, epoch_name(p.epoch) if by_epoch else step_name(p.step), ctx)
+    return epoch_name(p.epoch) if by_epoch else step_name(p.step)
+
+
+def _maybe_save(s: Setup, ctx: LoopContext, epoch_ended: bool) -> Path | None:
+    """Checkpoint + training state when `_checkpoint_name` names one."""
+    name = _checkpoint_name(s, epoch_ended)
+    if name is None:
+        return None
+    path = _write_checkpoint(s, name, ctx)
     _write_state(s)
     return path
 
 
 def _finish(s: Setup, ctx: LoopContext) -> Path | None:
-    path = _write_checkpoint(s, "last", ctx)
-    _write_state(s)
-    s.callbacks.fire(Event.END, ctx)
+    with eval_weights(s.training.optimizer):  # the final file and state: schedule-free's x
+        path = _write_checkpoint(s, "last", ctx)
+        _write_state(s)
+        s.callbacks.fire(Event.END, ctx)
     ctx.metrics.close()
     if s.accelerator.is_main_process:
         log.info("done: %d steps, %d samples; checkpoint %s", s.progress.step, s.progress.samples_seen, path)
@@ -798,9 +884,10 @@ def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
     acc.wait_for_everyone()
     path = None
     if acc.is_main_process:
-        path = save_checkpoint(s.comps, s.run.checkpoint_path(name), dtype=s.cfg.save.dtype,
-                               title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction,
-                               lineage=Lineage.of(s.comps, s.cfg.run.name, s.progress.step, s.cfg.model.base))
+        with master_weights(s.training.optimizer):  # bf16_update = "exact": the whole fp32 weights
+            path = save_checkpoint(s.comps, s.run.checkpoint_path(name), dtype=s.cfg.save.dtype,
+                                   title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction,
+                                   lineage=Lineage.of(s.comps, s.cfg.run.name, s.progress.step, s.cfg.model.base))
         s.run.prune_checkpoints(s.cfg.save.keep_last)
     acc.wait_for_everyone()
     ctx.checkpoint = path
