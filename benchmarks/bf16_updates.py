@@ -2,10 +2,11 @@
 
 Part 1, isolated (no model): one fixed gradient stream (a constant signal plus noise, N(1, 1) per
 element, so Adam's update is ~lr) through `LowPrecisionAdamW` on 1 M weights with SDXL-like sizes
-(|w| log-uniform over 1e-4 .. 0.3), at LR 1.5e-6 / 1e-5 / 1e-4, 300 steps: the share of
+(|w| log-uniform over 1e-4 .. 0.3), at LR 1.5e-6 / 1e-5 / 1e-4, 300 steps (arms fp32, nearest,
+stochastic, kahan, exact): the share of
 (step, weight) pairs where the stored weight did not move (for stochastic rounding most of those
 are its unbiased "not this time"), and the progress along the signal relative to fp32 (summed
-displacement / fp32's; kahan counts its compensation), in bands of |w|.
+displacement / fp32's; kahan counts its compensation, exact its low bits), in bands of |w|.
 
 Part 2, the real trainer on the toy (`tunelab train` subprocesses, 96 toy images, batch 4, text
 encoders on, UNet 1.5e-6 / TE 1.2e-5, `--steps` steps): the share of UNet elements that changed
@@ -32,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-ARMS = ("fp32", "nearest", "stochastic", "kahan")
+ARMS = ("fp32", "nearest", "stochastic", "kahan", "exact")
 BANDS = ((1e-4, 3e-3), (3e-3, 3e-2), (3e-2, 0.3))
 
 
@@ -58,6 +59,8 @@ def isolated(lr: float, steps: int, n: int = 1_000_000) -> dict[str, dict]:
         held = p.detach().float()
         if arm == "kahan":
             held = held + opt.state[p]["compensation"].float()
+        if arm == "exact":
+            held = opt.master_weight(p)  # the bf16 half + its low bits: the whole weight
         out[arm] = {"moved": w0 - held, "vanished": vanished / (steps * n)}
     ref = out["fp32"]["moved"]
     for arm in ARMS:
@@ -83,7 +86,8 @@ def trainer(steps: int, root: Path, arms: tuple[str, ...] = ARMS, every: int = 0
     save_checkpoint(build_components("toy", seed=0), root / "base.safetensors", dtype="fp32")
     base = {k: v for k, v in load_file(root / "base.safetensors").items() if k.startswith("model.diffusion_model.")}
     settings = {"fp32": 'full_bf16 = false', "nearest": 'full_bf16 = true\nbf16_update = "nearest"',
-                "stochastic": 'full_bf16 = true\nbf16_update = "stochastic"', "kahan": 'full_bf16 = true\nbf16_update = "kahan"'}
+                "stochastic": 'full_bf16 = true\nbf16_update = "stochastic"', "kahan": 'full_bf16 = true\nbf16_update = "kahan"',
+                "exact": 'full_bf16 = true\nbf16_update = "exact"'}
     moved, curves = {}, {}
     for arm in arms:
         lines = settings[arm]

@@ -109,3 +109,33 @@ def test_swapped_in_puts_the_live_weights_back_even_on_error(toy):
             assert all(torch.equal(p, s) for p, s in zip(toy.unet.parameters(), ema.shadow))
             raise KeyError("inside")
     assert all(torch.equal(p, k) for p, k in zip(toy.unet.parameters(), live))
+
+
+def test_the_ema_of_an_exact_bf16_run_averages_the_whole_weights(toy):
+    """bf16_update = 'exact': the EMA follows the fp32 weights, not their bf16 halves (which move
+    only by whole bf16 steps at small LRs)."""
+    from tunelab.train.lowprec import LowPrecisionAdamW
+
+    params = [p for p in toy.unet.parameters()][:3]
+    for p in toy.unet.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)
+        p.requires_grad_(True)
+    opt = LowPrecisionAdamW(params, lr=1e-5, weight_decay=0.0, update="exact")
+    ema = EmaCallback(EmaSection(enabled=True, decay=0.5))
+    ctx = _Ctx(toy, 0)
+    ctx.optimizer = opt
+    ema.on_start(ctx)
+    ref = [p.detach().float().clone() for p in params]  # the EMA by hand, from the whole weights
+    for step in range(1, 6):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        ctx.progress.step = step
+        ema.on_step(ctx)
+        one_minus = 1.0 - ema_decay(0.5, step - 1)
+        ref = [r - (r - opt.master_weight(p)) * one_minus for r, p in zip(ref, params)]
+    assert any(not torch.equal(opt.master_weight(p), p.detach().float()) for p in params)  # the halves lag
+    for s, r in zip(ema.shadow, ref):
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-7)

@@ -71,6 +71,7 @@ class LoopContext:
     progress: Progress
     total_steps: int
     checkpoint: Path | None = None  # set for CHECKPOINT: the file just written
+    optimizer: Any = None  # the run's optimizer (read only: `train.lowprec.whole_weight` asks it for fp32 weights)
 
 
 class Callback:

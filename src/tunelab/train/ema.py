@@ -85,7 +85,10 @@ class EmaCallback(Callback):
         names = [n for n, _ in params]
         if self.shadow is None:
             self.names = names
-            self.shadow = [p.detach().to(self._device(p), torch.float32, copy=True) for _, p in params]
+            from tunelab.train.lowprec import whole_weight
+
+            optimizer = getattr(ctx, "optimizer", None)
+            self.shadow = [whole_weight(optimizer, p).to(self._device(p), torch.float32, copy=True) for _, p in params]
             return
         if self.names != names:
             log.warning("the saved EMA covers other parameters than this run trains; starting a new EMA")
@@ -104,8 +107,11 @@ class EmaCallback(Callback):
             return
         one_minus = 1.0 - ema_decay(self.cfg.decay, self.updates)  # the first update copies the weights
         self.updates += 1
+        from tunelab.train.lowprec import whole_weight
+
+        optimizer = getattr(ctx, "optimizer", None)  # bf16_update = "exact": average the whole fp32 weights
         for s, (_, p) in zip(self.shadow, trained_parameters(ctx.comps)):
-            s.sub_((s - p.detach().to(s.device, torch.float32)) * one_minus)
+            s.sub_((s - whole_weight(optimizer, p).to(s.device, torch.float32)) * one_minus)
         self.last_step = step
 
     def on_step(self, ctx: LoopContext) -> None:

@@ -660,7 +660,7 @@ def _loop(s: Setup) -> TrainResult:
         save_resolved(cfg, run.config)
     metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=p.step,
                             wandb=WandbSettings.from_config(cfg, run.path))  # [log] wandb: rank 0 only too
-    ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps)
+    ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps, optimizer=s.training.optimizer)
     data = batches(s, p.epoch, p.position)
     bar = _progress_bar(acc, s.total_steps, p.step)
     start_step, streak, last_ckpt, smooth, t0 = p.step, 0, None, None, time.perf_counter()
