@@ -29,6 +29,9 @@ POINTS = SAMPLE + [("checkpoint.write", 1), ("checkpoint.write", 1500), ("checkp
                    ("metrics.write", 2)]
 
 
+WITH_EMA = {"ema": {"enabled": True, "decay": 0.9}}  # every run keeps an EMA: it must survive the kills as well
+
+
 def _start(args: list, fault: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "TUNELAB_FAULT": fault} if fault else {k: v for k, v in os.environ.items() if k != "TUNELAB_FAULT"}
     return subprocess.Popen([*tunelab_cli(), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,7 +65,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _kill_and_resume(tmp_path: Path, world: Path, points: list, random_kills: int = 0):
-    reference = write_run(tmp_path / "ref.toml", world, tmp_path / "ref")
+    reference = write_run(tmp_path / "ref.toml", world, tmp_path / "ref", **WITH_EMA)
     t = time.time()
     run_cli("train", reference, timeout=900)
     took = time.time() - t
@@ -71,7 +74,7 @@ def _kill_and_resume(tmp_path: Path, world: Path, points: list, random_kills: in
     cases = [(p, n, None) for p, n in points] + [(None, 0, rng.uniform(0.35, 0.95) * took) for _ in range(random_kills)]
     for i, (point, nth, delay) in enumerate(cases):
         run = tmp_path / f"k{i}"
-        cfg = write_run(tmp_path / f"k{i}.toml", world, run)
+        cfg = write_run(tmp_path / f"k{i}.toml", world, run, **WITH_EMA)
         if point:
             _killed_by(_start(["train", cfg], f"{point}:{nth}"))
         else:
@@ -83,6 +86,8 @@ def _kill_and_resume(tmp_path: Path, world: Path, points: list, random_kills: in
         done = run_cli("train", cfg, timeout=900)
         assert "trained 6 steps" in done.stdout, (point, nth, delay)
         assert _same(ref_last, run / "checkpoints" / "last.safetensors"), (point, nth, delay)
+        ema = Path("checkpoints") / "ema" / "last.safetensors"  # the EMA resumes bit for bit too
+        assert _same(tmp_path / "ref" / ema, run / ema), (point, nth, delay)
         steps = [r["step"] for r in pq.read_table(run / "metrics.parquet").to_pylist() if r["tag"] == "loss"]
         assert steps == [1, 2, 3, 4, 5, 6], (point, nth, delay)  # nothing logged twice, nothing lost
         assert_nothing_half_written_is_taken(run)
