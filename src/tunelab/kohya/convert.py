@@ -149,13 +149,14 @@ def _kohya_defaults(c: Conversion) -> None:
     if c.get("train.full_bf16") and c.get("train.bf16_update") is None:
         if c.get("optim.name") in ("adamw", "lion", None):
             c.notes.append("--full_bf16: kohya rounds each bf16 update to nearest (at lr 1.5e-6 most updates vanish); "
-                           "tunelab uses stochastic rounding (train.bf16_update = 'stochastic'); set 'nearest' to "
+                           "tunelab keeps every update (train.bf16_update = 'exact', +2 bytes per weight; 'stochastic' "
+                           "needs none); set 'nearest' to "
                            "reproduce kohya (docs/training.md)")
         else:
             c.set("train.bf16_update", "nearest")
             c.notes.append(f"--full_bf16 with {c.get('optim.name')}: bf16 updates are rounded to nearest, as in kohya "
                            "(train.bf16_update = 'nearest': at lr 1.5e-6 most updates vanish); tunelab's remedies are "
-                           "for optim.name = 'adamw' / 'lion' (stochastic) and the optimi_* optimizers (kahan)")
+                           "for optim.name = 'adamw' / 'lion' (exact, stochastic) and the optimi_* optimizers (kahan)")
     _objective(c)
     if c.get("run.output_dir") is None:
         c.set("run.output_dir", f"runs/{c.get('run.name') or 'kohya'}")
