@@ -572,19 +572,52 @@ def train(
     init_from: Annotated[Optional[Path], typer.Option(help="Start a NEW run from this checkpoint instead of model.base (for continuing from weights without their optimizer state).")] = None,
     resume_from: Annotated[Optional[str], typer.Option(help="Resume from this training state (a folder under RUN/state/, e.g. step-00000040) instead of the newest usable one.")] = None,
     allow_config_change: Annotated[bool, typer.Option(help="Resume even though train/optim/objective/loss/data settings changed since the run's last state.")] = False,
+    estimate_memory: Annotated[bool, typer.Option("--estimate-memory", help="Estimate the peak GPU memory of one optimizer step for this run file -- weights, gradients, optimizer states, EMA, activations at the largest bucket -- without a GPU and without loading any weight, say whether it fits (--gpu-memory) and what to change if not, and stop (docs/training.md, 'Will it fit?').")] = False,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="With --estimate-memory (or --dry-run): your card's memory, e.g. 24GB (read as GiB, as nvidia-smi counts: a '24 GB' RTX 3090 has 24 GiB). Gives a verdict and, when it does not fit, the cheapest changes that would make it fit.", show_default=False)] = None,
+    accelerate_config: Annotated[Optional[Path], typer.Option(help="With --estimate-memory (or --dry-run): the accelerate config file you will launch with; its engine (DDP, DeepSpeed ZeRO-1/2/3, FSDP) and number of processes decide what each GPU holds.", show_default=False)] = None,
+    world_size: Annotated[Optional[int], typer.Option(min=1, help="With --estimate-memory (or --dry-run): the number of GPUs you will launch on, with DDP (default: train.expect_world_size, else 1). Use --accelerate-config for DeepSpeed or FSDP.", show_default=False)] = None,
 ) -> None:
     """Train (full finetune) from a run file.
 
     Running it again on the same run directory resumes exactly where the last saved state left off
     (weights, optimizer, LR schedule, data position). Several GPUs:
-    `accelerate launch --num_processes 4 -m tunelab train RUN.toml`.
+    `accelerate launch --num_processes 4 -m tunelab train RUN.toml`. Before launching:
+    `tunelab train RUN.toml --estimate-memory --gpu-memory 24GB` says whether a step fits.
     """
     from tunelab.train.trainer import train as run_training
 
+    launch_options = gpu_memory is not None or accelerate_config is not None or world_size is not None
+    if launch_options and not (estimate_memory or dry_run):
+        raise TunelabError("--gpu-memory, --accelerate-config and --world-size go with --estimate-memory or --dry-run; "
+                           "a training run takes its GPUs from `accelerate launch`")
+    if estimate_memory:
+        _echo_memory(run_file, gpu_memory, accelerate_config, world_size, quiet=False)
+        return
     result = run_training(run_file, allow_config_change=allow_config_change, init_from=init_from, dry_run=dry_run,
                           resume_from=resume_from)
+    if dry_run:
+        _echo_memory(run_file, gpu_memory, accelerate_config, world_size, quiet=True)
     if result is not None:
         typer.echo(f"trained {result.steps} steps ({result.samples_seen:,} samples); last checkpoint: {result.last_checkpoint}")
+
+
+def _echo_memory(run_file: Path, gpu_memory: str | None, accelerate_config: Path | None, world_size: int | None,
+                 quiet: bool) -> None:
+    """The memory estimate (train/memory.py); `quiet` (the dry run's banner): one line when it cannot be made."""
+    from tunelab.config import load_config
+    from tunelab.train.memory import launch_for, parse_size, report
+
+    cfg = load_config(run_file)
+    card = parse_size(gpu_memory) if gpu_memory else None
+    launch = launch_for(cfg, accelerate_config, world_size)
+    try:
+        lines = report(cfg, launch, card)
+    except Exception as err:  # the dry run's banner is printed already; a failed estimate must not hide it
+        if not quiet:
+            raise
+        lines = [f"memory estimate: not made ({err}); `tunelab train {run_file} --estimate-memory` shows why"]
+    for line in lines:
+        typer.echo(line)
 
 
 # --- grid / probe --------------------------------------------------------------------------------

@@ -60,21 +60,18 @@ def split_fp32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     `high` is w rounded to the nearest bf16 (ties away from zero), so the forward pass sees what
     plain rounding gives; `low` is the signed remainder in fp32 units (|low| <= 2^15). Together they
-    are the fp32 weight, bit for bit, in the same 4 bytes."""
-    bits = w.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the unsigned pattern
-    high = (bits + 0x8000) >> 16
-    low = bits - (high << 16)
-    return _as_float(high << 16).to(torch.bfloat16), low.to(torch.int16)  # exact: high's low 16 bits are 0
+    are the fp32 weight, bit for bit, in the same 4 bytes. Int32 arithmetic on the bit patterns
+    (two's complement: the same bits as unsigned arithmetic; no finite weight overflows), a few
+    bytes of temporaries per element."""
+    bits = w.float().contiguous().view(torch.int32)
+    high = (bits + 0x8000).bitwise_and_(_HIGH16)  # round the magnitude half up, keep the top 16 bits
+    low = (bits - high).to(torch.int16)
+    return high.view(torch.float32).to(torch.bfloat16), low  # exact: high's low 16 bits are 0
 
 
 def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The fp32 weight `split_fp32` split: (high's bits << 16) + low."""
-    return _as_float((high.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF) + low.to(torch.int64))
-
-
-def _as_float(bits: torch.Tensor) -> torch.Tensor:
-    """An unsigned 32-bit pattern held in int64 -> the float32 with those bits."""
-    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    return high.float().view(torch.int32).add_(low).view(torch.float32)
 
 
 def fraction_vanishing(params: Iterable[torch.Tensor], lr: float) -> float:
