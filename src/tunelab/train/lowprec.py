@@ -176,9 +176,13 @@ class _LowPrecision(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """One step of the optimizer's math on the fp32 weight `w`, in place."""
 
 
+def _unwrapped(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+
+
 def whole_weight(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> torch.Tensor:
     """p's whole weight: the fp32 one `exact` keeps for a bf16 parameter, else p itself."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    inner = _unwrapped(optimizer)
     master = inner.master_weight(p) if isinstance(inner, _LowPrecision) else None
     return p.detach() if master is None else master
 
@@ -188,7 +192,7 @@ def master_weights(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Inside: each bf16 parameter that `exact` keeps low bits for holds its whole fp32 weight (the
     parameter's data swapped, and put back after): a checkpoint written inside loses nothing of
     what training learned. No-op for other optimizers and write-backs."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    inner = _unwrapped(optimizer)
     swapped = []
     if isinstance(inner, _LowPrecision):
         for group in inner.param_groups:
