@@ -56,7 +56,8 @@ def test_the_production_launch_maps_flag_by_flag():
     assert doc["objective"] == {"prediction": "v", "zero_terminal_snr": True}
     assert doc["log"] == {"wandb": True}
     status = {r.flag: r.status for r in c.rows}
-    assert status["deepspeed"] == status["zero_stage"] == status["fused_optimizer_groups"] == "not yet supported"
+    assert status["fused_optimizer_groups"] == "not yet supported"
+    assert status["deepspeed"] == status["zero_stage"] == "not applicable"  # DeepSpeed comes from the accelerate config
     assert status["xformers"] == status["accelerate --multi_gpu"] == "not applicable"
     assert status["my_fork_flag"] == "unknown"
     assert o["args"] == {"relative_step": False}  # handed to the optimizer, as kohya does
@@ -156,7 +157,7 @@ def test_cli_writes_a_run_file_that_config_check_accepts(tmp_path):
                       "  --deepspeed --train_data_dir=imgs\n")
     out = run_cli("config", "from-kohya", script, "--out", tmp_path / "run.toml")
     assert "effective batch 8 = 2 process(es) x batch 2 x accumulation 2" in out.stdout
-    assert "--deepspeed" in out.stdout and "not yet supported" in out.stdout
+    assert "--deepspeed" in out.stdout and "takes DeepSpeed from the accelerate config" in out.stdout
     assert "next: tunelab data index --out" in out.stdout and "-s folder:imgs" in out.stdout
     assert "--no-exif-transpose" in out.stdout  # kohya reads images as stored (sd-scripts train_util.load_image)
     check = run_cli("config", "check", tmp_path / "run.toml")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.kohya.flags import ACCELERATE, KOHYA_DEFAULTS, MAPPED, NOT_APPLICABLE, TABLE, UNKNOWN, Conversion, Row, _int
+from tunelab.kohya.flags import ACCELERATE, KOHYA_DEFAULTS, MAPPED, NOT_APPLICABLE, NOT_YET, TABLE, UNKNOWN, Conversion, Row, _int
 from tunelab.kohya.shell import Flag, Launch, parse_script, parse_words
 
 # Flags whose handlers read other flags run after these.
@@ -201,9 +201,16 @@ def _launcher(c: Conversion, launcher: list[Flag]) -> None:
             raise TunelabError(f"accelerate --config_file {cfg.values[0]}: not readable YAML ({err})") from None
         if isinstance(doc, dict) and doc.get("num_processes"):
             world = int(doc["num_processes"])
-        if isinstance(doc, dict) and str(doc.get("distributed_type", "")).upper() in ("DEEPSPEED", "FSDP"):
-            c.rows.append(Row("accelerate config", str(doc["distributed_type"]), "not yet supported",
-                              "DeepSpeed / FSDP launch configs (the many-GPUs issue); DDP works"))
+        kind = str(doc.get("distributed_type", "")).upper() if isinstance(doc, dict) else ""
+        if kind in ("DEEPSPEED", "FSDP"):
+            stage = (doc.get("deepspeed_config") or {}).get("zero_stage") if kind == "DEEPSPEED" else None
+            version = (doc.get("fsdp_config") or {}).get("fsdp_version", 1) if kind == "FSDP" else None
+            later = stage == 3 or (version is not None and int(version) != 2)
+            c.rows.append(Row("accelerate config", str(doc["distributed_type"]), NOT_YET if later else NOT_APPLICABLE,
+                              "ZeRO-3 is refused for now; use ZeRO-2 or FSDP2" if stage == 3 else
+                              "tunelab shards with FSDP2: set fsdp_version: 2" if later else
+                              "launch tunelab with the same accelerate config (docs/training.md, "
+                              "'Several GPUs and machines')"))
     for name, f in opts.items():
         value = " ".join(f.values)
         if name == "num_processes":

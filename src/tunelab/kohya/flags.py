@@ -25,6 +25,9 @@ from tunelab.errors import TunelabError
 from tunelab.kohya.shell import Flag
 
 MAPPED, NOT_APPLICABLE, NOT_YET, UNKNOWN = "mapped", "not applicable", "not yet supported", "unknown"
+_DEEPSPEED = ("tunelab takes DeepSpeed from the accelerate config: launch with distributed_type DEEPSPEED and "
+              "this setting in its deepspeed_config (examples/accelerate/deepspeed-zero2.yaml; docs/training.md, "
+              "'DeepSpeed')")
 
 KOHYA_DEFAULTS = {"max_train_steps": 1600, "learning_rate": 2e-6, "max_grad_norm": 1.0, "mixed_precision": "no"}
 
@@ -424,12 +427,12 @@ TABLE: dict[str, Handler] = {
     "lowram": na("tunelab loads weights straight into empty modules (one copy)"),
     "highvram": na("no effect in tunelab"),
     "lowvram": na("no effect in tunelab"),
-    "deepspeed": later("DeepSpeed through accelerate (the many-GPUs issue)"),
-    "zero_stage": later("DeepSpeed ZeRO stages"),
-    "offload_optimizer_device": later("DeepSpeed offload"),
-    "offload_optimizer_nvme_path": later("DeepSpeed offload"),
-    "offload_param_device": later("DeepSpeed offload"),
-    "offload_param_nvme_path": later("DeepSpeed offload"),
+    "deepspeed": na(_DEEPSPEED),
+    "zero_stage": na(_DEEPSPEED + "; ZeRO-1/2 run, ZeRO-3 is refused for now"),
+    "offload_optimizer_device": na(_DEEPSPEED),
+    "offload_optimizer_nvme_path": na(_DEEPSPEED),
+    "offload_param_device": na(_DEEPSPEED),
+    "offload_param_nvme_path": na(_DEEPSPEED),
     "zero3_init_flag": later("DeepSpeed ZeRO-3"),
     "zero3_save_16bit_model": later("DeepSpeed ZeRO-3"),
     "fp16_master_weights_and_gradients": later("DeepSpeed fp16 master weights"),

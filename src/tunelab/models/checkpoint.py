@@ -385,8 +385,12 @@ def save_checkpoint(
     progress: Callable[[TensorSpec], None] | None = None,
     prediction: PredictionRecord | None = None,
     lineage: Lineage | None = None,
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `comps` as an SGM single-file checkpoint (atomically; floating tensors cast to dtype).
+
+    `state_dicts` gives a component's whole weights where its module holds only a shard of them
+    (FSDP, ZeRO-3: gathered by the trainer) or not the master copy (DeepSpeed's fp32 weights).
 
     `prediction` stamps a prediction record (markers + metadata) into the file; by default the
     components' own record (what the file they came from said) is kept. The source's metadata is
@@ -400,7 +404,8 @@ def save_checkpoint(
     target = parse_dtype(dtype)
     modules = comps.modules()
     rules = [r for r in K.build_rules(modules, comps.unet.config, comps.vae.config) if r.sgm not in comps.absent]
-    state = {n: m.state_dict() for n, m in modules.items()}
+    given = state_dicts or {}
+    state = {n: given[n] if n in given else m.state_dict() for n, m in modules.items()}
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(target) if t.is_floating_point() else t

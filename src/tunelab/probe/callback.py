@@ -15,10 +15,13 @@ forwards (forward and backward) and a probe item as one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tunelab.train.callbacks import Callback, LoopContext
 
@@ -53,8 +56,30 @@ def auto_interval(cost: int, samples_per_step: int, share: float = TARGET_SHARE)
     return max(1, math.ceil(cost / (share * 3 * max(1, samples_per_step))))
 
 
+@contextlib.contextmanager
+def _probe_folder(ctx: LoopContext) -> Iterator[Path]:
+    """Where `prepare` reads and writes the probe sets and the base's predictions. Under a sharded
+    engine every process prepares (the base's forward needs them all): all decide from the same
+    files before any is written, and a process that does not write works in a scratch folder."""
+    from tunelab.probe.suite import reusable
+
+    acc = ctx.accelerator
+    if not ctx.sharded or ctx.writes and acc.num_processes == 1:
+        yield ctx.run.probes
+        return
+    acc.wait_for_everyone()
+    ready = reusable(ctx.cfg, ctx.comps.arch, ctx.run.probes)
+    acc.wait_for_everyone()
+    if ctx.writes or ready:
+        yield ctx.run.probes
+        return
+    with tempfile.TemporaryDirectory(prefix="tunelab-probe-") as scratch:
+        yield Path(scratch)
+
+
 class ProbeCallback(Callback):
     all_ranks = False
+    forward = True  # a sharded run measures on every process; the main one writes (LoopContext.writes)
 
     def __init__(self, cfg: "RunConfig", ema: Any = None) -> None:
         self.every_n_steps = cfg.probe.every_n_steps
@@ -74,7 +99,8 @@ class ProbeCallback(Callback):
 
         cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
         t0 = time.perf_counter()
-        self.prepared = prepare(cfg, ctx.comps.arch, ctx.run.probes, lambda: self._base(ctx), acc.device, acc.autocast)
+        with _probe_folder(ctx) as folder:
+            self.prepared = prepare(cfg, ctx.comps.arch, folder, lambda: self._base(ctx), acc.device, ctx.autocast)
         self.prepare_seconds = time.perf_counter() - t0
         probe = self.prepared.probe
         cost = planned_cost(cfg, ctx.comps.arch)
@@ -126,7 +152,7 @@ class ProbeCallback(Callback):
 
         cfg, step, acc = ctx.cfg, ctx.progress.step, ctx.accelerator
         t0 = time.perf_counter()
-        m = base or measure_models(self.prepared, StepModels.of(ctx.comps, ctx.tokenizers), acc.device, acc.autocast)
+        m = base or measure_models(self.prepared, StepModels.of(ctx.comps, ctx.tokenizers), acc.device, ctx.autocast)
         scalars = m.scalars()
         p = cfg.probe
         scores = image_scores(ctx.comps, ctx.tokenizers, p.scorer, self._score_prompts(), p.preserve_seeds,
@@ -134,6 +160,8 @@ class ProbeCallback(Callback):
         seconds = time.perf_counter() - t0 + (self.prepare_seconds if base is not None else 0.0)  # step 0: + the base's
         ctx.metrics.log(step, scalars | scores | {"probe/seconds": seconds})
         self.rows += m.rows(step) + score_rows(step, "", scores)
+        if not ctx.writes:
+            return
         write_table(self.rows, ctx.run.probes, TRAINING)
         plot_probes(self.rows, ctx.run.probes / f"{TRAINING}.png", f"{cfg.run.name}: probes during training")
         log.info("probe at step %d (%.1f s): %s", step, seconds, summary_line(scalars | scores))

@@ -88,6 +88,12 @@ def prepare(cfg: "RunConfig", arch: str, folder: Path, base_models: BaseModels, 
     return Prepared(probe, measured.predictions, measured)
 
 
+def reusable(cfg: "RunConfig", arch: str, folder: Path) -> bool:
+    """Whether `prepare` would read everything from `folder` (and so neither measure the base nor write)."""
+    fp = fingerprint(cfg, arch)
+    return load_sets(folder / SETS_FILE, fp) is not None and _load_predictions(folder / BASE_FILE, fp) is not None
+
+
 def _build_sets(cfg: "RunConfig", arch: str, comps: Any, tokenizers: tuple[Any, Any], folder: Path,
                 device: torch.device | str, learn: bool) -> list[ProbeSet]:
     sets = []

@@ -11,8 +11,11 @@ A callback is a small object with a method per event it cares about (`on_start`,
 `on_checkpoint`, `on_end`; the others are no-ops). It declares
 
     every_n_steps   STEP fires it when step % n == 0 (0 = never on STEP)
-    all_ranks       True when every process must take part (a sharded model's forward);
+    all_ranks       True when every process must take part (the EMA: every process keeps it);
                     False runs it on the main process while the others wait at a barrier
+    forward         True when it runs the trained modules: under a sharded engine (FSDP,
+                    ZeRO-3) every process then runs it too, as a forward gathers weights from
+                    all of them; only the main process writes files and logs
 
 and does its work through a *functional twin*, a plain function usable outside the loop (the
 grid callback calls `sample.grid.render_training_grid`, which `tunelab grid` users can call on
@@ -72,6 +75,17 @@ class LoopContext:
     total_steps: int
     checkpoint: Path | None = None  # set for CHECKPOINT: the file just written
     optimizer: Any = None  # the run's optimizer (read only: `train.lowprec.whole_weight` asks it for fp32 weights)
+    sharded: bool = False  # the trained modules are split across processes (FSDP, ZeRO-3)
+    autocast: Any = None  # () -> the forward's autocast context (the trainer's; default: accelerate's)
+
+    def __post_init__(self) -> None:
+        if self.autocast is None:
+            self.autocast = self.accelerator.autocast
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes a callback's files (the main one)."""
+        return self.accelerator.is_main_process
 
 
 class Callback:
@@ -79,6 +93,7 @@ class Callback:
 
     every_n_steps: int = 0
     all_ranks: bool = False
+    forward: bool = False
 
     def on_start(self, ctx: LoopContext) -> None: ...
 
@@ -110,15 +125,18 @@ class Callbacks:
         for cb in self.items:
             if not cb.due(event, ctx):
                 continue
-            if cb.all_ranks or acc.is_main_process:
+            everyone = cb.all_ranks or (getattr(cb, "forward", False) and ctx.sharded)
+            if everyone or acc.is_main_process:
                 getattr(cb, f"on_{event.value}")(ctx)
-            if not cb.all_ranks:
+            if not everyone:
                 acc.wait_for_everyone()  # the others wait while rank 0 works
 
 
 class GridCallback(Callback):
     """[grid]: prompts across, seeds down, every N steps and at the end, from the live weights,
     the EMA's (`grid.weights = "ema"`: into samples/ema/, logged as `grid_ema`) or both."""
+
+    forward = True
 
     def __init__(self, every_n_steps: int, weights: str = "live", ema: Any = None) -> None:
         self.every_n_steps = every_n_steps
@@ -134,15 +152,22 @@ class GridCallback(Callback):
         self._render(ctx)
 
     def _render(self, ctx: LoopContext) -> None:
+        import tempfile
+
         from tunelab.sample.grid import render_training_grid
 
         step = ctx.progress.step
         for which in self.which:
-            if which == "live":
-                result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, ctx.run.samples, step)
-            else:
-                with self.ema.swapped_in(ctx.comps):
-                    result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, ctx.run.samples / "ema", step)
+            with tempfile.TemporaryDirectory(prefix="tunelab-grid-") as scratch:
+                # a sharded run renders on every process; the others draw into a scratch folder
+                out = ctx.run.samples if ctx.writes else Path(scratch)
+                if which == "live":
+                    result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, out, step)
+                else:
+                    with self.ema.swapped_in(ctx.comps):
+                        result = render_training_grid(ctx.comps, ctx.tokenizers, ctx.cfg, out / "ema", step)
+            if not ctx.writes:
+                continue
             tag = "grid" if which == "live" else "grid_ema"
             ctx.metrics.log_image(tag, result.grid, step)
             log.info("grid%s at step %d: %s", "" if which == "live" else " (EMA)", step, result.grid)

@@ -587,7 +587,7 @@ def candidates(cfg: RunConfig, launch: Launch, model: ModelPlan) -> list[Change]
     if not t.fused_backward and launch.world_size == 1 and not launch.deepspeed:
         out.append(Change("train.fused_backward = true", "same results on one GPU; no gradients held",
                           {"train.fused_backward": True}))
-    out += _sharding_changes(launch)
+    out += _sharding_changes(cfg, launch)
     if not t.full_bf16:
         keeps = o.name in ("adamw", "lion")
         sections = {"train.full_bf16": True, "train.mixed_precision": "bf16"} | ({} if keeps else {"train.bf16_update": "nearest"})
@@ -607,18 +607,40 @@ def candidates(cfg: RunConfig, launch: Launch, model: ModelPlan) -> list[Change]
     return out
 
 
-def _sharding_changes(launch: Launch) -> list[Change]:
+def _sharding_changes(cfg: RunConfig, launch: Launch) -> list[Change]:
+    """ZeRO-2 and FSDP2 full shard (what tunelab runs; ZeRO-3 is refused for now: train/engines.py).
+    Both keep fp32 master weights themselves, so a full_bf16 run file turns it off with them."""
+    bf16 = cfg.train.full_bf16
     out = []
-    for engine, stage in (("zero2", 2), ("zero3", 3)):
-        if launch.engine in ("zero3",) or (launch.engine == engine):
+    engines = (("zero2", "DeepSpeed ZeRO-2", "distributed_type DEEPSPEED, zero_stage 2 (pip install deepspeed)"),
+               ("fsdp", "FSDP2 full shard", "distributed_type FSDP, fsdp_version 2 (examples/accelerate/fsdp.yaml)"))
+    for engine, label, config in engines:
+        if launch.engine in ("zero3", "fsdp") or launch.engine == engine:
             continue
         counts = [launch.world_size] if launch.world_size > 1 else [2, 4, 8]
         for n in counts:
             same = " the same" if launch.world_size > 1 else ""
-            out.append(Change(f"DeepSpeed ZeRO-{stage} on{same} {n} GPUs",
-                              f"accelerate config: distributed_type DEEPSPEED, zero_stage {stage} (pip install deepspeed)",
-                              launch=replace(Launch(engine, n), overlap_comm=stage == 3)))
+            out.append(Change(f"{label} on{same} {n} GPUs" + (", train.full_bf16 = false" if bf16 else ""),
+                              f"accelerate config: {config}", {"train.full_bf16": False} if bf16 else {},
+                              launch=Launch(engine, n)))
     return out
+
+
+def _refused(cfg: RunConfig, launch: Launch) -> bool:
+    """Whether `tunelab train` would refuse this run file under this launch's engine (train/engines.py)."""
+    from tunelab.train.engines import Engine, FsdpSettings, check_engine
+
+    if launch.deepspeed:
+        engine = Engine("deepspeed", int(launch.engine[-1]))
+    elif launch.engine.startswith("fsdp"):
+        engine = Engine("fsdp", fsdp=FsdpSettings(reshard_after_forward=launch.engine == "fsdp"))
+    else:
+        return False
+    try:
+        check_engine(engine, cfg, cuda=True)
+    except TunelabError:
+        return True
+    return False
 
 
 def suggestions(cfg: RunConfig, launch: Launch, card: int, *, spec=None, traces: dict | None = None,
@@ -631,8 +653,8 @@ def suggestions(cfg: RunConfig, launch: Launch, card: int, *, spec=None, traces:
     fits, tried, engines = [], [], set()  # engines: already listed (on fewer GPUs)
     for change in candidates(cfg, launch, model):
         changed = change.apply(cfg, launch)
-        if changed is None or (change.launch and change.launch.engine in engines):
-            continue  # an invalid run file, or a larger launch of an engine already listed
+        if changed is None or (change.launch and change.launch.engine in engines) or _refused(*changed):
+            continue  # an invalid run file, a larger launch of an engine already listed, or one tunelab refuses
         try:
             est = estimate(*changed, spec=spec, traces=traces, shape=replace(shape, batch=changed[0].train.batch_size))
         except TunelabError:

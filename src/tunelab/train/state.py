@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from tunelab import faults
 from tunelab.errors import TunelabError
@@ -42,14 +43,18 @@ def check_resume(info: TrainerInfo, fingerprint: str, allow_change: bool, index_
         )
 
 
-def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2) -> Path:
-    """Every process writes its part; the folder is renamed into place when all are done."""
+def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """Every process writes its part (`extra(folder)` too, on every process: FSDP's shards); the
+    folder is renamed into place when all are done."""
     final = run.state_path(info.step)
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    if extra is not None:
+        extra(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         faults.point("state.files")
@@ -64,9 +69,16 @@ def save_state(accelerator, run: RunDir, info: TrainerInfo, keep: int = 2) -> Pa
     return final
 
 
-def load_state(accelerator, run: RunDir, state: Path) -> TrainerInfo:
+def load_state(accelerator, run: RunDir, state: Path, sharded: Mapping[str, Any] | None = None,
+               optimizer: Any = None) -> TrainerInfo:
+    """accelerate's part of the state, then (FSDP: `sharded` = the trained modules) the shards of
+    the weights and the optimizer."""
     try:
         accelerator.load_state(str(state))
+        if sharded is not None:
+            from tunelab.train import sharding
+
+            sharding.load(state, sharded, optimizer)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         older = [p.name for p in run.complete_states() if p.name < state.name]
         hint = f"resume from an earlier one with --resume-from {run.states / older[-1]}" if older else \

@@ -46,6 +46,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name, write_text_atomic
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
+from tunelab.train.engines import Engine, check_engine, launch_engine
 from tunelab.train.lowprec import master_weights
 from tunelab.train.optim import eval_weights
 from tunelab.train.state import check_resume, choose_state, load_state, save_state
@@ -85,6 +86,7 @@ class Training:
     trainable: list[torch.nn.Module]  # wrapped modules that train (no_sync targets)
     params: list[torch.nn.Parameter]  # every trainable parameter, for the gradient norm
     fused: "FusedBackward | None" = None  # train.fused_backward: the optimizer steps inside backward (train/fused.py)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # the trained modules themselves, by name
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Setup:
     training: Training | None = None  # None for a dry run
     callbacks: Callbacks = field(default_factory=Callbacks)
     lock: Any = None  # run.RunLock held by the main process while training
+    engine: Engine = field(default_factory=Engine)  # what the launch asked for (train/engines.py)
 
     @property
     def effective_batch(self) -> int:
@@ -115,6 +118,16 @@ class Setup:
     @property
     def total_steps(self) -> int:
         return self.data.total_steps if self.data else 0
+
+    def autocast(self):
+        """The forward's autocast. Under DeepSpeed accelerate turns its own off (the engine casts the
+        trained modules to 16 bits), so torch's is used with the run's precision: the same numbers
+        as DDP's autocast, on 16-bit weights."""
+        mp = self.cfg.train.mixed_precision
+        if self.engine.kind == "deepspeed" and mp in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+            return torch.autocast(self.accelerator.device.type, dtype=dtype)
+        return self.accelerator.autocast()
 
 
 @dataclass
@@ -182,15 +195,21 @@ def _disk_full(s: Setup, err: BaseException) -> str:
 # --- setup --------------------------------------------------------------------------------------------
 
 
-def _accelerator(cfg: RunConfig):
+def _accelerator(cfg: RunConfig, engine: Engine):
+    import os
+
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     mp = cfg.train.mixed_precision
     if mp != "no" and not torch.cuda.is_available() and mp == "fp16":
         raise TunelabError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
-    # cpu=True without CUDA: several processes then form a gloo group (DDP on the CPU).
-    acc = Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
+    if engine.kind == "fsdp":  # tunelab shards itself (train/sharding.py); accelerate runs plain processes
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    # cpu=True without CUDA: several processes then form a gloo group (DDP on the CPU). DeepSpeed
+    # needs cpu=False, which on the CPU accelerate honours for one process (engines.check_engine).
+    cpu = not torch.cuda.is_available() and engine.kind != "deepspeed"
+    acc = Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, cpu=cpu)
     set_seed(cfg.run.seed + acc.process_index)  # global RNGs; the math below uses explicit generators
     return acc
 
@@ -200,11 +219,13 @@ def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Pa
     """Steps 2-8 of the module docstring: everything `loop` needs (on a dry run: no weights,
     no accelerator, no optimizer). The main process holds the run directory's lock from here
     until `loop` ends, so a second `tunelab train` on the same directory is refused."""
-    acc = _accelerator(cfg) if not dry_run else None
+    engine = launch_engine()
+    check_engine(engine, cfg, torch.cuda.is_available())  # before any process group or weight
+    acc = _accelerator(cfg, engine) if not dry_run else None
     run = RunDir(Path(cfg.run.output_dir))
     lock = run.lock() if acc is not None and acc.is_main_process else None
     try:
-        s = _setup(cfg, acc, run, allow_config_change, init_from, dry_run, resume_from)
+        s = _setup(cfg, acc, run, allow_config_change, init_from, dry_run, resume_from, engine)
     except BaseException:
         if lock:
             lock.release()
@@ -214,7 +235,7 @@ def setup(cfg: RunConfig, allow_config_change: bool = False, init_from: str | Pa
 
 
 def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_from: str | Path | None,
-           dry_run: bool, resume_from: str | Path | None) -> Setup:
+           dry_run: bool, resume_from: str | Path | None, engine: Engine = Engine()) -> Setup:
     from tunelab.train.fused import check_launch
     from tunelab.train.parts import select_trainable
 
@@ -236,13 +257,13 @@ def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_fro
     plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5
     progress = _progress_from(resume, world * cfg.train.batch_size * accumulation)
     s = Setup(cfg, acc, run, world, accumulation, comps, toks, plan, prediction, base_prediction, progress,
-              resume_from=state, data=data, callbacks=default_callbacks(cfg))
+              resume_from=state, data=data, callbacks=default_callbacks(cfg), engine=engine)
     if dry_run:
         return s
     s.training = _prepare(s)  # 6-8
     ema = _register_ema(s, state)
     if state is not None:
-        load_state(acc, run, state)
+        load_state(acc, run, state, s.training.modules if engine.kind == "fsdp" else None, s.training.optimizer)
         if ema is False:  # a state saved without an EMA: it starts now, and is saved from here on
             acc.register_for_checkpointing(_ema_callback(s))
         log.info("resuming %s from step %d (epoch %d)", run.path, resume.step, resume.epoch)
@@ -461,13 +482,19 @@ def _prepare(s: Setup) -> Training:
         module.train(trains)
         if trains and cfg.train.gradient_checkpointing:
             _enable_checkpointing(module)
+    names = [n for n in ("unet", "text_encoder_1", "text_encoder_2")
+             if any(p.requires_grad for p in getattr(comps, n).parameters())]
+    modules = {n: getattr(comps, n) for n in names}
+    if s.engine.kind == "fsdp":  # before the optimizer: sharding replaces every parameter
+        from tunelab.train import sharding
+
+        before = sharding.parameter_names(modules)
+        sharding.shard(modules, s.engine.fsdp)
+        sharding.rebind(s.plan, modules, before)
     optimizer = build_optimizer(s.plan, cfg.optim, cfg.train.bf16_update if cfg.train.full_bf16 else "nearest",
                                 cfg.run.seed)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, s.total_steps)
-    names = [n for n in ("unet", "text_encoder_1", "text_encoder_2")
-             if any(p.requires_grad for p in getattr(comps, n).parameters())]
-    *trainable, optimizer = acc.prepare(*[getattr(comps, n) for n in names], optimizer)
-    wrapped = dict(zip(names, trainable))
+    trainable, optimizer, wrapped = _wrap(s, modules, optimizer)
     acc.register_for_checkpointing(lr_scheduler)
     if cfg.train.compile and "unet" in wrapped:
         wrapped["unet"] = torch.compile(wrapped["unet"])
@@ -479,7 +506,40 @@ def _prepare(s: Setup) -> Training:
 
         fused = FusedBackward(optimizer, params, cfg.train.max_grad_norm)
     return Training(optimizer, lr_scheduler, objective, StepModels.of(comps, s.tokenizers, wrapped), trainable, params,
-                    fused)
+                    fused, modules)
+
+
+class TrainedModules(torch.nn.Module):
+    """The trained modules as one (accelerate hands DeepSpeed one model); the step calls each
+    module itself, so this has no forward of its own. The frozen parameters inside them are kept
+    as they were (CPU, their dtype): DeepSpeed casts the whole module to 16 bits, and a checkpoint
+    must hold the base's frozen weights unchanged."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(modules)
+        self.frozen = {name: {n: p.detach().cpu().clone() for n, p in m.named_parameters() if not p.requires_grad}
+                       for name, m in modules.items()}
+
+
+def _wrap(s: Setup, modules: dict[str, torch.nn.Module], optimizer):
+    """(modules to no_sync / sync, the optimizer to step, {name: module the step calls}) per engine."""
+    acc = s.accelerator
+    if s.engine.kind == "fsdp":  # sharded already; the optimizer's sharded state is saved by train/sharding.py
+        return list(modules.values()), optimizer, {}
+    if s.engine.kind == "deepspeed":
+        from tunelab.train.engines import deepspeed_settings
+
+        plugin = acc.state.deepspeed_plugin
+        ds = plugin.deepspeed_config  # in place: accelerate's HfDeepSpeedConfig reads the same dict
+        filled = deepspeed_settings(ds, s.cfg, s.world_size, s.accumulation)
+        ds.clear()
+        ds.update(filled)
+        acc.gradient_accumulation_steps = s.accumulation
+        engine, optimizer = acc.prepare(TrainedModules(modules), optimizer)
+        return [engine], optimizer, {}
+    *trainable, optimizer = acc.prepare(*modules.values(), optimizer)
+    return trainable, optimizer, dict(zip(modules, trainable))
 
 
 def _autocast_dtype(acc) -> torch.dtype:
@@ -570,7 +630,8 @@ def banner(s: Setup) -> list[str]:
     lines = [f"run {cfg.run.name!r} -> {s.run.path}{resuming}",
              f"model {cfg.model.base} ({s.comps.arch}), text encoders {t.parts.text_encoder}, UNet {t.parts.unet}",
              f"world size {s.world_size} x batch {t.batch_size} x accumulation {s.accumulation} = "
-             f"effective batch {s.effective_batch}"]
+             f"effective batch {s.effective_batch}",
+             f"engine: {s.engine.describe(s.world_size)}"]
     if s.data is not None:
         lines += [f"dataset {len(s.data.sampler.rows):,} images, {s.data.sampler.num_samples:,} samples per epoch "
                   f"with repeats (train split), {_bucket_line(s.data)}",
@@ -660,7 +721,8 @@ def _loop(s: Setup) -> TrainResult:
         save_resolved(cfg, run.config)
     metrics = MetricsLogger(run.events, run.metrics, acc.is_main_process, resume_step=p.step,
                             wandb=WandbSettings.from_config(cfg, run.path))  # [log] wandb: rank 0 only too
-    ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps, optimizer=s.training.optimizer)
+    ctx = LoopContext(cfg, run, s.comps, s.tokenizers, acc, metrics, p, s.total_steps, optimizer=s.training.optimizer,
+                      sharded=s.engine.sharded, autocast=s.autocast)
     data = batches(s, p.epoch, p.position)
     bar = _progress_bar(acc, s.total_steps, p.step)
     start_step, streak, last_ckpt, smooth, t0 = p.step, 0, None, None, time.perf_counter()
@@ -694,6 +756,8 @@ def _scalars(s: Setup, result: "StepResult", rate: float) -> dict[str, float]:
     scalars = {"loss": result.loss, "grad_norm": result.grad_norm, "img_per_s": rate,
                "effective_batch": p.effective_batch, "samples_seen": p.samples_seen,
                "nonfinite_skipped": p.skipped_nonfinite, "prompts_truncated": result.truncated}
+    if torch.cuda.is_available():  # this process's peak so far (benchmarks/gpu_distributed.py reads it)
+        scalars["gpu/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     groups = s.training.optimizer.param_groups
     # schedule-free: the lr its last step used (its own warm-up included)
     return scalars | {f"lr/{g.get('name', i)}": g.get("scheduled_lr", g["lr"]) for i, g in enumerate(groups)}
@@ -728,10 +792,11 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
     """`accumulation` micro-batches from `data` (see `batches`), then one optimizer step,
     skipped if any loss was not finite."""
     acc, t, total, bad, truncated = s.accelerator, s.training, 0.0, 0, 0
+    skipped_before = _engine_skipped(s)
     for micro in range(s.accumulation):
         epoch, position, batch = next(data)
         last = micro == s.accumulation - 1
-        with _no_sync(acc, t.trainable, enabled=not last), acc.autocast():
+        with _no_sync(s, enabled=not last), s.autocast():
             loss, cut = _micro_loss(s, batch, epoch, position)
             if faults.hit("loss.nonfinite"):  # the reliability suite's forced NaN (faults.py)
                 loss = loss * float("nan")
@@ -743,6 +808,8 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
         total += loss.detach().float().item()
     flags = acc.reduce(torch.tensor([total, float(bad), float(truncated)], device=acc.device), reduction="sum")
     finite = flags[1].item() == 0
+    if s.engine.kind == "deepspeed":  # the engine stepped inside the last backward, or skipped a non-finite step
+        finite = _deepspeed_stepped(s, finite, skipped_before)
     grad_norm = _clip(s) if finite else float("nan")
     if finite:
         if t.fused is None:  # fused: every parameter has stepped inside backward already
@@ -758,7 +825,9 @@ def _backward(s: Setup, loss: torch.Tensor, skip: bool) -> None:
     step whose loss is already known to be non-finite skips backward altogether: no parameter
     moves, as the unfused step is thrown away whole (fused runs on one process: nobody waits)."""
     fused = s.training.fused
-    if fused is None:
+    if s.engine.kind == "deepspeed":
+        s.accelerator.backward(loss)  # the engine divides by its gradient_accumulation_steps (= ours)
+    elif fused is None:
         s.accelerator.backward(loss / s.accumulation)
     elif not skip:
         with fused.stepping():
@@ -783,12 +852,50 @@ def _next_start(s: Setup, epoch: int, position: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _no_sync(acc, modules, enabled: bool):
+def _no_sync(s: Setup, enabled: bool):
+    """Gradients stay local on every micro-batch but a step's last: DDP's no_sync, FSDP's
+    gradient sync switch, DeepSpeed's accumulation boundary (accelerate's accumulate context)."""
+    acc, modules = s.accelerator, s.training.trainable
+    if s.engine.kind == "fsdp":
+        from tunelab.train import sharding
+
+        sharding.gradient_sync(modules, not enabled)
+        yield
+        return
+    if s.engine.kind == "deepspeed":  # accelerate counts micro-batches; the engine steps when it says sync
+        with acc.accumulate(*modules):
+            if acc.sync_gradients == enabled:
+                raise RuntimeError("accelerate's accumulation count lost step with tunelab's")
+            yield
+        return
     with contextlib.ExitStack() as stack:
         if enabled:
             for m in modules:
                 stack.enter_context(acc.no_sync(m))
         yield
+
+
+def _engine_skipped(s: Setup) -> int:
+    """DeepSpeed's count of steps its overflow check skipped (0 for the other engines)."""
+    if s.engine.kind != "deepspeed":
+        return 0
+    return int(s.training.trainable[0].skipped_steps)
+
+
+def _deepspeed_stepped(s: Setup, finite: bool, skipped_before: int) -> bool:
+    """Whether DeepSpeed applied this step. A non-finite loss gives non-finite gradients, which its
+    overflow check (bf16's check_grad_overflow, fp16's loss scaler) skips; were it applied, the
+    weights are lost, and the run stops before saving them."""
+    skipped = _engine_skipped(s) > skipped_before
+    if not finite and not skipped:
+        raise TunelabError(
+            f"at step {s.progress.step + 1} the loss was NaN/inf and DeepSpeed applied the step anyway, so the weights "
+            f"are no longer usable; nothing was saved from it. The last good state is {s.run.latest_state() or 'none'}; "
+            "check that the DeepSpeed config does not turn off its overflow check, and resume from that state")
+    if finite and skipped:
+        log.warning("DeepSpeed skipped step %d (fp16 loss scale overflow); the step is counted as skipped",
+                    s.progress.step + 1)
+    return finite and not skipped
 
 
 def _clip(s: Setup) -> float:
@@ -799,6 +906,13 @@ def _clip(s: Setup) -> float:
     params, t = s.training.params, s.cfg.train
     if s.training.fused is not None:
         return s.training.fused.grad_norm()
+    if s.engine.kind == "deepspeed":  # clipped by the engine inside its step (gradient_clipping = max_grad_norm)
+        norm = s.training.trainable[0].get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    if s.engine.kind == "fsdp":
+        from tunelab.train import sharding
+
+        return sharding.clip(params, t.max_grad_norm)
     if t.max_grad_norm > 0 and t.max_grad_norm_scope == "per_parameter":
         s.accelerator.unscale_gradients()  # fp16's loss scale first, once (accelerate's clip_grad_norm_ does the same)
         return total_norm([clip_one(p, t.max_grad_norm) for p in params if p.grad is not None])
@@ -883,11 +997,13 @@ def _write_checkpoint(s: Setup, name: str, ctx: LoopContext) -> Path | None:
     acc = s.accelerator
     acc.wait_for_everyone()
     path = None
+    whole = _gathered_weights(s)  # every process takes part; None: each module holds its whole weights
     if acc.is_main_process:
         with master_weights(s.training.optimizer):  # bf16_update = "exact": the whole fp32 weights
             path = save_checkpoint(s.comps, s.run.checkpoint_path(name), dtype=s.cfg.save.dtype,
                                    title=f"{s.cfg.run.name} {name}", training=_training_info(s), prediction=s.prediction,
-                                   lineage=Lineage.of(s.comps, s.cfg.run.name, s.progress.step, s.cfg.model.base))
+                                   lineage=Lineage.of(s.comps, s.cfg.run.name, s.progress.step, s.cfg.model.base),
+                                   state_dicts=whole)
         s.run.prune_checkpoints(s.cfg.save.keep_last)
     acc.wait_for_everyone()
     ctx.checkpoint = path
@@ -900,4 +1016,27 @@ def _write_state(s: Setup) -> None:
     p = s.progress
     info = TrainerInfo(p.step, p.epoch, p.position, p.samples_seen, p.effective_batch, p.skipped_nonfinite,
                        s.cfg.fingerprint(), s.accelerator.num_processes, s.data.digest, len(s.data.sampler.rows))
-    save_state(s.accelerator, s.run, info, keep=s.cfg.save.keep_states)
+    shards = None
+    if s.engine.kind == "fsdp":
+        from tunelab.train import sharding
+
+        def shards(folder: Path) -> None:
+            sharding.save(folder, s.training.modules, s.training.optimizer)
+    save_state(s.accelerator, s.run, info, keep=s.cfg.save.keep_states, extra=shards)
+
+
+def _gathered_weights(s: Setup) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The trained modules' whole weights for the checkpoint, where no module holds them: FSDP's
+    shards gathered; DeepSpeed's fp32 master weights (its modules hold bf16 copies; under ZeRO-3,
+    partitions). Collective. None for DDP and one process."""
+    if s.engine.kind == "fsdp":
+        from tunelab.train import sharding
+
+        return sharding.full_state(s.training.modules)
+    if s.engine.kind == "deepspeed":
+        from tunelab.train.engines import deepspeed_full_state
+
+        wrapper = s.training.trainable[0].module  # the TrainedModules inside DeepSpeed's engine
+        return deepspeed_full_state(s.training.modules, s.engine.zero_stage, s.accelerator.is_main_process,
+                                    wrapper.frozen)
+    return None
