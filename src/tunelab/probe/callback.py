@@ -128,9 +128,11 @@ class ProbeCallback(Callback):
         """The base's components: the live weights before the first step, else the base file."""
         if ctx.progress.step == 0:
             return ctx.comps, ctx.tokenizers
+        from tunelab.train.engines import whole_modules
         from tunelab.train.trainer import load_model
 
-        comps, tokenizers = load_model(ctx.cfg)
+        with whole_modules(ctx.accelerator):
+            comps, tokenizers = load_model(ctx.cfg)
         for name in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
             getattr(comps, name).to(ctx.accelerator.device)
         return comps, tokenizers

@@ -25,11 +25,12 @@ refuses a launch config that says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from tunelab.errors import TunelabError
 
@@ -150,9 +151,9 @@ def _deepspeed_problems(engine: Engine, cfg: "RunConfig", cuda: bool) -> list[st
     if t.max_grad_norm > 0 and t.max_grad_norm_scope == "per_parameter":
         out.append("DeepSpeed clips the whole gradient (gradient_clipping); set train.max_grad_norm_scope = 'global'")
     if engine.zero_stage == 3:
-        out.append("ZeRO-3 is not wired yet: DeepSpeed's stage-3 set-up fails on tunelab's modules (it builds its "
-                   "flat partitions from a mix of fp32 and bf16 parameters; seen with DeepSpeed 0.19.8); use ZeRO-2, "
-                   "or FSDP (examples/accelerate/fsdp.yaml), which shards the weights too")
+        out.append("ZeRO-3 is not wired yet: its first backward meets a parameter it has already released (seen with "
+                   "DeepSpeed 0.19.8); use ZeRO-2, or FSDP (examples/accelerate/fsdp.yaml), which shards the "
+                   "weights too")
     if engine.zero_stage == 3 and cfg.ema.enabled:
         out.append("under ZeRO-3 no process holds whole weights to average; set ema.enabled = false, or use ZeRO-2")
     if engine.zero_stage == 3 and t.compile:
@@ -223,6 +224,39 @@ def deepspeed_settings(ds: dict, cfg: "RunConfig", world: int, accumulation: int
         raise TunelabError("the DeepSpeed config file names an optimizer; tunelab builds it from [optim]: remove "
                            "the 'optimizer' section from the DeepSpeed config")
     return out
+
+
+@contextlib.contextmanager
+def whole_modules(accelerator) -> Iterator[None]:
+    """Build models whole. Under DeepSpeed accelerate registers its config with transformers,
+    whose models are then created already partitioned under ZeRO-3 (deepspeed.zero.Init): the text
+    encoders would arrive partitioned in 16 bits and diffusers' UNet whole in fp32, a mix the
+    engine's set-up cannot flatten. Built whole, everything is cast and partitioned together by
+    `prepare`."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+# Modules whose forward reads a child's weight before calling the child (CLIP's embeddings read the
+# position table's length): ZeRO-3 gathers them whole at once, as leaves.
+ZERO3_LEAVES = ("CLIPTextEmbeddings",)
+
+
+def zero3_leaves(module: "torch.nn.Module") -> None:
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = {type(m) for m in module.modules() if type(m).__name__ in ZERO3_LEAVES}
+    if classes:
+        set_z3_leaf_modules(module, list(classes))
 
 
 def deepspeed_full_state(modules: Mapping[str, "torch.nn.Module"], zero_stage: int, main: bool,

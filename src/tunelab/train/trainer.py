@@ -46,7 +46,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.prediction import PredictionRecord, base_record, conversion_note
 from tunelab.run import RunDir, TrainerInfo, epoch_name, step_name, write_text_atomic
 from tunelab.train.callbacks import Callbacks, Event, LoopContext, Progress, default_callbacks
-from tunelab.train.engines import Engine, check_engine, launch_engine
+from tunelab.train.engines import Engine, check_engine, launch_engine, whole_modules
 from tunelab.train.lowprec import master_weights
 from tunelab.train.optim import eval_weights
 from tunelab.train.state import check_resume, choose_state, load_state, save_state
@@ -252,7 +252,8 @@ def _setup(cfg: RunConfig, acc, run: RunDir, allow_config_change: bool, init_fro
                      len(data.sampler.rows) if data else None)
     source = str(init_from) if init_from else cfg.model.base
     prediction, base_prediction = check_prediction(cfg, source)  # 4: from the header, before any weight
-    comps, toks = load_model(cfg, init_from, meta=dry_run)
+    with whole_modules(acc):
+        comps, toks = load_model(cfg, init_from, meta=dry_run)
     prediction.stamp(comps.extras, comps.metadata)  # live grids and checkpoints say what the run trains
     plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)  # 5
     progress = _progress_from(resume, world * cfg.train.batch_size * accumulation)
@@ -536,7 +537,12 @@ def _wrap(s: Setup, modules: dict[str, torch.nn.Module], optimizer):
         ds.clear()
         ds.update(filled)
         acc.gradient_accumulation_steps = s.accumulation
-        engine, optimizer = acc.prepare(TrainedModules(modules), optimizer)
+        wrapper = TrainedModules(modules)
+        if s.engine.zero_stage == 3:
+            from tunelab.train.engines import zero3_leaves
+
+            zero3_leaves(wrapper)
+        engine, optimizer = acc.prepare(wrapper, optimizer)
         return [engine], optimizer, {}
     *trainable, optimizer = acc.prepare(*modules.values(), optimizer)
     return trainable, optimizer, dict(zip(modules, trainable))
