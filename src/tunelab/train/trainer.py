@@ -11,7 +11,9 @@ The order things are wired in (and why):
   5. freeze what does not train (train/parts.py) — before wrapping, so DDP never builds gradient
      buckets for frozen parameters and the optimizer never sees them;
   6. build the optimizer and LR schedule from the trainable parameter groups;
-  7. wrap the trainable modules with accelerate (DDP / DeepSpeed / FSDP by launch config); with
+  7. wrap the trainable modules for the launch's engine (train/engines.py, read at step 2): DDP
+     through accelerate, DeepSpeed as one module through accelerate, FSDP2 sharded by tunelab
+     before the optimizer is built (train/sharding.py); with
      train.fused_backward, hook every trainable parameter so it steps inside backward
      (train/fused.py: one process, checked at step 2);
   8. register the LR schedule for checkpointing; load the saved state when resuming;
