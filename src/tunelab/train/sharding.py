@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 SHARDED = "sharded"  # the folder of a training state that holds the shards
 
 
-def shard(modules: Mapping[str, torch.nn.Module], settings: "FsdpSettings") -> None:
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+def shard(modules: Mapping[str, torch.nn.Module], settings: "FsdpSettings",
+          compute_dtype: torch.dtype | None = None) -> None:
+    """`compute_dtype` (bf16 under mixed_precision = "bf16"): weights are gathered in it for the
+    forward and backward, gradients reduced in fp32; the sharded weights and the optimizer stay fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kw = dict(reshard_after_forward=settings.reshard_after_forward,
-              offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
+              offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy(),
+              mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32
+                                             if compute_dtype is not None else None))
     for module in modules.values():
         for unit in [m for m in module.modules() if type(m).__name__ in settings.units and m is not module]:
             fully_shard(unit, **kw)

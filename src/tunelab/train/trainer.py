@@ -492,7 +492,7 @@ def _prepare(s: Setup) -> Training:
         from tunelab.train import sharding
 
         before = sharding.parameter_names(modules)
-        sharding.shard(modules, s.engine.fsdp)
+        sharding.shard(modules, s.engine.fsdp, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None)
         sharding.rebind(s.plan, modules, before)
     optimizer = build_optimizer(s.plan, cfg.optim, cfg.train.bf16_update if cfg.train.full_bf16 else "nearest",
                                 cfg.run.seed)
