@@ -18,8 +18,8 @@ What it does, in --out (default: a new temporary folder):
      with N = --gpus (default: every visible GPU; with one GPU the sharded engines run on one rank):
          ddp    distributed_type MULTI_GPU
          zero2  distributed_type DEEPSPEED, zero_stage 2 (no gradient_accumulation_steps: tunelab sets it)
-         zero3  distributed_type DEEPSPEED, zero_stage 3 (tunelab refuses it for now: reported as
-                "refused", which is not a failure; docs/training.md, "DeepSpeed")
+         zero3  distributed_type DEEPSPEED, zero_stage 3 (with accumulation 2 tunelab refuses it:
+                reported as "refused", which is not a failure; docs/training.md, "DeepSpeed")
          fsdp   distributed_type FSDP, FSDP2, reshard after forward, sharded state dict
   3. an engine passes when the launch exits 0, checkpoints/last.safetensors exists with finite
      tensors, its UNet agrees with the reference run's (the first engine that passed, DDP if it

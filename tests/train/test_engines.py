@@ -118,7 +118,8 @@ def test_zero3_saves_gather_and_tunelab_keeps_its_own_schedule(tmp_path, world):
     (Engine("deepspeed", 2), {"train": {"mixed_precision": "bf16", "max_grad_norm": 1.0,
                                         "max_grad_norm_scope": "per_parameter"}}, "max_grad_norm_scope = 'global'"),
     (Engine("deepspeed", 3), {"train": {"mixed_precision": "bf16"}, "ema": {"enabled": True}}, "ema.enabled = false"),
-    (Engine("deepspeed", 3), {"train": {"mixed_precision": "bf16"}}, "ZeRO-3 is not wired yet"),
+    (Engine("deepspeed", 3), {"train": {"mixed_precision": "bf16", "grad_accumulation": 2}},
+     "keeps only the last micro-batch's gradients"),
     (Engine("fsdp", fsdp=FsdpSettings(version=1)), {}, "fsdp_version: 2"),
     (Engine("fsdp", fsdp=FsdpSettings()), {"ema": {"enabled": True}}, "ema.enabled = false"),
     (Engine("fsdp", fsdp=FsdpSettings()), {"optim": {"name": "adamw8bit"}}, "does not step FSDP's sharded"),
@@ -134,6 +135,7 @@ def test_what_an_engine_cannot_honour_is_refused_with_the_fix(tmp_path, world, e
 
 def test_what_the_engines_run_is_accepted(tmp_path, world):
     check_engine(Engine("deepspeed", 2), run_config(tmp_path, world, train={"mixed_precision": "bf16"}), cuda=True)
+    check_engine(Engine("deepspeed", 3), run_config(tmp_path, world, train={"mixed_precision": "bf16"}), cuda=True)
     check_engine(Engine("fsdp", fsdp=FsdpSettings()), run_config(tmp_path, world), cuda=False)  # FSDP2 runs on gloo
     check_engine(Engine("ddp"), run_config(tmp_path, world, ema={"enabled": True}), cuda=False)
 

@@ -205,12 +205,11 @@ def _launcher(c: Conversion, launcher: list[Flag]) -> None:
         if kind in ("DEEPSPEED", "FSDP"):
             stage = (doc.get("deepspeed_config") or {}).get("zero_stage") if kind == "DEEPSPEED" else None
             version = (doc.get("fsdp_config") or {}).get("fsdp_version", 1) if kind == "FSDP" else None
-            later = stage == 3 or (version is not None and int(version) != 2)
+            later = version is not None and int(version) != 2
             c.rows.append(Row("accelerate config", str(doc["distributed_type"]), NOT_YET if later else NOT_APPLICABLE,
-                              "ZeRO-3 is refused for now; use ZeRO-2 or FSDP2" if stage == 3 else
                               "tunelab shards with FSDP2: set fsdp_version: 2" if later else
-                              "launch tunelab with the same accelerate config (docs/training.md, "
-                              "'Several GPUs and machines')"))
+                              "launch tunelab with the same accelerate config (docs/training.md, 'Several GPUs and "
+                              "machines')" + ("; ZeRO-3 only with gradient accumulation 1" if stage == 3 else "")))
     for name, f in opts.items():
         value = " ".join(f.values)
         if name == "num_processes":

@@ -120,9 +120,10 @@ def _read_json(path: str | Path) -> dict:
                            "config (deepspeed_config_file)") from None
 
 
-def check_engine(engine: Engine, cfg: "RunConfig", cuda: bool) -> None:
-    """Refuse what `engine` cannot honour for this run, naming the change; nothing has started yet."""
-    problems = _deepspeed_problems(engine, cfg, cuda) if engine.kind == "deepspeed" else \
+def check_engine(engine: Engine, cfg: "RunConfig", cuda: bool, world: int | None = None) -> None:
+    """Refuse what `engine` cannot honour for this run on `world` processes (default: the launch's),
+    naming the change; nothing has started yet."""
+    problems = _deepspeed_problems(engine, cfg, cuda, world or engine.world) if engine.kind == "deepspeed" else \
         _fsdp_problems(engine, cfg) if engine.kind == "fsdp" else []
     if problems:
         name = f"DeepSpeed ZeRO-{engine.zero_stage}" if engine.kind == "deepspeed" else "FSDP"
@@ -130,7 +131,7 @@ def check_engine(engine: Engine, cfg: "RunConfig", cuda: bool) -> None:
                            + "; ".join(problems))
 
 
-def _deepspeed_problems(engine: Engine, cfg: "RunConfig", cuda: bool) -> list[str]:
+def _deepspeed_problems(engine: Engine, cfg: "RunConfig", cuda: bool, world: int) -> list[str]:
     t, o = cfg.train, cfg.optim
     out = []
     if not cuda and engine.world > 1:
@@ -150,15 +151,24 @@ def _deepspeed_problems(engine: Engine, cfg: "RunConfig", cuda: bool) -> list[st
                    "adafactor, lion, prodigy or came")
     if t.max_grad_norm > 0 and t.max_grad_norm_scope == "per_parameter":
         out.append("DeepSpeed clips the whole gradient (gradient_clipping); set train.max_grad_norm_scope = 'global'")
-    if engine.zero_stage == 3:
-        out.append("ZeRO-3 is not wired yet: its first backward meets a parameter it has already released (seen with "
-                   "DeepSpeed 0.19.8); use ZeRO-2, or FSDP (examples/accelerate/fsdp.yaml), which shards the "
-                   "weights too")
+    accumulation = _accumulation_or_none(cfg, world)
+    if engine.zero_stage == 3 and accumulation != 1:
+        out.append("under ZeRO-3 DeepSpeed keeps only the last micro-batch's gradients of a step (measured with "
+                   "DeepSpeed 0.19.8: the first step's gradient norm 1.15 instead of 1.84 at accumulation 2; equal at "
+                   "accumulation 1); use accumulation 1 (a larger train.batch_size, or more GPUs for "
+                   "train.target_effective_batch), ZeRO-2, or FSDP (examples/accelerate/fsdp.yaml)")
     if engine.zero_stage == 3 and cfg.ema.enabled:
         out.append("under ZeRO-3 no process holds whole weights to average; set ema.enabled = false, or use ZeRO-2")
     if engine.zero_stage == 3 and t.compile:
         out.append("ZeRO-3's parameter hooks and torch.compile do not mix here; set train.compile = false")
     return out
+
+
+def _accumulation_or_none(cfg: "RunConfig", world: int) -> int | None:
+    try:
+        return cfg.accumulation_for(world)
+    except TunelabError:  # not divisible: refused on its own when the run starts
+        return None
 
 
 def _fsdp_problems(engine: Engine, cfg: "RunConfig") -> list[str]:
@@ -219,6 +229,12 @@ def deepspeed_settings(ds: dict, cfg: "RunConfig", world: int, accumulation: int
     zero = out.setdefault("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # one SGM file from the gathered weights
+        # DeepSpeed's own default (accelerate's 'auto' needs a model config the trained modules lack):
+        # parameters under 100k elements stay whole on every GPU; CLIP's position tables (77 x 768,
+        # 77 x 1280) among them, which transformers reads outside their forward.
+        for key, value in (("stage3_param_persistence_threshold", 100_000),):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
     out.pop("scheduler", None)  # tunelab steps its own LR schedule
     if "optimizer" in out:
         raise TunelabError("the DeepSpeed config file names an optimizer; tunelab builds it from [optim]: remove "
@@ -246,17 +262,30 @@ def whole_modules(accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-# Modules whose forward reads a child's weight before calling the child (CLIP's embeddings read the
-# position table's length): ZeRO-3 gathers them whole at once, as leaves.
-ZERO3_LEAVES = ("CLIPTextEmbeddings",)
+# Modules whose forward reads a child's weight before calling the child: CLIP's embeddings read
+# the position table's length. Under ZeRO-3 that table is gathered for the module's forward.
+ZERO3_READS_CHILD = {"CLIPTextEmbeddings": "position_embedding"}
 
 
-def zero3_leaves(module: "torch.nn.Module") -> None:
-    from deepspeed.utils import set_z3_leaf_modules
+def zero3_hooks(module: "torch.nn.Module") -> None:
+    import deepspeed
 
-    classes = {type(m) for m in module.modules() if type(m).__name__ in ZERO3_LEAVES}
-    if classes:
-        set_z3_leaf_modules(module, list(classes))
+    for m in module.modules():
+        child = ZERO3_READS_CHILD.get(type(m).__name__)
+        if child is None:
+            continue
+        params = list(getattr(m, child).parameters())
+        held: list = []
+
+        def gather(mod, args, params=params, held=held):
+            held.append(deepspeed.zero.GatheredParameters(params))
+            held[-1].__enter__()
+
+        def release(mod, args, out, held=held):
+            held.pop().__exit__(None, None, None)
+
+        m.register_forward_pre_hook(gather)
+        m.register_forward_hook(release)
 
 
 def deepspeed_full_state(modules: Mapping[str, "torch.nn.Module"], zero_stage: int, main: bool,

@@ -608,11 +608,13 @@ def candidates(cfg: RunConfig, launch: Launch, model: ModelPlan) -> list[Change]
 
 
 def _sharding_changes(cfg: RunConfig, launch: Launch) -> list[Change]:
-    """ZeRO-2 and FSDP2 full shard (what tunelab runs; ZeRO-3 is refused for now: train/engines.py).
-    Both keep fp32 master weights themselves, so a full_bf16 run file turns it off with them."""
+    """ZeRO-2, ZeRO-3 and FSDP2 full shard; each keeps fp32 master weights itself, so a full_bf16
+    run file turns it off with them. `suggestions` drops those tunelab would refuse (ZeRO-3 with
+    accumulation: train/engines.py)."""
     bf16 = cfg.train.full_bf16
     out = []
     engines = (("zero2", "DeepSpeed ZeRO-2", "distributed_type DEEPSPEED, zero_stage 2 (pip install deepspeed)"),
+               ("zero3", "DeepSpeed ZeRO-3", "distributed_type DEEPSPEED, zero_stage 3 (pip install deepspeed)"),
                ("fsdp", "FSDP2 full shard", "distributed_type FSDP, fsdp_version 2 (examples/accelerate/fsdp.yaml)"))
     for engine, label, config in engines:
         if launch.engine in ("zero3", "fsdp") or launch.engine == engine:
@@ -622,7 +624,7 @@ def _sharding_changes(cfg: RunConfig, launch: Launch) -> list[Change]:
             same = " the same" if launch.world_size > 1 else ""
             out.append(Change(f"{label} on{same} {n} GPUs" + (", train.full_bf16 = false" if bf16 else ""),
                               f"accelerate config: {config}", {"train.full_bf16": False} if bf16 else {},
-                              launch=Launch(engine, n)))
+                              launch=replace(Launch(engine, n), overlap_comm=engine == "zero3")))
     return out
 
 
@@ -637,7 +639,7 @@ def _refused(cfg: RunConfig, launch: Launch) -> bool:
     else:
         return False
     try:
-        check_engine(engine, cfg, cuda=True)
+        check_engine(engine, cfg, cuda=True, world=launch.world_size)
     except TunelabError:
         return True
     return False

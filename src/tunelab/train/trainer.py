@@ -541,9 +541,9 @@ def _wrap(s: Setup, modules: dict[str, torch.nn.Module], optimizer):
         acc.gradient_accumulation_steps = s.accumulation
         wrapper = TrainedModules(modules)
         if s.engine.zero_stage == 3:
-            from tunelab.train.engines import zero3_leaves
+            from tunelab.train.engines import zero3_hooks
 
-            zero3_leaves(wrapper)
+            zero3_hooks(wrapper)
         engine, optimizer = acc.prepare(wrapper, optimizer)
         return [engine], optimizer, {}
     *trainable, optimizer = acc.prepare(*modules.values(), optimizer)
