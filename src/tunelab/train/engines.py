@@ -288,36 +288,22 @@ def zero3_hooks(module: "torch.nn.Module") -> None:
         m.register_forward_hook(release)
 
 
-def deepspeed_full_state(modules: Mapping[str, "torch.nn.Module"], zero_stage: int, main: bool,
+def deepspeed_full_state(modules: Mapping[str, "torch.nn.Module"], main: bool,
                          frozen: Mapping[str, Mapping[str, "torch.Tensor"]]) -> dict[str, dict[str, "torch.Tensor"]]:
     """{module name: whole state dict} on the main process ({} elsewhere): trained parameters from
-    DeepSpeed's fp32 master weights (the modules hold 16-bit copies, under ZeRO-3 partitions of
-    them), frozen ones as they were before DeepSpeed cast them (`frozen`). Collective: one child
-    module's parameters gathered at a time."""
-    import deepspeed
+    DeepSpeed's fp32 master weights, assembled one at a time (the modules hold 16-bit copies, under
+    ZeRO-3 partitions of them), frozen ones as they were before DeepSpeed cast them (`frozen`),
+    buffers from the modules (never partitioned). Collective."""
     from deepspeed.utils import safe_get_full_fp32_param
-
-    def copy(sd: Mapping[str, "torch.Tensor"], prefix: str = "") -> dict:
-        return {prefix + n: t.detach().cpu().clone() for n, t in sd.items()}
 
     out: dict[str, dict] = {}
     for name, module in modules.items():
-        state: dict = {}
-        parts = list(module.named_children()) if zero_stage == 3 else [("", module)]
-        for child, part in parts:
-            with deepspeed.zero.GatheredParameters(list(part.parameters()), enabled=zero_stage == 3):
-                if main:
-                    state |= copy(part.state_dict(), f"{child}." if child else "")
-        if zero_stage == 3:  # the module's own parameters and buffers, outside every child
-            own = list(module.parameters(recurse=False))
-            with deepspeed.zero.GatheredParameters(own, enabled=bool(own)):
-                if main:
-                    state |= copy({n: t for n, t in module.state_dict().items() if n not in state})
-        for n, p in module.named_parameters():
+        params = dict(module.named_parameters())
+        state = {n: t.detach().cpu().clone() for n, t in module.state_dict().items() if n not in params} if main else {}
+        for n, p in params.items():
             if p.requires_grad:
                 full = safe_get_full_fp32_param(p)  # collective
                 if main and full is not None:
                     state[n] = full.detach().cpu().clone()
-        state |= frozen.get(name, {})
-        out[name] = state if main else {}
+        out[name] = state | dict(frozen.get(name, {})) if main else {}
     return out

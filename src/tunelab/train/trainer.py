@@ -1045,6 +1045,5 @@ def _gathered_weights(s: Setup) -> dict[str, dict[str, torch.Tensor]] | None:
         from tunelab.train.engines import deepspeed_full_state
 
         wrapper = s.training.trainable[0].module  # the TrainedModules inside DeepSpeed's engine
-        return deepspeed_full_state(s.training.modules, s.engine.zero_stage, s.accelerator.is_main_process,
-                                    wrapper.frozen)
+        return deepspeed_full_state(s.training.modules, s.accelerator.is_main_process, wrapper.frozen)
     return None
