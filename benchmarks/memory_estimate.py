@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/memory_estimate.py validate [--cases toy-fp32,mid-bf16]   # CPU measured vs estimate
     .venv/bin/python benchmarks/memory_estimate.py field      # kohya's DeepSpeed and fused-backward reports
     .venv/bin/python benchmarks/memory_estimate.py table      # full SDXL recipes on 24 / 48 / 80 / 141 GB
+    .venv/bin/python benchmarks/memory_estimate.py gpu [--cases sdxl-bf16,...] [--json F]  # CUDA measured vs estimate
 
 Measured: each case runs in a fresh process (`measure CASE`, glibc told to map every block of 64 KiB
 or more on its own, MALLOC_MMAP_THRESHOLD_, so a freed tensor leaves the resident set at once).
@@ -17,6 +18,11 @@ VAE encode of the pixels, prompts of `max_chunks` windows through the tokenizers
 UNet, the loss) under the run's autocast, backward outside it, then the optimizer's step and
 zero_grad(set_to_none) -- or the fused backward pass. The estimate is `estimate(..., target="cpu")`:
 the same code the command runs, without the CUDA allowance.
+
+`gpu` runs the same step on a CUDA GPU, the full SDXL topology included (random weights built on
+the GPU, no download): the measured peak is torch.cuda.max_memory_allocated() over the second
+step, the estimate `estimate(..., target="cuda").allocated` (the tensors alone; the allowance for
+the CUDA context and the caching allocator's slack is what nvidia-smi adds on top).
 """
 
 from __future__ import annotations
@@ -57,6 +63,20 @@ CASES: dict[str, tuple[str, int, int, dict]] = {
     "mid-unet63-lion": ("mid", 1, 384, {"train": {"mixed_precision": "no", "gradient_checkpointing": False,
                                                     "parts": {"unet": "unet63"}}, "optim": {"name": "lion"}}),
 }
+# Full SDXL at 1024x1024, gradient checkpointing (the field's recipes); measured on a GPU only.
+_BF16W = {"mixed_precision": "bf16", "full_bf16": True, "gradient_checkpointing": True}
+GPU_CASES: dict[str, tuple[str, int, int, dict]] = {
+    "sdxl-bf16": ("sdxl", 1, 1024, {"train": _BF16W}),
+    "sdxl-bf16-b4": ("sdxl", 4, 1024, {"train": _BF16W}),
+    "sdxl-fp32-master": ("sdxl", 1, 1024, {"train": {"mixed_precision": "bf16", "gradient_checkpointing": True}}),
+    "sdxl-bf16-te": ("sdxl", 1, 1024, {"train": _BF16W | {"parts": {"text_encoder": "on"}},
+                                      "optim": {"lr_text_encoder_1": 1e-5, "lr_text_encoder_2": 1e-5}}),
+    "sdxl-fused-adafactor-bf16": ("sdxl", 1, 1024, {"train": _BF16W | {"fused_backward": True, "bf16_update": "nearest"},
+                                                   "optim": {"name": "adafactor"}}),
+    "sdxl-unet71-fp32-master": ("sdxl", 1, 1024, {"train": {"mixed_precision": "bf16", "gradient_checkpointing": True,
+                                                            "parts": {"unet": "unet71"}}}),
+}
+ALL_CASES = CASES | GPU_CASES
 
 
 def mid_spec():
@@ -73,8 +93,9 @@ def mid_spec():
 def case_config(name: str):
     from tunelab.config import parse_config
 
-    arch, batch, _, extra = CASES[name]
-    sections = {"model": {"base": "toy", "max_chunks": 2}, "train": {"batch_size": batch, "grad_accumulation": 1},
+    arch, batch, _, extra = ALL_CASES[name]
+    model = {"base": "toy"} if arch != "sdxl" else {"base": "sdxl.safetensors", "arch": "sdxl"}
+    sections = {"model": model | {"max_chunks": 2}, "train": {"batch_size": batch, "grad_accumulation": 1},
                 "optim": {"lr_unet": 1e-5}}
     for key, values in extra.items():
         sections[key] = {**sections.get(key, {}), **values}
@@ -84,7 +105,7 @@ def case_config(name: str):
 def case_shape(name: str):
     from tunelab.train.memory_trace import StepShape
 
-    _, batch, side, _ = CASES[name]
+    _, batch, side, _ = ALL_CASES[name]
     return StepShape(batch, side, side, chunks=2, encode_images=True)
 
 
@@ -110,7 +131,7 @@ def _live_bytes(*groups) -> int:
     return sum(seen.values())
 
 
-def prepare(name: str):
+def prepare(name: str, device: str = "cpu"):
     """The case's modules, optimizer and step function, set up as the trainer's `_prepare` does."""
     import torch
 
@@ -123,8 +144,9 @@ def prepare(name: str):
     from tunelab.train.trainer import _enable_checkpointing
 
     cfg, shape = case_config(name), case_shape(name)
-    arch = mid_spec() if CASES[name][0] == "mid" else "toy"
-    comps = build_components(arch, seed=0)
+    kind = ALL_CASES[name][0]
+    arch = mid_spec() if kind == "mid" else kind
+    comps = build_components(arch, device=device, seed=0)
     plan = select_trainable(comps, cfg.train.parts, cfg.optim, cfg.model.clip_skip)
     t = cfg.train
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
@@ -153,9 +175,9 @@ def prepare(name: str):
                  "original_size_hw": torch.full((b, 2), side), "crop_top_left": torch.zeros(b, 2, dtype=torch.long),
                  "target_size_hw": torch.full((b, 2), side)}
         gen = torch.Generator().manual_seed(seed)
-        autocast = torch.autocast("cpu", dtype=half) if half else torch.autocast("cpu", enabled=False)
+        autocast = torch.autocast(device, dtype=half) if half else torch.autocast(device, enabled=False)
         with autocast:
-            loss = training_loss(models, batch, objective, cfg.loss, text, gen, "cpu").loss
+            loss = training_loss(models, batch, objective, cfg.loss, text, gen, device).loss
         if fused is None:
             loss.backward()
             optimizer.step()
@@ -186,33 +208,64 @@ def measure(name: str) -> dict:
             "torch": torch.__version__}
 
 
-def measure_in_subprocess(name: str) -> dict:
+def measure_cuda(name: str) -> dict:
+    """The CUDA twin of `measure`: torch's own count of the tensors allocated during the second step."""
+    import torch
+
+    comps, optimizer, step = prepare(name, "cuda")
+    step(0)
+    torch.cuda.synchronize()
+    gc.collect()
+    live = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step(1)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    return {"case": name, "live_before": live, "grown": peak - live, "peak": peak, "step_s": round(seconds, 2),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
+
+
+def measure_in_subprocess(name: str, device: str = "cpu") -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, "measure", name], capture_output=True, text=True, env=env,
-                          timeout=900)
+    if device == "cuda":
+        env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run([sys.executable, __file__, "measure", name, "--device", device], capture_output=True,
+                          text=True, env=env, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"measuring {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def estimated(name: str):
+def estimated(name: str, target: str = "cpu"):
     from tunelab.train.memory import estimate
 
-    spec = mid_spec() if CASES[name][0] == "mid" else None
-    return estimate(case_config(name), spec=spec, shape=case_shape(name), target="cpu")
+    spec = mid_spec() if ALL_CASES[name][0] == "mid" else None
+    return estimate(case_config(name), spec=spec, shape=case_shape(name), target=target)
 
 
-def validate(names: list[str], as_json: bool = False) -> list[dict]:
+def validate(names: list[str], as_json: bool = False, device: str = "cpu", save: Path | None = None) -> list[dict]:
+    """Measured vs estimated, case by case; `save`: the rows so far are written there after each case."""
     rows = []
     if not as_json:
         print("| case | trained parameters | measured peak | estimate | error | estimate's peak phase | step |")
         print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for name in names:
-        m = measure_in_subprocess(name)
-        e = estimated(name)
+        try:
+            m = measure_in_subprocess(name, device)
+        except RuntimeError as err:  # one case out of memory or broken: the others still run
+            rows.append({"case": name, "error_text": str(err)[-1500:]})
+            if save is not None:
+                save.write_text(json.dumps(rows, indent=2))
+            print(f"| {name} | failed: {str(err).splitlines()[-1][:200]} |", flush=True)
+            continue
+        e = estimated(name, "cuda" if device == "cuda" else "cpu")
         err = (e.allocated - m["peak"]) / m["peak"]
         n = e.trained
         rows.append({**m, "estimate": e.allocated, "error": err, "phase": e.transient.name})
+        if save is not None:
+            save.write_text(json.dumps(rows, indent=2))
         if as_json:
             continue
         print(f"| {name} | {n:,} | {m['peak'] / MIB:.1f} MiB | {e.allocated / MIB:.1f} MiB | {100 * err:+.1f} % | "
@@ -306,15 +359,27 @@ def main() -> None:
     v.add_argument("--json", action="store_true", help="one JSON list instead of the table (the tests read it)")
     sub.add_parser("field", help="the estimate for the settings of kohya's DeepSpeed and fused-backward reports")
     sub.add_parser("table", help="the field's SDXL recipes on 24 / 48 / 80 / 141 GB cards (one GPU)")
+    g = sub.add_parser("gpu", help="CUDA: measured peak (torch.cuda.max_memory_allocated) vs estimate, SDXL included")
+    g.add_argument("--cases", default=",".join(["toy-bf16-te", "mid-bf16", *GPU_CASES]),
+                   help=f"comma-separated, of: {', '.join(ALL_CASES)}")
+    g.add_argument("--json", type=Path, default=None, help="also write the rows here")
     m = sub.add_parser("measure", help="(internal) measure one case in this process; prints JSON")
-    m.add_argument("case", choices=list(CASES))
+    m.add_argument("case", choices=list(ALL_CASES))
+    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
     if args.cmd == "measure":
-        print(json.dumps(measure(args.case)))
+        print(json.dumps(measure_cuda(args.case) if args.device == "cuda" else measure(args.case)))
     elif args.cmd == "validate":
         rows = validate(args.cases.split(","), args.json)
         if args.json:
             print(json.dumps(rows))
+    elif args.cmd == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("memory_estimate.py gpu needs a CUDA GPU; nothing was run", file=sys.stderr)
+            sys.exit(2)
+        validate(args.cases.split(","), device="cuda", save=args.json)
     elif args.cmd == "field":
         field()
     elif args.cmd == "table":

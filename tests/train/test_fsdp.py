@@ -87,3 +87,36 @@ def test_fsdp_on_two_processes_trains_gathers_probes_and_resumes_bitwise(tmp_pat
     assert "resuming" in proc.stderr and "from step 2" in proc.stderr
     again, first_ = load_file(run / "checkpoints" / "last.safetensors"), load_file(first)
     assert all(torch.equal(again[k], first_[k]) for k in first_)
+
+
+UNITS_SCRIPT = """
+import os, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from tunelab.models.arch import build_components
+from tunelab.train.engines import FSDP_UNITS, FsdpSettings
+from tunelab.train.sharding import shard
+unet = build_components("toy", seed=0).unet
+nested = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"
+          and any(type(c).__name__ == "BasicTransformerBlock" for c in m.modules())]
+shard({"unet": unet}, FsdpSettings(True, False, FSDP_UNITS, 2))
+plain = [n for n, p in unet.named_parameters() if not isinstance(p, DTensor)]
+c = unet.config
+pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+out = unet(torch.randn(1, c.in_channels, 8, 8), 10, torch.randn(1, 77, c.cross_attention_dim),
+           added_cond_kwargs={"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}).sample
+print(len(nested), len(plain), tuple(out.shape))
+dist.destroy_process_group()
+"""
+
+
+def test_default_units_shard_nested_blocks_innermost_first():
+    """tunelab's default units nest (Transformer2DModel holds BasicTransformerBlocks): sharding the
+    outer one first would take the inner ones' parameters, and FSDP2 refuses to shard them again."""
+    proc = subprocess.run([sys.executable, "-c", UNITS_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nested, plain, shape = proc.stdout.split(maxsplit=2)
+    assert int(nested) > 0 and int(plain) == 0
+    assert shape.strip() == "(1, 4, 8, 8)"

@@ -58,11 +58,13 @@ def test_dry_run_writes_configs_and_run_files_tunelab_reads(tmp_path):
         cfg = load_config(out / engine / "run.toml")
         assert launch_for(cfg, accelerate_config=path) == launch
         t = cfg.train
-        assert (cfg.model.base, t.batch_size, t.grad_accumulation, t.max_steps, t.mixed_precision) == \
-            ("toy", 2, 2, 20, "bf16")
+        shape = (4, 1) if engine == "zero3" else (2, 2)  # ZeRO-3: accumulation 1 (tunelab refuses more)
+        assert (Path(cfg.model.base), t.batch_size, t.grad_accumulation, t.max_steps, t.mixed_precision) == \
+            ((out / "world" / "base.safetensors").resolve(), *shape, 20, "bf16")
         assert (t.parts.text_encoder, cfg.save.every_n_steps, cfg.save.dtype) == ("on", 10, "fp32")
         assert Path(cfg.run.output_dir) == (out / engine / "run").resolve()  # a run folder per engine
         run = (out / engine / "run.toml").resolve()
         assert f"--config_file {path.resolve()} --num_processes 2 -m tunelab train {run}" in proc.stdout
     assert "tunelab toy world --out" in proc.stdout and "--n-images 64" in proc.stdout
+    assert "model new --arch toy --out" in proc.stdout  # the base every engine starts from
     assert not (out / "world").exists()  # nothing is built or trained in a dry run

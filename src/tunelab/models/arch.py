@@ -109,7 +109,8 @@ def build_components(
 
     device="meta" allocates nothing (shapes and dtypes only); device="empty" puts parameters on
     meta but keeps buffers real, ready for `load_state_dict(..., assign=True)` from a file. A seed
-    makes the random initialisation reproducible (diffusers / transformers default initialisers).
+    makes the random initialisation reproducible (diffusers / transformers default initialisers);
+    an accelerator device builds the weights there directly (its own random stream, not the CPU's).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -124,8 +125,10 @@ def build_components(
         from accelerate import init_empty_weights
 
         ctx, device = init_empty_weights(include_buffers=False), "meta"
-    else:
+    elif str(device) == "cpu":
         ctx = contextlib.nullcontext()
+    else:
+        ctx = torch.device(device)
     with ctx:
         unet = UNet2DConditionModel(**spec.unet)
         vae = AutoencoderKL(**spec.vae)
@@ -135,8 +138,6 @@ def build_components(
     for module in comps.modules().values():
         module.eval()  # dropout-free either way; training code switches modes explicitly
         # Cast only when asked: diffusers warns on any .to() with a dtype.
-        if str(device) not in ("meta", "cpu"):
-            module.to(device=device)
         if dtype != torch.float32:
             module.to(dtype=dtype)
     return comps

@@ -40,7 +40,10 @@ def shard(modules: Mapping[str, torch.nn.Module], settings: "FsdpSettings",
               mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32
                                              if compute_dtype is not None else None))
     for module in modules.values():
-        for unit in [m for m in module.modules() if type(m).__name__ in settings.units and m is not module]:
+        # innermost units first: a unit sharded after one inside it would take that one's parameters
+        # too (Transformer2DModel around its BasicTransformerBlocks), and FSDP2 refuses a parameter twice
+        units = [m for m in module.modules() if type(m).__name__ in settings.units and m is not module]
+        for unit in reversed(units):
             fully_shard(unit, **kw)
         with _keeps_output_recording(module):
             fully_shard(module, **kw)
