@@ -68,3 +68,20 @@ def test_dry_run_writes_configs_and_run_files_tunelab_reads(tmp_path):
     assert "tunelab toy world --out" in proc.stdout and "--n-images 64" in proc.stdout
     assert "model new --arch toy --out" in proc.stdout  # the base every engine starts from
     assert not (out / "world").exists()  # nothing is built or trained in a dry run
+
+
+def test_cpu_rehearsal_trains_checks_and_resumes(tmp_path):
+    """The script itself, end to end on the CPU (DDP, one process): it builds the world and the
+    base, trains, reads the figures, resumes from the middle state and reports the row."""
+    import json
+
+    out, report = tmp_path / "out", tmp_path / "rehearsal.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--cpu", "--engines", "ddp", "--steps", "4",
+                           "--json", str(report)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(report.read_text())["engines"][0]
+    assert (row["engine"], row["result"], row["resumed_from"]) == ("ddp", "pass", "step-00000002"), row
+    assert row["resume_diff"] < 1e-3 and row["img_per_s"] > 0 and row["estimate_gib"] > 0
+    assert "| ddp | pass |" in proc.stdout
+    assert (out / "world" / "base.safetensors").is_file()

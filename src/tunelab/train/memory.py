@@ -44,9 +44,13 @@ __all__ = ["Estimate", "Launch", "OptimizerKind", "OptimizerMemory", "estimate",
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-# What a CUDA process holds before its first tensor (context, cuBLAS / cuDNN handles and their
-# workspaces); nvidia-smi shows it, torch.cuda.memory_allocated does not.
+# What a CUDA process holds outside torch's allocator (the context, its kernels, cuDNN / NCCL
+# handles); nvidia-smi shows it, torch.cuda.memory_allocated does not.
 CUDA_CONTEXT = int(0.6 * GiB)
+# cuBLAS's and cuBLASLt's workspaces, which torch takes from its caching allocator (so
+# torch.cuda.max_memory_allocated counts them): 32 MiB each on Hopper, less on older cards.
+# Measured on an H200 (benchmarks/RESULTS.md): the toy's peak is its tensors + 66 MiB.
+CUBLAS_WORKSPACES = 64 * 2**20
 # The caching allocator's rounding and fragmentation over the peak allocated (reserved - allocated
 # in a training loop whose bucket shapes vary).
 ALLOCATOR_SHARE = 0.05
@@ -397,8 +401,9 @@ def compose(cfg: RunConfig, launch: Launch, model: ModelPlan, shape: StepShape, 
     fb, step = _transients(cfg, launch, model, trace, opt, compute)
     allowance = []
     if target == "cuda":
+        static.append(Row("cuBLAS workspaces", CUBLAS_WORKSPACES, "cuBLAS + cuBLASLt, 32 MiB each on Hopper"))
         allocated = sum(r.bytes for r in static) + max(fb.bytes, step.bytes)
-        allowance = [Row("CUDA context", CUDA_CONTEXT, "context, cuBLAS / cuDNN handles and workspaces (nvidia-smi shows them)"),
+        allowance = [Row("CUDA context", CUDA_CONTEXT, "context, kernels, cuDNN / NCCL handles (nvidia-smi shows them)"),
                      Row("allocator", int(ALLOCATOR_SHARE * allocated), f"{ALLOCATOR_SHARE:.0%} of the peak allocated: the "
                          "caching allocator's rounding and fragmentation")]
     return Estimate(model.arch, launch, shape, _settings_words(cfg, model, launch), model.n_trained, static, fb, step,
@@ -466,7 +471,9 @@ def _state_rows(cfg: RunConfig, launch: Launch, model: ModelPlan, opt: Optimizer
         rows.append(Row("DDP buckets", module * p, "a second copy of the gradients, reduced across GPUs "
                         "(torch's gradient_as_bucket_view is off)"))
     if launch.deepspeed:
-        buckets = (2 if launch.overlap_comm else 1) * min(launch.reduce_bucket, p) * (2 if mixed else 4)
+        # allocated whole, however few the parameters (stage_1_and_2.py / stage3.py: torch.empty(reduce_bucket_size)
+        # with contiguous_gradients, DeepSpeed's default); measured on an H200: the toy's peak + 0.93 GiB
+        buckets = (2 if launch.overlap_comm else 1) * launch.reduce_bucket * (2 if mixed else 4)
         rows.append(Row("DeepSpeed buckets", buckets, f"reduce bucket {launch.reduce_bucket:,} elements"
                         + (" x 2 (overlap_comm)" if launch.overlap_comm else "")))
     if cfg.ema.enabled and cfg.ema.device == "same":
