@@ -99,10 +99,11 @@ def test_zero2_steps_once_per_step_skips_nan_keeps_frozen_weights_and_resumes(tm
     assert all(torch.equal(again[k], before[k]) for k in before)
 
 
-def test_zero3_with_one_micro_batch_gathers_its_checkpoint_and_resumes(tmp_path, world):
-    """ZeRO-3 partitions the weights themselves; with accumulation 1 (more is refused: see
-    engines.py) it trains as ZeRO-2 does and its checkpoint is gathered whole."""
-    one = {**SECTIONS, "train": {**SECTIONS["train"], "grad_accumulation": 1}}
+def test_zero3_accumulates_gathers_its_checkpoint_and_resumes(tmp_path, world):
+    """ZeRO-3 partitions the weights themselves; at accumulation 2 it adds both micro-batches'
+    gradients (the count DeepSpeed's own forward keeps: trainer._micro_batch_begins), trains as
+    the plain run does, and its checkpoint is gathered whole."""
+    one = SECTIONS
     plain = write_run(tmp_path / "plain.toml", world, tmp_path / "plain", **one)
     run_cli("train", plain, timeout=900)
     ds = write_run(tmp_path / "ds.toml", world, tmp_path / "ds", **one)

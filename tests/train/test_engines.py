@@ -118,8 +118,6 @@ def test_zero3_saves_gather_and_tunelab_keeps_its_own_schedule(tmp_path, world):
     (Engine("deepspeed", 2), {"train": {"mixed_precision": "bf16", "max_grad_norm": 1.0,
                                         "max_grad_norm_scope": "per_parameter"}}, "max_grad_norm_scope = 'global'"),
     (Engine("deepspeed", 3), {"train": {"mixed_precision": "bf16"}, "ema": {"enabled": True}}, "ema.enabled = false"),
-    (Engine("deepspeed", 3), {"train": {"mixed_precision": "bf16", "grad_accumulation": 2}},
-     "keeps only the last micro-batch's gradients"),
     (Engine("fsdp", fsdp=FsdpSettings(version=1)), {}, "fsdp_version: 2"),
     (Engine("fsdp", fsdp=FsdpSettings()), {"ema": {"enabled": True}}, "ema.enabled = false"),
     (Engine("fsdp", fsdp=FsdpSettings()), {"optim": {"name": "adamw8bit"}}, "does not step FSDP's sharded"),

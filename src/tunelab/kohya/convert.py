@@ -209,7 +209,7 @@ def _launcher(c: Conversion, launcher: list[Flag]) -> None:
             c.rows.append(Row("accelerate config", str(doc["distributed_type"]), NOT_YET if later else NOT_APPLICABLE,
                               "tunelab shards with FSDP2: set fsdp_version: 2" if later else
                               "launch tunelab with the same accelerate config (docs/training.md, 'Several GPUs and "
-                              "machines')" + ("; ZeRO-3 only with gradient accumulation 1" if stage == 3 else "")))
+                              "machines')"))
     for name, f in opts.items():
         value = " ".join(f.values)
         if name == "num_processes":

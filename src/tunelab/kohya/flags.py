@@ -428,7 +428,7 @@ TABLE: dict[str, Handler] = {
     "highvram": na("no effect in tunelab"),
     "lowvram": na("no effect in tunelab"),
     "deepspeed": na(_DEEPSPEED),
-    "zero_stage": na(_DEEPSPEED + "; ZeRO-3 only with gradient accumulation 1"),
+    "zero_stage": na(_DEEPSPEED),
     "offload_optimizer_device": na(_DEEPSPEED),
     "offload_optimizer_nvme_path": na(_DEEPSPEED),
     "offload_param_device": na(_DEEPSPEED),

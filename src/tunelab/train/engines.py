@@ -151,24 +151,11 @@ def _deepspeed_problems(engine: Engine, cfg: "RunConfig", cuda: bool, world: int
                    "adafactor, lion, prodigy or came")
     if t.max_grad_norm > 0 and t.max_grad_norm_scope == "per_parameter":
         out.append("DeepSpeed clips the whole gradient (gradient_clipping); set train.max_grad_norm_scope = 'global'")
-    accumulation = _accumulation_or_none(cfg, world)
-    if engine.zero_stage == 3 and accumulation != 1:
-        out.append("under ZeRO-3 DeepSpeed keeps only the last micro-batch's gradients of a step (measured with "
-                   "DeepSpeed 0.19.8: the first step's gradient norm 1.15 instead of 1.84 at accumulation 2; equal at "
-                   "accumulation 1); use accumulation 1 (a larger train.batch_size, or more GPUs for "
-                   "train.target_effective_batch), ZeRO-2, or FSDP (examples/accelerate/fsdp.yaml)")
     if engine.zero_stage == 3 and cfg.ema.enabled:
         out.append("under ZeRO-3 no process holds whole weights to average; set ema.enabled = false, or use ZeRO-2")
     if engine.zero_stage == 3 and t.compile:
         out.append("ZeRO-3's parameter hooks and torch.compile do not mix here; set train.compile = false")
     return out
-
-
-def _accumulation_or_none(cfg: "RunConfig", world: int) -> int | None:
-    try:
-        return cfg.accumulation_for(world)
-    except TunelabError:  # not divisible: refused on its own when the run starts
-        return None
 
 
 def _fsdp_problems(engine: Engine, cfg: "RunConfig") -> list[str]:

@@ -804,6 +804,7 @@ def optimizer_step(s: Setup, data: Iterator[tuple[int, int, dict | None]]) -> St
     for micro in range(s.accumulation):
         epoch, position, batch = next(data)
         last = micro == s.accumulation - 1
+        _micro_batch_begins(s)
         with _no_sync(s, enabled=not last), s.autocast():
             loss, cut = _micro_loss(s, batch, epoch, position)
             if faults.hit("loss.nonfinite"):  # the reliability suite's forced NaN (faults.py)
@@ -881,6 +882,17 @@ def _no_sync(s: Setup, enabled: bool):
             for m in modules:
                 stack.enter_context(acc.no_sync(m))
         yield
+
+
+def _micro_batch_begins(s: Setup) -> None:
+    """What DeepSpeed's engine.forward does first, since tunelab calls the wrapped modules itself:
+    the ZeRO optimizer counts the micro-batch. ZeRO-3 adds a step's gradients from its second
+    micro-batch on and copies them on the first; without the count every micro-batch overwrote the
+    one before (measured: the first step's gradient norm 1.15 instead of 1.84 at accumulation 2)."""
+    if s.engine.kind == "deepspeed":
+        optimizer = s.training.trainable[0].optimizer
+        if hasattr(optimizer, "clear_backward_seen_flag"):
+            optimizer.clear_backward_seen_flag()
 
 
 def _engine_skipped(s: Setup) -> int:
