@@ -395,3 +395,22 @@ def test_data_cache_writes_kohyas_crop_convention_and_records_it(tmp_path: Path,
         assert entry.crop_convention == "kohya" and entry.crop_ltrb == ref_get_crop_ltrb(reso, entry.original_size)
         assert TrainDataset(index, latents=store)[(0, row)]["crop_top_left"] == kohya_tl
         assert real[(0, row)]["crop_top_left"] == real_tl
+
+
+def test_store_reads_by_the_header_it_parsed_once_and_a_shard_cut_later_raises(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(3)
+    entries = {f"k{i}": (rng.standard_normal((4, 2 + i % 3, 3)).astype(np.float16 if i % 2 else np.float32),
+                         {"original_size": [24, 16], "crop_ltrb": [0, 0, 24, 16]}) for i in range(7)}
+    shard = _write_shard(tmp_path, 0, entries)
+    store = LatentStore(tmp_path)
+    reference = load_file(str(shard))  # safetensors' own reader
+    for key in entries:
+        got = store.get(key).latents
+        assert got.dtype == reference[key].dtype and np.array_equal(got, reference[key]) and got.flags.writeable
+        assert store.shape(key) == reference[key].shape
+    shard.write_bytes(shard.read_bytes()[:-40])  # cut under the open store (the last tensor's bytes)
+    last = max(entries, key=lambda k: store._layout[shard][1][k][3])
+    with pytest.raises(TunelabError, match="shorter than its header says"):
+        store.get(last)

@@ -128,6 +128,28 @@ def shard_header(path: Path) -> tuple[dict[str, dict], str]:
     return json.loads(meta[META_KEY]), meta.get(CROP_META_KEY, "crop")
 
 
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], str, tuple[int, dict]]:
+    """`shard_header` and where each tensor's bytes lie, from one read of the safetensors header
+    (8 bytes little-endian length, then JSON: name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 2 <= size <= 2**30:
+            raise TunelabError(f"{path} is not a safetensors file (header length {size})")
+        header = json.loads(fh.read(size))
+    meta = header.pop("__metadata__", None) or {}
+    if META_KEY not in meta:
+        raise TunelabError(f"{path} is not a tunelab latent shard")
+    tensors = {}
+    for name, t in header.items():
+        if t["dtype"] not in _NUMPY_DTYPES:
+            raise TunelabError(f"{path}: tensor {name!r} is {t['dtype']}; latent shards hold F16 or F32")
+        tensors[name] = (_NUMPY_DTYPES[t["dtype"]], tuple(t["shape"]), *t["data_offsets"])
+    return json.loads(meta[META_KEY]), meta.get(CROP_META_KEY, "crop"), (8 + size, tensors)
+
+
 def _write_shard(out_dir: Path, rank: int, entries: dict[str, tuple[np.ndarray, dict]],
                  crop_convention: str = "kohya", flipped: dict[str, np.ndarray] | None = None) -> Path:
     """Write entries {key: (latents, info)} as one shard, atomically; `crop_convention` is the one
@@ -156,9 +178,10 @@ class LatentStore:
         self._where: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
         self._convention: dict[Path, str] = {}  # shard -> the crop convention of its entries
+        self._layout: dict[Path, tuple[int, dict]] = {}  # shard -> (data start, {tensor: (dtype, shape, begin, end)})
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
             try:
-                table, self._convention[shard] = shard_header(shard)
+                table, self._convention[shard], self._layout[shard] = _read_header(shard)
             except Exception as exc:  # noqa: BLE001 - a broken shard is reported by verify
                 log.warning("skipping unreadable shard %s (%s); run `tunelab data verify --repair`", shard.name, exc)
                 continue
@@ -167,6 +190,20 @@ class LatentStore:
 
     def __len__(self) -> int:
         return len(self._where)
+
+    def _read(self, shard: Path, name: str) -> np.ndarray:
+        """One tensor, read by the offsets its shard's header gave when the store opened: the header
+        names every entry of the shard, so parsing it for each read (as `safe_open` does) cost
+        more than the read, 14 % of a toy pretrain's step (benchmarks/latent_reads.py). Plain
+        reads, no memory map: a shard truncated under a running job raises instead of faulting."""
+        start, tensors = self._layout[shard]
+        dtype, shape, begin, end = tensors[name]
+        with open(shard, "rb") as fh:
+            fh.seek(start + begin)
+            raw = fh.read(end - begin)
+        if len(raw) != end - begin:
+            raise TunelabError(f"{shard.name} is shorter than its header says; run `tunelab data verify --repair`")
+        return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)  # writable, as safe_open gives
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -186,8 +223,7 @@ class LatentStore:
         shard = self._where.get(key)
         if shard is None:
             return None
-        with safe_open(str(shard), framework="np") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return tuple(self._layout[shard][1][key][1])
 
     def get(self, key: str, record: dict | None = None, flipped: bool = False) -> LatentEntry | None:
         shard = self._where.get(key)
@@ -198,8 +234,7 @@ class LatentStore:
             raise TunelabError(f"{self.dir} holds no mirrored latents for {key!r} (cached without --flip), which "
                                "data.flip_aug needs: " + flip_fix())
         name, want = (key + FLIPPED_SUFFIX, info.get("flipped_checksum")) if flipped else (key, info["checksum"])
-        with safe_open(str(shard), framework="np") as f:
-            arr = f.get_tensor(name)
+        arr = self._read(shard, name)
         if checksum(arr) != want:
             raise TunelabError(f"latents of {key!r} in {shard.name} are corrupt; run `tunelab data verify --repair`")
         return LatentEntry(arr, tuple(info["original_size"]), tuple(info["crop_ltrb"]), self._convention[shard],
