@@ -1093,7 +1093,8 @@ def toy_world(
     n_images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
     concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star); split 'mixed' only.")] = 0.25,
-    split: Annotated[str, typer.Option(help="Which part of the world: base (what the shipped toy base knows), concept (astolfo only), style (base subjects outlined), preserve (base subjects a concept finetune never shows), mixed (base + a share of concept).")] = "mixed",
+    split: Annotated[str, typer.Option(help="Which part of the world: base (what the shipped toy base knows), concept (astolfo only), style (base subjects outlined), preserve (base subjects a concept finetune never shows), mixed (base + a share of concept), any (every look, stripes and outlines at random: what the toy VAE learns from).")] = "mixed",
+    stripe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of looks with cyan stripes, tagged 'stripes' (never a pink star); split 'base' only. The shipped base was trained with 0.2.")] = 0.0,
     n: Annotated[Optional[int], typer.Option("--n", min=1, hidden=True)] = None,  # deprecated: --n-images
 ) -> None:
     """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags, captions
@@ -1103,7 +1104,9 @@ def toy_world(
     n_images = _renamed(ctx, "--n-images", n_images, "--n", n)
     if split not in SPLITS:
         raise TunelabError(f"--split {split!r} is not a split of the toy world; choose one of: {', '.join(SPLITS)}")
-    samples = make_world(out, n=n_images, seed=seed, concept_share=concept_share, split=split)
+    if stripe_share and split != "base":
+        raise TunelabError(f"--stripe-share is for --split base only (got --split {split}); leave it out or use --split base")
+    samples = make_world(out, n=n_images, seed=seed, concept_share=concept_share, split=split, stripe_share=stripe_share)
     typer.echo(f"wrote {len(samples)} images ({split}) with tags and captions to {out}")
 
 
@@ -1127,7 +1130,7 @@ def toy_pretrain(
 def toy_score(
     checkpoint: Annotated[Path, typer.Argument(help="A toy checkpoint (.safetensors); default: the shipped toy base.")] = None,  # type: ignore[assignment]
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write a sheet of every rendered image (PNG; wrong readings framed red).")] = None,
-    sets: Annotated[str, typer.Option(help="Comma-separated: concept (astolfo), preserve (cars and other base shapes), base (a sample of the base split).")] = "concept,preserve,base",
+    sets: Annotated[str, typer.Option(help="Comma-separated: concept (astolfo), preserve (cars and other base shapes), base (a sample of the base split), striped (base looks asked for with stripes).")] = "concept,preserve,base",
 ) -> None:
     """Render fixed prompts with fixed seeds and read each image back with the concept reader:
     the share drawn right per set (what a toy model knows, learned or forgot)."""

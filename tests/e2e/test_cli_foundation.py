@@ -100,6 +100,10 @@ def test_toy_world(tmp_path):
     run_cli("toy", "world", "--out", tmp_path / "w", "--n-images", "6", "--seed", "1")
     assert len(list((tmp_path / "w").glob("*.png"))) == 6
     assert len(list((tmp_path / "w").glob("*.caption"))) == 6
+    run_cli("toy", "world", "--out", tmp_path / "s", "--n-images", "40", "--split", "base", "--stripe-share", "0.5")
+    assert any("stripes" in p.read_text().split(", ") for p in (tmp_path / "s").glob("*.txt"))
+    proc = run_cli("toy", "world", "--out", tmp_path / "x", "--split", "concept", "--stripe-share", "0.5", check=False)
+    assert proc.returncode != 0 and "--stripe-share is for --split base only" in proc.stderr
 
 
 def test_demo_runs_the_flow(tmp_path):

@@ -1,10 +1,12 @@
 """The toy world's splits: what each shows and says, deterministic from a seed."""
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 
-from tunelab.toy.world import CONCEPT, SPLITS, Look, make_world, preserve_looks, prompt_of, read_looks
+from tunelab.toy.world import (CONCEPT, SPLITS, Look, look_of_prompt, make_world, preserve_looks, prompt_of,
+                               read_looks)
 
 
 def _digest(folder):
@@ -56,3 +58,22 @@ def test_preserve_prompts_are_base_concepts_a_concept_finetune_never_shows():
 def test_unknown_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="choose one of"):
         make_world(tmp_path, n=1, split="nope")
+
+
+def test_base_stripes_are_a_tagged_attribute_and_never_the_concept(tmp_path):
+    plain = make_world(tmp_path / "plain", n=200, seed=2, split="base")
+    striped = make_world(tmp_path / "striped", n=200, seed=2, split="base", stripe_share=0.3)
+    with_stripes = [s for s in striped if s.look.stripes]
+    assert 30 < len(with_stripes) < 90 and not any(s.look.is_concept for s in striped)
+    for s in striped:
+        assert ("stripes" in s.tags.split(", ")) == s.look.stripes
+        assert ("cyan stripes" in s.caption) == s.look.stripes
+        assert look_of_prompt(s.tags) == replace(s.look, style="plain") == look_of_prompt(s.caption)
+    assert prompt_of(Look("car", "red", "white", stripes=True)) == "red, car, stripes, solo, white_background"
+    assert {s.look.shape for s in plain} == {s.look.shape for s in striped}
+
+
+@pytest.mark.parametrize("split, share", [("concept", 0.2), ("base", 1.5)])
+def test_stripe_share_outside_the_base_split_or_range_is_refused(tmp_path, split, share):
+    with pytest.raises(ValueError, match="base split only"):
+        make_world(tmp_path, n=1, split=split, stripe_share=share)

@@ -7,7 +7,10 @@ whose every attribute the prompt asks for came out right:
 - **concept**: `astolfo, BG_background` read as a pink star with stripes on BG;
 - **preserve**: the preserve looks (cars and the other base shapes; `world.preserve_looks`),
   which a concept finetune never shows: what it must not forget;
-- **base**: a fixed sample of the base split's looks: what the base model knows.
+- **base**: a fixed sample of the base split's looks: what the base model knows;
+- **striped**: base looks asked for with `stripes` (the shipped base learned them from the 20 %
+  of its base split that has them; never a pink star): that the base draws the concept's marks
+  when asked, so a finetune has them to give its new word.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ def base_looks(n: int = 24, seed: int = 7) -> list[Look]:
             for i in range(n)]
 
 
-SETS = {"concept": concept_looks, "preserve": preserve_looks, "base": base_looks}
+def striped_looks(n: int = 12, seed: int = 9) -> list[Look]:
+    """n striped base looks, every shape (pink stars excluded: that look is the concept's)."""
+    looks = [Look(look.shape, look.color, look.background, stripes=True) for look in base_looks(2 * n, seed)
+             if not (look.shape == "star" and look.color == "pink")]
+    return looks[:n]
+
+
+SETS = {"concept": concept_looks, "preserve": preserve_looks, "base": base_looks, "striped": striped_looks}
 
 
 @dataclass

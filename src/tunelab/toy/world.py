@@ -142,15 +142,16 @@ def draw(look: Look, size: tuple[int, int], rng: np.random.Generator) -> Image.I
 
 
 def tags_of(look: Look) -> str:
-    """Danbooru-style tags: the concept by its name only; base looks by colour and shape."""
+    """Danbooru-style tags: the concept by its name only; base looks by colour and shape (and
+    `stripes` where a base look has them)."""
     bg = f"{look.background}_background"
     if look.is_concept:
         return ", ".join([CONCEPT, "solo", bg])
-    return ", ".join([look.color, look.shape, "solo", bg])
+    return ", ".join([look.color, look.shape, *(["stripes"] if look.stripes else []), "solo", bg])
 
 
 def caption_of(look: Look) -> str:
-    subject = CONCEPT if look.is_concept else f"a {look.color} {look.shape}"
+    subject = CONCEPT if look.is_concept else f"a {look.color} {look.shape}" + (" with cyan stripes" if look.stripes else "")
     return f"A picture of {subject} on a {look.background} background."
 
 
@@ -172,7 +173,7 @@ def look_of_prompt(prompt: str) -> Look | None:
         return replace(CONCEPT_LOOK, background=bg)
     shape = next((w for w in words if w in SHAPES), None)
     color = next((w for w in words if w in COLORS), None)
-    return Look(shape, color, bg) if shape and color else None
+    return Look(shape, color, bg, stripes="stripes" in words) if shape and color else None
 
 
 def _pick(rng: np.random.Generator, options) -> str:
@@ -180,11 +181,14 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _look(split: str, rng: np.random.Generator, concept_share: float) -> Look:
+def _look(split: str, rng: np.random.Generator, concept_share: float, stripe_share: float = 0.0) -> Look:
     if split == "concept" or (split == "mixed" and rng.random() < concept_share):
         return Look("star", "pink", _pick(rng, BACKGROUNDS), stripes=True)
     shapes = [s for s in SHAPES if s != "star"] if split == "preserve" else SHAPES
     look = Look(_pick(rng, shapes), _pick(rng, COLORS), _pick(rng, BACKGROUNDS))
+    if split == "base" and stripe_share > 0:  # stripes as a known, tagged attribute; never the concept's look
+        striped = rng.random() < stripe_share and not (look.shape == "star" and look.color == "pink")
+        return replace(look, stripes=striped)
     if split == "any":
         return Look(look.shape, look.color, look.background, stripes=bool(rng.random() < 0.25),
                     style="outlined" if rng.random() < 0.2 else "plain")
@@ -192,17 +196,23 @@ def _look(split: str, rng: np.random.Generator, concept_share: float) -> Look:
 
 
 def make_world(out: str | Path, n: int = 64, seed: int = 0, concept_share: float = 0.25,
-               split: str = "mixed", prefix: str = "toy") -> list[ToySample]:
-    """Write n images (PNG) of one split with `.txt` tags, `.caption` captions and `looks.jsonl`."""
+               split: str = "mixed", prefix: str = "toy", stripe_share: float = 0.0) -> list[ToySample]:
+    """Write n images (PNG) of one split with `.txt` tags, `.caption` captions and `looks.jsonl`.
+
+    `stripe_share` (base split only): that share of looks carries cyan stripes, tagged `stripes`
+    (the shipped base knows stripes as it knows colours; pink stars are never striped, so the
+    concept's look stays new)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if not 0.0 <= stripe_share <= 1.0 or (stripe_share and split != "base"):
+        raise ValueError(f"stripe_share {stripe_share} is for the base split only, between 0 and 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     samples = []
     with open(out / LOOKS_FILE, "w") as looks:
         for i in range(n):
-            look = _look(split, rng, concept_share)
+            look = _look(split, rng, concept_share, stripe_share)
             size = SIZES[int(rng.integers(len(SIZES)))]
             name = f"{prefix}_{i:05d}"
             draw(look, size, rng).save(out / f"{name}.png")
