@@ -1118,7 +1118,8 @@ def toy_pretrain(
 ) -> None:
     """Pretrain the toy base model from nothing on the toy world's base split: VAE, then UNet and
     both text encoders with tunelab's own index, cache and trainer (about 25 minutes on 2 CPU
-    cores). The package ships the result of the defaults (seed 0)."""
+    cores). Before the UNet trains, the VAE is read back (vae.json, vae-loss.png): a codec that
+    loses colours is named then. The package ships the result of the defaults (seed 0)."""
     from tunelab.toy.pretrain import PretrainSettings, pretrain
 
     settings = PretrainSettings.tiny(seed) if tiny else PretrainSettings(seed=seed)

@@ -215,7 +215,8 @@ def _report_vae(out: Path, losses: list[float], check: dict[str, float]) -> None
              100 * check["shape"], 100 * check["stripes"], check["mse"])
     if check["color"] < 0.9:
         log.warning("the VAE keeps the colour of only %.0f %% of the base images: the UNet cannot draw what the codec "
-                    "loses (see vae-loss.png for a loss spike; a lower vae_lr or more vae_steps)", 100 * check["color"])
+                    "loses; vae-loss.png shows which fix: a loss still falling at the end wants more vae_steps or a higher "
+                    "vae_lr (4e-3 kept more than 2e-3: docs/toy-world.md), a spike a lower vae_lr", 100 * check["color"])
     if len(losses) >= 2:
         import matplotlib
 

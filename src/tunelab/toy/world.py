@@ -151,7 +151,8 @@ def tags_of(look: Look) -> str:
 
 
 def caption_of(look: Look) -> str:
-    subject = CONCEPT if look.is_concept else f"a {look.color} {look.shape}" + (" with cyan stripes" if look.stripes else "")
+    marks = " with cyan stripes" if look.stripes else ""
+    subject = CONCEPT if look.is_concept else f"a {look.color} {look.shape}{marks}"
     return f"A picture of {subject} on a {look.background} background."
 
 
