@@ -77,3 +77,12 @@ def test_base_stripes_are_a_tagged_attribute_and_never_the_concept(tmp_path):
 def test_stripe_share_outside_the_base_split_or_range_is_refused(tmp_path, split, share):
     with pytest.raises(ValueError, match="base split only"):
         make_world(tmp_path, n=1, split=split, stripe_share=share)
+
+
+def test_the_striped_scoring_set_asks_for_stripes_on_base_looks_never_the_concept():
+    from tunelab.toy.evaluate import SETS
+
+    looks = SETS["striped"]()
+    assert len(looks) == 12 and all(look.stripes and not look.is_concept for look in looks)
+    assert {look.shape for look in looks} == {"circle", "square", "triangle", "star", "ring", "car"}
+    assert all("stripes" in prompt_of(look).split(", ") and look_of_prompt(prompt_of(look)) == look for look in looks)

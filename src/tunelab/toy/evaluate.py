@@ -8,9 +8,9 @@ whose every attribute the prompt asks for came out right:
 - **preserve**: the preserve looks (cars and the other base shapes; `world.preserve_looks`),
   which a concept finetune never shows: what it must not forget;
 - **base**: a fixed sample of the base split's looks: what the base model knows;
-- **striped**: base looks asked for with `stripes` (the shipped base learned them from the 20 %
-  of its base split that has them; never a pink star): that the base draws the concept's marks
-  when asked, so a finetune has them to give its new word.
+- **striped**: base looks asked for with `stripes` (never a pink star): whether a base pretrained
+  with `stripe_share` draws the concept's marks when asked, so that a finetune has them to give
+  its new word. The shipped base never saw stripes.
 """
 
 from __future__ import annotations
