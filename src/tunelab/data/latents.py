@@ -121,11 +121,8 @@ def shard_entries(path: Path) -> dict[str, dict]:
 def shard_header(path: Path) -> tuple[dict[str, dict], str]:
     """(entry table, crop convention) of a shard's header; shards from before the convention was
     recorded hold the real crop ("crop"). Raises if the file is unreadable."""
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-    if META_KEY not in meta:
-        raise TunelabError(f"{path} is not a tunelab latent shard")
-    return json.loads(meta[META_KEY]), meta.get(CROP_META_KEY, "crop")
+    table, convention, _ = _read_header(path)
+    return table, convention
 
 
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -147,6 +144,9 @@ def _read_header(path: Path) -> tuple[dict[str, dict], str, tuple[int, dict]]:
         if t["dtype"] not in _NUMPY_DTYPES:
             raise TunelabError(f"{path}: tensor {name!r} is {t['dtype']}; latent shards hold F16 or F32")
         tensors[name] = (_NUMPY_DTYPES[t["dtype"]], tuple(t["shape"]), *t["data_offsets"])
+    end = max((t[3] for t in tensors.values()), default=0)
+    if os.path.getsize(path) < 8 + size + end:  # as safe_open refuses it: a cut shard is skipped, then repaired
+        raise TunelabError(f"{path} is shorter than its header says (truncated)")
     return json.loads(meta[META_KEY]), meta.get(CROP_META_KEY, "crop"), (8 + size, tensors)
 
 
