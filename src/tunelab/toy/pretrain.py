@@ -5,9 +5,10 @@ Stages, each the product's own code where the product has it:
 1. the base split (`toy.world`, split "base") and its index (`data.index`);
 2. the VAE, an autoencoder over random crops of the base split (`vae_split`; its own small loop:
    the trainer does not train VAEs), then rescaled so latents times the preset's
-   `scaling_factor` have unit spread. Trained on the base split it cannot decode the concept's
-   stripes; `vae_split = "any"` shows it every look, striped stars included, and costs the base
-   some of what it draws (the measured trade-off is in docs/toy-world.md);
+   `scaling_factor` have unit spread, then read back through encode -> decode with the concept
+   reader. A share of the base split wears cyan stripes (`stripe_share`, tagged `stripes`, never
+   on a pink star), so the codec decodes the concept's marks and the base knows the word
+   `stripes` without ever having seen `astolfo`;
 3. the latent cache (`data.latents`) with that VAE;
 4. UNet and both text encoders from random weights with the trainer (`train.trainer`): text
    encoders on, tags or caption per sample, captions dropped now and then (for CFG);
@@ -45,13 +46,13 @@ class PretrainSettings:
 
     seed: int = 0
     images: int = 3000  # base-split images
-    stripe_share: float = 0.0  # of them with cyan stripes, tagged `stripes` (never pink stars)
+    stripe_share: float = 0.2  # of them with cyan stripes, tagged `stripes` (never pink stars)
     vae_split: str = "base"  # what the autoencoder sees (a world of `images` images of this split)
-    vae_steps: int = 2000
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # px: the autoencoder is convolutional, so crops train it 4x faster than whole images
-    vae_lr: float = 2e-3
-    steps: int = 2000  # optimizer steps of UNet + text encoders
+    vae_lr: float = 4e-3
+    steps: int = 4000  # optimizer steps of UNet + text encoders
     batch: int = 32
     lr_unet: float = 1e-3
     lr_text: float = 1e-3
