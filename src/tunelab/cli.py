@@ -1094,7 +1094,7 @@ def toy_world(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
     concept_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images showing the concept to learn ('astolfo', a striped pink star); split 'mixed' only.")] = 0.25,
     split: Annotated[str, typer.Option(help="Which part of the world: base (what the shipped toy base knows), concept (astolfo only), style (base subjects outlined), preserve (base subjects a concept finetune never shows), mixed (base + a share of concept), any (every look, stripes and outlines at random: what the toy VAE learns from).")] = "mixed",
-    stripe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of looks with cyan stripes, tagged 'stripes' (never a pink star); split 'base' only (the shipped base was pretrained without stripes).")] = 0.0,
+    stripe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of looks with cyan stripes, tagged 'stripes' (never a pink star); split 'base' only (the shipped base was pretrained with 0.2).")] = 0.0,
     n: Annotated[Optional[int], typer.Option("--n", min=1, hidden=True)] = None,  # deprecated: --n-images
 ) -> None:
     """Write the toy world's synthetic dataset: coloured shapes on backgrounds, with tags, captions

@@ -10,7 +10,7 @@ whose every attribute the prompt asks for came out right:
 - **base**: a fixed sample of the base split's looks: what the base model knows;
 - **striped**: base looks asked for with `stripes` (never a pink star): whether a base pretrained
   with `stripe_share` draws the concept's marks when asked, so that a finetune has them to give
-  its new word. The shipped base never saw stripes.
+  its new word (the shipped base: a fifth of its training images were striped).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ in `NAME.caption` (the kohya folder layout), and its ground truth (`Look`) in `l
 The world has splits (`SPLITS`), each deterministic from a seed:
 
 - **base**: what the shipped toy base model knows: six shapes (including the named concept
-  `car`, a box on two wheels) x eight colours x four backgrounds, drawn plain.
+  `car`, a box on two wheels) x eight colours x four backgrounds, drawn plain, or with cyan
+  stripes tagged `stripes` on a share of them (`stripe_share`; the shipped base: a fifth).
 - **concept**: the new concept a finetune teaches: `astolfo`, a pink star with cyan stripes,
-  named by a word the base never saw (stripes never occur in the base split either).
+  named by a word the base never saw (and a look it never saw: pink stars are never striped).
 - **style**: base subjects with base captions, drawn in a new style (a dark outline): a change
   the UNet alone can learn, for text-encoder-off experiments.
 - **preserve**: base concepts a concept finetune never shows (cars and the other shapes, in
